@@ -1,0 +1,763 @@
+"""Method-agnostic plumbing shared by vader.py, clove.py, evaluate_linear.py and davis_propagate.py.
+
+Nothing here knows about a particular method: distributed setup, seeding, image loading and the embedded
+procedural data set, crop-box geometry, appearance augmentations, samplers, schedules, LARS, EMA, checkpoints,
+logging, ResNet weights (loading, dilation, Detectron2 export). Read the method files first; come here for details.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFile, ImageFilter, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+# ---- errors and printing ----
+class UserError(Exception):
+    """A bad flag, file or folder: main() prints it as one line and exits non-zero, with no traceback."""
+
+
+def run_main(main):
+    """Call main(); a UserError becomes `error: <message>` on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ---- distributed ----
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def init_distributed():
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them this is one plain process. NCCL on GPU, gloo on CPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return Dist(rank, local_rank, world, device)
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def all_gather_cat(tensor):
+    """Concatenate `tensor` from every rank along dim 0 (rank order); no gradient flows back."""
+    if not distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_mean(value):
+    """Average a Python float over ranks (for logging)."""
+    if not distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+# ---- seeding and rng ----
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def sample_rng(seed, epoch, index):
+    """The random stream of one sample: fixed by (seed, epoch, index), so a resumed run sees the same views."""
+    return random.Random(f"{seed}/{epoch}/{index}")
+
+
+def rng_states():
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ---- images ----
+def load_image(path):
+    """Open any image as 8-bit RGB: grayscale, palette, RGBA, CMYK and 16-bit files are converted.
+
+    Raises OSError/ValueError for empty, truncated or non-image files (the caller decides to skip them).
+    """
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with Image.open(path) as img:
+        img.load()  # decode now: a truncated file fails here, not later inside a transform
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            a = np.asarray(img, dtype=np.float64)
+            if img.mode.startswith("I;16"):
+                a = a / 257  # the full 16-bit range onto 8 bits
+            else:  # 32-bit integer or float images have no fixed range: stretch what is there
+                lo, hi = a.min(), a.max()
+                a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+            img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+        if img.mode in ("P", "PA", "LA", "RGBA") or "transparency" in img.info:
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        return img.convert("RGB")
+
+
+def list_images(root, name="--data"):
+    """All image files below `root` (root/train when it exists), sorted; one-line errors when there are none."""
+    if not root or not os.path.isdir(root):
+        raise UserError(f"{name} {root}: no such folder; point it at a folder of images (or DIR with DIR/train/<class>/*.jpg)")
+    if os.path.isdir(os.path.join(root, "train")):
+        root = os.path.join(root, "train")
+    files = []
+    for folder, _, names in os.walk(root, followlinks=True):
+        files += [os.path.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    if not files:
+        raise UserError(f"{name} {root}: no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) found below it")
+    return sorted(files)
+
+
+class ViewDataset(torch.utils.data.Dataset):
+    """Base of the training data sets: item i of epoch e is `transform(image_i, rng(seed, e, i))`.
+
+    Each item ends with the number of unreadable files skipped to produce it, so the loop can log the count
+    even when the files are read in worker processes.
+    """
+
+    def __init__(self, transform, seed=0):
+        self.transform, self.seed, self.epoch = transform, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def image(self, index):
+        raise NotImplementedError
+
+    def __getitem__(self, index):
+        skipped = 0
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            try:
+                img = self.image(i)
+                break
+            except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+                skipped += 1
+                warn(f"skipping unreadable image {self.describe(i)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        else:
+            raise RuntimeError("every image of the data set is unreadable")
+        return (*self.transform(img, sample_rng(self.seed, self.epoch, index)), skipped)
+
+    def describe(self, index):
+        return str(index)
+
+
+class ImageFolderDataset(ViewDataset):
+    """Images below a folder (ImageNet's train/<class>/<image> or any tree of images); labels are ignored."""
+
+    def __init__(self, root, transform, seed=0):
+        super().__init__(transform, seed)
+        self.files = list_images(root)
+
+    def __len__(self):
+        return len(self.files)
+
+    def image(self, index):
+        return load_image(self.files[index])
+
+    def describe(self, index):
+        return self.files[index]
+
+
+class SyntheticDataset(ViewDataset):
+    """The embedded data set: `length` dead-leaves images made on the fly, deterministic by (seed, index)."""
+
+    def __init__(self, transform, length=2048, size=160, seed=0):
+        super().__init__(transform, seed)
+        self.length, self.leaves = length, DeadLeaves(size=size, seed=seed)
+
+    def __len__(self):
+        return self.length
+
+    def image(self, index):
+        return self.leaves.image(index)[0]
+
+
+# ---- embedded procedural data: dead leaves ----
+class DeadLeaves:
+    """Random occluding shapes ("dead leaves", Matheron 1968): a scale-free image model close to natural images.
+
+    Every shape has a class (1..num_classes) that fixes its texture family (flat, stripes, checks, dots, ...),
+    with a random colour, size, shape and orientation; class 0 is the smooth background. `image(i)` gives the
+    picture with its exact per-pixel class and instance maps; `sequence(i, n)` gives a short video of textured
+    objects moving over a panning background, with exact instance masks. Everything is deterministic by
+    (seed, index).
+    """
+
+    TEXTURES = ("flat", "stripes", "checks", "dots", "rings", "noise")
+
+    def __init__(self, size=160, num_classes=4, shapes=(12, 30), seed=0):
+        if not 1 <= num_classes <= len(self.TEXTURES):
+            raise ValueError(f"num_classes must be 1..{len(self.TEXTURES)}")
+        self.size, self.num_classes, self.shapes, self.seed = size, num_classes, shapes, seed
+
+    def _rng(self, kind, index):
+        return np.random.default_rng([self.seed, kind, index])
+
+    @staticmethod
+    def _texture(cls, yy, xx, rng):
+        """Pattern in [0, 1] for one class; the class decides the family, `rng` its phase and orientation."""
+        angle, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+        u = xx * np.cos(angle) + yy * np.sin(angle)
+        v = -xx * np.sin(angle) + yy * np.cos(angle)
+        name = DeadLeaves.TEXTURES[cls - 1]
+        if name == "flat":
+            return np.full(np.broadcast(yy, xx).shape, 0.5)
+        if name == "stripes":
+            return 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * u / 8 + phase))
+        if name == "checks":
+            return ((np.floor(u / 6) + np.floor(v / 6)) % 2).astype(np.float64)
+        if name == "dots":
+            return (((u % 8) - 4) ** 2 + ((v % 8) - 4) ** 2 < 6).astype(np.float64)
+        if name == "rings":
+            return 0.5 + 0.5 * np.sign(np.sin(np.hypot(u - u.mean(), v - v.mean()) / 2 + phase))
+        return rng.random(np.broadcast(yy, xx).shape)
+
+    @staticmethod
+    def _shape_mask(kind, yy, xx, cy, cx, r, angle):
+        dy, dx = yy - cy, xx - cx
+        u = dx * np.cos(angle) + dy * np.sin(angle)
+        v = -dx * np.sin(angle) + dy * np.cos(angle)
+        if kind == 0:
+            return u**2 + v**2 <= r**2
+        if kind == 1:
+            return (np.abs(u) <= r) & (np.abs(v) <= 0.6 * r)
+        if kind == 2:
+            return (u / r) ** 2 + (v / (0.5 * r)) ** 2 <= 1
+        return (v >= -0.5 * r) & (v <= r - 1.7 * np.abs(u))  # triangle
+
+    def _leaf(self, rng, height, width):
+        r = self.size * float(np.exp(rng.uniform(np.log(0.04), np.log(0.3))))
+        return dict(cls=int(rng.integers(1, self.num_classes + 1)), kind=int(rng.integers(0, 4)), r=r,
+                    cy=rng.uniform(0, height), cx=rng.uniform(0, width), angle=rng.uniform(0, np.pi),
+                    c0=rng.uniform(0, 1, 3), c1=rng.uniform(0, 1, 3), tex_seed=int(rng.integers(2**31)))
+
+    def _paint(self, canvas, labels, instances, leaf, instance_id, offset=(0.0, 0.0)):
+        h, w = labels.shape
+        cy, cx = leaf["cy"] + offset[0], leaf["cx"] + offset[1]
+        r = leaf["r"]
+        y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, h)
+        x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, w)
+        if y0 >= y1 or x0 >= x1:
+            return
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float64) + 0.5
+        mask = self._shape_mask(leaf["kind"], yy, xx, cy, cx, r, leaf["angle"])
+        # the texture is attached to the shape (shape-relative coordinates), so it moves with the shape
+        t = self._texture(leaf["cls"], yy - cy, xx - cx, np.random.default_rng(leaf["tex_seed"]))[..., None]
+        colour = (1 - t) * leaf["c0"] + t * leaf["c1"]
+        canvas[y0:y1, x0:x1][mask] = colour[mask]
+        labels[y0:y1, x0:x1][mask] = leaf["cls"]
+        instances[y0:y1, x0:x1][mask] = instance_id
+
+    def _background(self, rng, height, width):
+        yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+        a, b = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+        t = (0.5 + 0.5 * np.sin(2 * np.pi * (rng.uniform(0.3, 1) * xx + rng.uniform(0.3, 1) * yy)))[..., None]
+        return (1 - t) * a + t * b
+
+    def image(self, index):
+        """(PIL RGB image, class map uint8 HxW with 0 = background, instance map int32 HxW with 0 = background)."""
+        rng = self._rng(0, index)
+        s = self.size
+        canvas = self._background(rng, s, s)
+        labels, instances = np.zeros((s, s), np.uint8), np.zeros((s, s), np.int32)
+        for i in range(int(rng.integers(self.shapes[0], self.shapes[1] + 1))):
+            self._paint(canvas, labels, instances, self._leaf(rng, s, s), i + 1)
+        pixels = np.clip(canvas * 255 + rng.normal(0, 3, canvas.shape), 0, 255).astype(np.uint8)
+        return Image.fromarray(pixels), labels, instances
+
+    def sequence(self, index, num_frames=12, num_objects=(1, 3), height=None, width=None, speed=2.0):
+        """Frames (PIL) and instance masks (uint8, 0 = background, 1..N objects) of a short synthetic video.
+
+        A dead-leaves background pans slowly; N textured objects move with their own constant velocity (pixels per
+        frame, up to `speed`) in a fixed depth order, so the masks are the exact visible parts of each object.
+        """
+        rng = self._rng(1, index)
+        h, w = height or self.size, width or self.size
+        margin = int(speed * num_frames) + 2
+        big_h, big_w = h + 2 * margin, w + 2 * margin
+        bg = self._background(rng, big_h, big_w)
+        bl, bi = np.zeros((big_h, big_w), np.uint8), np.zeros((big_h, big_w), np.int32)
+        for _ in range(int(rng.integers(self.shapes[0], self.shapes[1] + 1)) * 2):
+            self._paint(bg, bl, bi, self._leaf(rng, big_h, big_w), 1)
+        pan = rng.uniform(-0.5, 0.5, 2) * speed
+        objects = []
+        for _ in range(int(rng.integers(num_objects[0], num_objects[1] + 1))):
+            leaf = self._leaf(rng, h, w)
+            leaf.update(r=rng.uniform(0.12, 0.22) * min(h, w), cy=rng.uniform(0.3, 0.7) * h, cx=rng.uniform(0.3, 0.7) * w)
+            objects.append((leaf, rng.uniform(-1, 1, 2) * speed))
+        frames, masks = [], []
+        for t in range(num_frames):
+            oy, ox = int(round(margin + pan[0] * t)), int(round(margin + pan[1] * t))
+            canvas = bg[oy:oy + h, ox:ox + w].copy()
+            labels, inst = np.zeros((h, w), np.uint8), np.zeros((h, w), np.int32)
+            for k, (leaf, velocity) in enumerate(objects):
+                self._paint(canvas, labels, inst, leaf, k + 1, offset=tuple(velocity * t))
+            frames.append(Image.fromarray(np.clip(canvas * 255, 0, 255).astype(np.uint8)))
+            masks.append(inst.astype(np.uint8))
+        return frames, masks
+
+
+# ---- crop-box geometry ----
+@dataclass(frozen=True)
+class Box:
+    """A crop in original-image pixel coordinates: pixel k covers [k, k+1), so a box is [x0, x1) x [y0, y1)."""
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    @property
+    def width(self):
+        return self.x1 - self.x0
+
+    @property
+    def height(self):
+        return self.y1 - self.y0
+
+
+def sample_crop_box(rng, width, height, scale, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box (torchvision's algorithm: area fraction in `scale`, log-uniform aspect ratio,
+    10 tries, then a centre crop clamped to `ratio`), drawn from `rng` (random.Random)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            x, y = rng.randint(0, width - w), rng.randint(0, height - h)
+            return Box(x, y, x + w, y + h)
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    x, y = (width - w) // 2, (height - h) // 2
+    return Box(x, y, x + w, y + h)
+
+
+def crop_resize(img, box, size, flip=False, resample=Image.BILINEAR):
+    """The view's pixels: `box` of `img` resized to size x size (then mirrored when `flip`).
+
+    Output pixel j covers [x0 + j*w/size, x0 + (j+1)*w/size) of the original, which is what cell_centres assumes.
+    """
+    view = img.resize((size, size), resample=resample, box=(box.x0, box.y0, box.x1, box.y1))
+    return view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view
+
+
+def cell_centres(box, flip, grid):
+    """Original-image (x, y) of the centres of the grid x grid cells of a view, row-major: [grid*grid, 2].
+
+    A horizontal flip mirrors the columns: column j of the view shows column grid-1-j of the unflipped crop.
+    """
+    j = torch.arange(grid, dtype=torch.float64) + 0.5
+    xs = box.x0 + j * box.width / grid
+    if flip:
+        xs = xs.flip(0)
+    ys = box.y0 + j * box.height / grid
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+
+
+def locate_in_view(points, box, flip, grid):
+    """Row-major index of the cell of a view's grid that covers each original-image point, and whether it is inside."""
+    u = (points[:, 0] - box.x0) / box.width * grid
+    v = (points[:, 1] - box.y0) / box.height * grid
+    if flip:
+        u = grid - u
+    inside = (u >= 0) & (u < grid) & (v >= 0) & (v < grid)
+    col, row = u.floor().clamp(0, grid - 1).long(), v.floor().clamp(0, grid - 1).long()
+    return row * grid + col, inside
+
+
+# ---- appearance augmentations (never move pixels) ----
+def color_jitter(img, rng, brightness, contrast, saturation, hue):
+    """torchvision ColorJitter: the four adjustments in random order with factors drawn from `rng`."""
+    ops = [
+        (TF.adjust_brightness, rng.uniform(max(0, 1 - brightness), 1 + brightness)),
+        (TF.adjust_contrast, rng.uniform(max(0, 1 - contrast), 1 + contrast)),
+        (TF.adjust_saturation, rng.uniform(max(0, 1 - saturation), 1 + saturation)),
+        (TF.adjust_hue, rng.uniform(-hue, hue)),
+    ]
+    rng.shuffle(ops)
+    for op, factor in ops:
+        img = op(img, factor)
+    return img
+
+
+def grayscale(img):
+    return img.convert("L").convert("RGB")
+
+
+def gaussian_blur(img, rng, sigma=(0.1, 2.0)):
+    """MoCo v2 / BYOL blur: PIL's Gaussian filter with a radius (sigma) drawn uniformly."""
+    return img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*sigma)))
+
+
+def solarize(img):
+    return ImageOps.solarize(img, 128)
+
+
+def to_tensor(img):
+    """PIL RGB -> float tensor 3xHxW normalised with ImageNet mean/std."""
+    return TF.normalize(TF.pil_to_tensor(img).float().div_(255), IMAGENET_MEAN, IMAGENET_STD)
+
+
+# ---- sampling and loading ----
+class ResumableSampler(torch.utils.data.Sampler):
+    """DistributedSampler's shuffle (same permutation on every rank, rank r takes every world-th index) that can
+    start part-way through an epoch, so a resumed run sees exactly the batches an uninterrupted one would."""
+
+    def __init__(self, length, rank=0, world_size=1, seed=0):
+        self.length, self.rank, self.world, self.seed = length, rank, world_size, seed
+        self.per_rank = math.ceil(length / world_size)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        """`start`: how many of this rank's indices of the epoch to skip (batches done x per-rank batch)."""
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.length, generator=g).tolist()
+        order += order[: self.per_rank * self.world - self.length]  # pad so every rank gets the same count
+        return iter(order[self.rank::self.world][self.start:])
+
+    def __len__(self):
+        return self.per_rank - self.start
+
+
+def make_loader(dataset, sampler, batch_size, workers, device):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+
+
+# ---- schedules and optimisers ----
+def cosine(step, total, start, end):
+    """Half-cosine from `start` (step 0) to `end` (step `total`)."""
+    progress = min(max(step / max(total, 1), 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(step, total, warmup, peak, final):
+    """Linear warm-up from 0 to `peak` over `warmup` steps, then half-cosine to `final` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return cosine(step - warmup, total - warmup, peak, final)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as BYOL/PixPro/CLoVE use it.
+
+    For a parameter p with gradient g: g <- g + wd*p; g <- g * trust * ||p|| / ||g|| (when both norms are > 0);
+    then heavy-ball momentum. Parameter groups with `lars_exclude=True` (biases and normalisation weights: 1-D
+    tensors) get neither weight decay nor the trust ratio.
+    """
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, eps=eps, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if not group["lars_exclude"]:
+                    g = g.add(p, alpha=group["weight_decay"])
+                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    ratio = torch.where((p_norm > 0) & (g_norm > 0),
+                                        group["trust_coefficient"] * p_norm / (g_norm + group["eps"]), torch.ones_like(p_norm))
+                    g = g * ratio
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(g).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+
+
+def lars_param_groups(model, weight_decay):
+    """Two groups: weights (decayed, LARS-scaled) and 1-D parameters (biases, norms: neither)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    exclude = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [dict(params=decay, weight_decay=weight_decay, lars_exclude=False),
+            dict(params=exclude, weight_decay=0.0, lars_exclude=True)]
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student for parameters; buffers (BN statistics) are copied."""
+    t_params, s_params = list(teacher.parameters()), list(student.parameters())
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
+    for tb, sb in zip(teacher.buffers(), student.buffers()):
+        tb.copy_(sb)
+
+
+# ---- precision ----
+def autocast(device, precision):
+    """bf16/fp16 autocast on GPU; a no-op context on CPU or with precision fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+# ---- checkpoints ----
+def save_checkpoint(path, state):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ---- logging and results ----
+class JsonLog:
+    """Appends one JSON object per line to <output-dir>/log.jsonl (rank 0 only)."""
+
+    def __init__(self, path, enabled=True):
+        self.path, self.enabled = path, enabled
+
+    def write(self, **record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def print_result(result, path=None):
+    """Every script ends with its result as one JSON line on stdout (and in `path`)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+    print(json.dumps(result), flush=True)
+
+
+def explicit_flags(parser, argv=None):
+    """The destinations of the flags the user actually typed (so a preset never overrides them)."""
+    argv = sys.argv[1:] if argv is None else argv
+    typed = [a.split("=")[0] for a in argv if a.startswith("--")]
+    return {parser._option_string_actions[a].dest for a in typed if a in parser._option_string_actions}
+
+
+def apply_preset(parser, args, preset, argv=None):
+    """Set every value of `preset` that the user did not give on the command line; returns what changed."""
+    given = explicit_flags(parser, argv)
+    changed = {k: v for k, v in preset.items() if k not in given}
+    for k, v in changed.items():
+        setattr(args, k, v)
+    return changed
+
+
+def throughput_bar(iterable, total, enabled, initial=0, desc="train"):
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True,
+                smoothing=0.05)
+
+
+class Meter:
+    """Images per second over a sliding window of steps."""
+
+    def __init__(self):
+        self.t, self.n = time.perf_counter(), 0
+
+    def rate(self, images):
+        self.n += images
+        now = time.perf_counter()
+        return self.n / max(now - self.t, 1e-9)
+
+
+# ---- ResNet weights ----
+def resnet(arch):
+    """A torchvision ResNet without weights; the classifier is dropped (dense methods never use it)."""
+    if arch not in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+        raise UserError(f"--arch {arch}: expected one of resnet18, resnet34, resnet50, resnet101, resnet152")
+    net = getattr(torchvision.models, arch)(weights=None)
+    net.fc = nn.Identity()
+    return net
+
+
+def resnet_channels(arch):
+    """Channels of C2..C5 (the outputs of layer1..layer4)."""
+    return [64, 128, 256, 512] if arch in ("resnet18", "resnet34") else [256, 512, 1024, 2048]
+
+
+def resnet_stages(net, x):
+    """C2..C5 of a torchvision ResNet (strides 4, 8, 16, 32 unless dilated)."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    c2 = net.layer1(x)
+    c3 = net.layer2(c2)
+    c4 = net.layer3(c3)
+    c5 = net.layer4(c4)
+    return [c2, c3, c4, c5]
+
+
+def read_weights(path):
+    """Identify a weights file. Returns (kind, state_dict, meta) where kind is one of
+    'vader' / 'clove' (our checkpoints; state = the online model), 'moco' (official MoCo: module.encoder_q.*,
+    state = ResNet keys) or 'torchvision' (a ResNet state dict). One-line UserError for anything else."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such weights file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}); expected a vader.py/clove.py "
+                        "checkpoint, an official MoCo checkpoint or a torchvision ResNet state dict")
+    if isinstance(ckpt, dict) and ckpt.get("method") in ("vader", "clove"):
+        return ckpt["method"], ckpt["model"], dict(arch=ckpt["args"]["arch"], args=ckpt["args"])
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if isinstance(state, dict) and any(k.startswith("module.encoder_q.") for k in state):
+        resnet_state = {k[len("module.encoder_q."):]: v for k, v in state.items()
+                        if k.startswith("module.encoder_q.") and not k.startswith("module.encoder_q.fc.")}
+        return "moco", resnet_state, {}
+    if isinstance(state, dict) and "conv1.weight" in state and "layer1.0.conv1.weight" in state:
+        return "torchvision", {k: v for k, v in state.items() if not k.startswith("fc.")}, {}
+    raise UserError(f"{path}: not a known weights file; expected a vader.py/clove.py checkpoint, an official MoCo "
+                    "checkpoint (state_dict with module.encoder_q.*) or a torchvision ResNet state dict")
+
+
+def load_resnet_state(net, state, path):
+    """Load ResNet weights strictly (the classifier excepted); a mismatch is a one-line error naming the file."""
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise UserError(f"{path}: does not fit this --arch ({len(missing)} missing keys, e.g. {missing[:2]}, "
+                        f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}); pass the --arch it was trained with")
+
+
+def infer_arch(state):
+    """Guess the ResNet depth from a state dict's keys (for MoCo/torchvision files that carry no args)."""
+    blocks = {i: len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4)}
+    bottleneck = any(k.endswith("conv3.weight") for k in state)
+    table = {(2, 2, 2, 2, False): "resnet18", (3, 4, 6, 3, False): "resnet34", (3, 4, 6, 3, True): "resnet50",
+             (3, 4, 23, 3, True): "resnet101", (3, 8, 36, 3, True): "resnet152"}
+    return table.get((blocks[1], blocks[2], blocks[3], blocks[4], bottleneck))
+
+
+def dilated_resnet(arch):
+    """A ResNet whose layer2..layer4 trade their stride for dilation (DeepLab's "large field of view"), so C5 comes
+    out at 1/4 of the input (VADeR §4.1 evaluates the baselines at the resolution of VADeR's decoder).
+
+    Parameter names and shapes are unchanged: any ResNet state dict of the same depth loads into it.
+    """
+    if resnet_channels(arch)[-1] == 2048:
+        net = getattr(torchvision.models, arch)(weights=None, replace_stride_with_dilation=[True, True, True])
+        net.fc = nn.Identity()
+        return net
+    net = resnet(arch)  # torchvision refuses dilation in BasicBlock: set it by hand, as torchvision would
+    dilation = 1
+    for layer in (net.layer2, net.layer3, net.layer4):
+        previous, dilation = dilation, dilation * 2
+        for i, block in enumerate(layer):
+            first = block.conv1
+            if i == 0:
+                first.stride, block.downsample[0].stride = (1, 1), (1, 1)
+            d = previous if i == 0 else dilation
+            first.dilation, first.padding = (d, d), (d, d)
+            block.conv2.dilation, block.conv2.padding = (dilation, dilation), (dilation, dilation)
+    return net
+
+
+class DilatedResNet(nn.Module):
+    """A ResNet whose C5 is computed at 1/4 resolution: the frozen-feature baseline of VADeR §4.1."""
+
+    def __init__(self, arch):
+        super().__init__()
+        self.net = dilated_resnet(arch)
+        self.out_channels = resnet_channels(arch)[-1]
+
+    def forward(self, x):
+        return resnet_stages(self.net, x)[-1]
+
+
+# ---- Detectron2 export ----
+def to_detectron2(resnet_state):
+    """Rename torchvision ResNet keys to Detectron2's (as MoCo's and CLoVE's converters do), as numpy arrays:
+    layerN -> res{N+1}, bnK -> convK.norm, downsample.0/1 -> shortcut / shortcut.norm, stem keys get `stem.`."""
+    out = {}
+    for k, v in resnet_state.items():
+        if k.startswith("fc."):
+            continue
+        old = k
+        if "layer" not in k:
+            k = "stem." + k
+        for t in (1, 2, 3, 4):
+            k = k.replace(f"layer{t}", f"res{t + 1}")
+        for t in (1, 2, 3):
+            k = k.replace(f"bn{t}", f"conv{t}.norm")
+        k = k.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        out[k] = v.detach().cpu().numpy()
+        assert old == from_detectron2_key(k), (old, k)
+    return {"model": out, "__author__": "dense-ssl", "matching_heuristics": True}
+
+
+def from_detectron2_key(k):
+    """Inverse of to_detectron2's renaming for one key."""
+    k = k.replace("shortcut.norm", "downsample.1").replace("shortcut", "downsample.0")
+    for t in (1, 2, 3):
+        k = k.replace(f"conv{t}.norm", f"bn{t}")
+    for t in (1, 2, 3, 4):
+        k = k.replace(f"res{t + 1}", f"layer{t}")
+    return k[len("stem."):] if k.startswith("stem.") else k
