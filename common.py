@@ -545,13 +545,18 @@ def lars_param_groups(model, weight_decay):
 
 
 @torch.no_grad()
-def ema_update(teacher, student, momentum):
-    """teacher <- momentum * teacher + (1 - momentum) * student for parameters; buffers (BN statistics) are copied."""
+def ema_update(teacher, student, momentum, copy_buffers=True):
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter.
+
+    Buffers (BN running statistics) are copied when `copy_buffers` (BYOL/PixPro/CLoVE); MoCo leaves the key
+    encoder's own running statistics alone (copy_buffers=False).
+    """
     t_params, s_params = list(teacher.parameters()), list(student.parameters())
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
-    for tb, sb in zip(teacher.buffers(), student.buffers()):
-        tb.copy_(sb)
+    if copy_buffers:
+        for tb, sb in zip(teacher.buffers(), student.buffers()):
+            tb.copy_(sb)
 
 
 # ---- precision ----
@@ -730,6 +735,29 @@ class DilatedResNet(nn.Module):
 
     def forward(self, x):
         return resnet_stages(self.net, x)[-1]
+
+
+def dense_feature_model(weights, arch, dense_models):
+    """The frozen network an evaluation probes, from `weights` ('random' or a file read by read_weights).
+
+    `dense_models` maps a method name to a class whose checkpoints carry their own dense head (VADeR's decoder:
+    {"vader": vader.VADeRNet}); the evaluation scripts pass it, so this file never imports a method. Every other
+    kind (MoCo, torchvision, CLoVE's encoder, random) becomes a ResNet dilated to 1/4 (VADeR §4.1).
+    Returns (model, description); the model maps N x 3 x H x W to N x C x H/4 x W/4.
+    """
+    if weights == "random":
+        return DilatedResNet(arch), f"random init ({arch}, dilated to 1/4)"
+    kind, state, meta = read_weights(weights)
+    arch = meta.get("arch") or infer_arch(state) or arch
+    if kind in dense_models:
+        model = dense_models[kind](arch)
+        model.load_state_dict(state)
+        return model, f"{kind} checkpoint {weights} ({arch}, its own dense head)"
+    if kind in ("vader", "clove"):
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    model = DilatedResNet(arch)
+    load_resnet_state(model.net, state, weights)
+    return model, f"{kind} weights {weights} ({arch}, dilated to 1/4)"
 
 
 # ---- Detectron2 export ----
