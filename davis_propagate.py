@@ -1,0 +1,656 @@
+"""DAVIS-2017 mask propagation with frozen features, scored by the official J&F (VADeR Table 2).
+
+The first frame's instance masks of each video are carried through the video by nearest neighbours in feature space:
+every pixel of frame t takes the labels of the pixels it resembles most in the first frame (ground truth) and in
+the few frames just before it (its own earlier predictions). No learning happens; the score measures how well the
+frozen features find correspondences. J (region IoU) and F (boundary F-measure) are then computed exactly as the
+official davis2017-evaluation does.
+
+Paper: P. O. Pinheiro et al., "Unsupervised Learning of Dense Visual Representations", NeurIPS 2020, §4.1, Table 2,
+which follows TimeCycle's protocol (X. Wang, A. Jabri, A. Efros, CVPR 2019: github.com/xiaolonw/TimeCycle).
+Metrics: J. Pont-Tuset et al., "The 2017 DAVIS Challenge on Video Object Segmentation" (davis2017-evaluation).
+
+Usage
+    python davis_propagate.py                          # embedded demo: synthetic videos, random ResNet-18, ~1 min CPU
+    python davis_propagate.py --data /datasets/DAVIS --weights vader_checkpoint.pth           # Table 2, 320 x 320
+    python davis_propagate.py --data /datasets/DAVIS --weights ... --resolution 480           # Table 2, 480 x 480
+    python davis_propagate.py --data /datasets/DAVIS --weights ... --protocol crw             # CRW's native-480p knobs
+    python davis_propagate.py --data /datasets/DAVIS --eval-only results/some_method           # score any results folder
+    torchrun --nproc_per_node=4 davis_propagate.py --data ... --weights ...    # sequences split over ranks; rank 0 scores
+--weights / --arch are those of evaluate_linear.py (common.dense_feature_model): 'random', a vader.py / clove.py
+checkpoint, an official MoCo checkpoint or a torchvision ResNet state dict; the features are at 1/4 resolution
+(VADeR's decoder, or a ResNet dilated to stride 4 for every other kind, as §4.1 does for the baselines).
+
+What the code implements, and where
+    frame -> square S x S (TimeCycle; --resolution 320 / 480) or native size -> L2-normalised features -> FeatureStream
+    first-frame one-hot labels, objects 1..N (N = largest id in frame 0), + background            -> label_grid
+    context = frame 0 (ground truth) + the --n-context previous frames (soft predictions)         -> propagate
+    affinity cos / --temperature, --topk, optional --radius window; queries in chunks             -> propagate_frame
+    soft labels -> bilinear to the frame size -> argmax -> indexed PNG (VOC palette)              -> save_indexed_png
+    J, F (seg2bmap, disk of ceil(0.008 * diagonal)), Mean / Recall / Decay per object             -> score_sequence
+    J&F-Mean = (mean over objects of J-Mean + mean over objects of F-Mean) / 2                    -> summarise
+
+Protocols (--protocol sets the knobs below; any flag you type wins; the knobs used are printed)
+    timecycle (default, the VADeR paper's): 320 x 320, context 1 + 7, per-frame top-5 of a softmax over each context
+        frame with T = 1/sqrt(512) (TimeCycle's `div_num`), no window, the soft prediction of every frame rescaled
+        per channel to [0, 1] (min-max) before it is carried forward, as TimeCycle's test_davis.py does.
+    crw: native 480p, context 1 + 20, joint top-10 over all context pixels, softmax over the kept logits with
+        T = 0.05, window radius on the short-term frames only.
+    dino: native 480p, context 1 + 7, joint top-5, T = 0.1, window radius on all frames.
+
+Choices of ours (and why)
+    - Features are at stride 4 (VADeR's output), not 8 as in TimeCycle / CRW / DINO. A --radius is in feature cells,
+      so CRW's and DINO's radius 12 at stride 8 is 24 here (the presets use 24).
+    - Soft labels are brought to the feature grid by area averaging (the fraction of each cell covered by each
+      object); TimeCycle and CRW bilinearly resample. The two agree on cells inside an object.
+    - For the first frames the context holds fewer than --n-context previous frames (what exists); TimeCycle repeats
+      the first frame instead. Only the first few frames of a video see the difference.
+    - At native size the frame is zero-padded (after normalisation) to a multiple of 32 for the network, and the
+      feature grid is cropped back to ceil(H/4) x ceil(W/4): padding never leaks into the labels.
+    - Memory: the features of each frame are computed once and only the context window is kept; queries go in
+      chunks of --chunk-size and each context frame is scored on its own, so the largest affinity ever held is
+      chunk x (pixels of one frame). A joint top-k is the top-k of the per-frame top-k's, so nothing is lost.
+
+Output: <output-dir>/<seq>/<frame>.png (indexed, original size: the layout the official evaluator reads),
+<output-dir>/metrics.json (summary, per sequence, per object, settings, speed), optional overlays in
+<output-dir>/overlays/<seq>/<frame>.jpg; the last stdout line is the summary as one JSON object.
+
+Public names: voc_palette, save_indexed_png, read_annotation, FeatureStream, label_grid, propagate_frame,
+propagate, seg2bmap, dilate_disk, region_similarity, boundary_f_measure, mean_recall_decay, score_sequence,
+summarise, write_synthetic_davis, main.
+"""
+import argparse
+import collections
+import json
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+from vader import VADeRNet  # VADeR checkpoints carry their own dense head
+
+# ---- arguments ----
+PROTOCOLS = {
+    "timecycle": dict(resolution="320", n_context=7, topk=5, topk_mode="per-frame", temperature=512 ** -0.5,
+                      radius=0, radius_first_frame=False, minmax=True),
+    "crw": dict(resolution="native", n_context=20, topk=10, topk_mode="joint", temperature=0.05,
+                radius=24, radius_first_frame=False, minmax=False),
+    "dino": dict(resolution="native", n_context=7, topk=5, topk_mode="joint", temperature=0.1,
+                 radius=24, radius_first_frame=True, minmax=False),
+}
+DEMO_PRESET = dict(arch="resnet18", resolution="native", output_dir="runs/davis-demo")  # no --data: CPU-sized
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="DAVIS-2017 mask propagation with frozen features and the official J&F.",
+                                allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=None, help="DAVIS-2017 root (JPEGImages/480p, Annotations/480p, "
+                   "ImageSets/2017/<split>.txt); omit it for the embedded synthetic videos and the CPU demo preset")
+    p.add_argument("--split", default="val", help="sequence list ImageSets/2017/<split>.txt")
+    p.add_argument("--sequences", nargs="*", default=None, help="only these sequences of the split (quick checks)")
+    p.add_argument("--output-dir", default="runs/davis", help="<seq>/<frame>.png, metrics.json and overlays go here")
+    p.add_argument("--weights", default="random", help="'random', a vader.py/clove.py checkpoint, an official MoCo "
+                   "checkpoint or a torchvision ResNet state dict (as evaluate_linear.py)")
+    p.add_argument("--arch", default="resnet50", help="ResNet depth for 'random' and for files that do not say it")
+    p.add_argument("--protocol", default="timecycle", choices=sorted(PROTOCOLS),
+                   help="preset of the propagation knobs below (timecycle = the VADeR paper's); typed flags win")
+    p.add_argument("--resolution", default=None, help="'320' or '480': square S x S input (TimeCycle, VADeR Table 2); "
+                   "'native': the frame as it is (480p); any other integer is also taken as a square size")
+    p.add_argument("--n-context", type=int, default=None, help="previous predicted frames in the context (besides "
+                   "the first frame); more helps slow videos and costs time linearly")
+    p.add_argument("--topk", type=int, default=None, help="neighbours whose labels are mixed; 5-20 is the usual range")
+    p.add_argument("--topk-mode", default=None, choices=["per-frame", "joint"], help="per-frame: softmax over each "
+                   "context frame, top-k in each (TimeCycle); joint: top-k over all context pixels, softmax over "
+                   "the kept ones (CRW, DINO)")
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature on the cosine similarity")
+    p.add_argument("--radius", type=int, default=None, help="only keys within this many feature cells (square "
+                   "window) of the query; 0: the whole frame")
+    p.add_argument("--radius-first-frame", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply --radius to the first frame too (DINO) or to the previous frames only (CRW)")
+    p.add_argument("--minmax", action=argparse.BooleanOptionalAction, default=None, help="rescale each channel of "
+                   "a frame's soft prediction to [0, 1] before it is carried forward (TimeCycle's test code)")
+    p.add_argument("--chunk-size", type=int, default=1024, help="queries per affinity block: memory is chunk x "
+                   "pixels-of-one-frame floats; lower it if memory runs out (results do not change)")
+    p.add_argument("--batch-size", type=int, default=4, help="frames per forward pass of the network")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="network autocast on GPU "
+                   "(the affinity is always fp32)")
+    p.add_argument("--eval-only", default=None, metavar="DIR", help="score an existing results folder "
+                   "(DIR/<seq>/<frame>.png) against the ground truth; no network is run")
+    p.add_argument("--save-overlays", action="store_true", help="also write colour overlays of the predictions")
+    p.add_argument("--synthetic-sequences", type=int, default=3, help="videos in the embedded set (no --data)")
+    p.add_argument("--synthetic-frames", type=int, default=10, help="frames per embedded video")
+    p.add_argument("--synthetic-size", type=int, nargs=2, default=[96, 128], metavar=("H", "W"),
+                   help="frame size of the embedded videos")
+    p.add_argument("--seed", type=int, default=0, help="seed of the embedded videos and of random weights")
+    return p
+
+
+def resolve_settings(parser, args, argv):
+    """Fill the knobs left unset from --protocol (and the demo preset); returns the settings to print."""
+    for k, v in PROTOCOLS[args.protocol].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.data is None and args.eval_only is None:
+        common.apply_preset(parser, args, DEMO_PRESET, argv)
+    if args.resolution != "native" and not str(args.resolution).isdigit():
+        raise common.UserError(f"--resolution {args.resolution}: expected 320, 480 (square) or native")
+    for flag, value, low in (("--n-context", args.n_context, 0), ("--topk", args.topk, 1),
+                             ("--radius", args.radius, 0), ("--chunk-size", args.chunk_size, 1),
+                             ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            raise common.UserError(f"{flag} {value}: must be >= {low}")
+    if args.temperature <= 0:
+        raise common.UserError(f"--temperature {args.temperature}: must be > 0")
+    return dict(protocol=args.protocol, resolution=args.resolution, n_context=args.n_context, topk=args.topk,
+                topk_mode=args.topk_mode, temperature=args.temperature, radius=args.radius,
+                radius_first_frame=args.radius_first_frame, minmax=args.minmax, chunk_size=args.chunk_size)
+
+
+# ---- data: DAVIS layout, palette PNGs ----
+def voc_palette():
+    """The PASCAL VOC colour map (256 RGB triples, flat): bit k of the index goes to bit 7-k//3 of channel k%3."""
+    palette = []
+    for index in range(256):
+        rgb, c = [0, 0, 0], index
+        for bit in range(8):
+            for channel in range(3):
+                rgb[channel] |= ((c >> channel) & 1) << (7 - bit)
+            c >>= 3
+        palette += rgb
+    return palette
+
+
+PALETTE = voc_palette()
+VOID = 255  # DAVIS marks "void" pixels with 255 in the ground truth; object ids must stay below it
+
+
+def save_indexed_png(path, labels):
+    """labels: H x W uint8 object ids -> indexed ('P') PNG with the VOC palette, written atomically."""
+    img = Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="P")
+    img.putpalette(PALETTE)
+    tmp = f"{path}.tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+def read_annotation(path):
+    """An annotation or result PNG as H x W int64 ids (palette index or grey value). One-line error otherwise."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
+                raise common.UserError(f"{path}: mode {img.mode}; expected an indexed (palette) or grey PNG of ids")
+            ids = np.array(img).astype(np.int64)
+    except OSError as e:
+        raise common.UserError(f"{path}: unreadable annotation ({e})")
+    return ids
+
+
+def list_sequences(root, split, only=None):
+    """Sequence names of ImageSets/2017/<split>.txt (optionally a subset), checked to exist."""
+    split_file = os.path.join(root, "ImageSets", "2017", f"{split}.txt")
+    if not os.path.isfile(split_file):
+        raise common.UserError(f"{split_file}: split file not found (--data must be a DAVIS-2017 root, --split "
+                               "one of its lists)")
+    with open(split_file) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if only:
+        missing = sorted(set(only) - set(names))
+        if missing:
+            raise common.UserError(f"--sequences {' '.join(missing)}: not in {split_file}")
+        names = [n for n in names if n in only]
+    if not names:
+        raise common.UserError(f"{split_file}: lists no sequences")
+    return names
+
+
+def sequence_files(root, seq):
+    """(frame paths, annotation paths), each sorted by name; the frame order is the name order, as in DAVIS."""
+    frame_dir = os.path.join(root, "JPEGImages", "480p", seq)
+    ann_dir = os.path.join(root, "Annotations", "480p", seq)
+    frames = sorted(os.path.join(frame_dir, f) for f in os.listdir(frame_dir) if f.lower().endswith(".jpg")) \
+        if os.path.isdir(frame_dir) else []
+    if not frames:
+        raise common.UserError(f"{frame_dir}: no .jpg frames for sequence {seq}")
+    anns = sorted(os.path.join(ann_dir, f) for f in os.listdir(ann_dir) if f.endswith(".png")) \
+        if os.path.isdir(ann_dir) else []
+    return frames, anns
+
+
+def stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def check_sequence(root, seq, need_all_annotations):
+    """Validate one sequence before anything is computed; returns (frames, annotations, number of objects)."""
+    frames, anns = sequence_files(root, seq)
+    first_ann = os.path.join(root, "Annotations", "480p", seq, stem(frames[0]) + ".png")
+    if not os.path.isfile(first_ann):
+        raise common.UserError(f"{first_ann}: first-frame annotation missing (propagation starts from it)")
+    with Image.open(frames[0]) as img:
+        size = img.size
+    for path in frames[1:]:
+        with Image.open(path) as img:  # header only: cheap
+            if img.size != size:
+                raise common.UserError(f"{path}: frame size {img.size[0]}x{img.size[1]} differs from "
+                                       f"{frames[0]} ({size[0]}x{size[1]})")
+    for path in anns:
+        with Image.open(path) as img:
+            if img.size != size:
+                raise common.UserError(f"{path}: mask size {img.size[0]}x{img.size[1]} differs from the frames "
+                                       f"({size[0]}x{size[1]}, {frames[0]})")
+    first = read_annotation(first_ann)
+    ids = first[first != VOID]
+    num_objects = int(ids.max()) if ids.size else 0
+    if num_objects >= VOID or first.max() > VOID:
+        raise common.UserError(f"{first_ann}: object id {int(first.max())} does not fit the 255-colour palette "
+                               f"(ids 1..254, 255 = void)")
+    if need_all_annotations and len(anns) < 3:
+        raise common.UserError(f"{os.path.dirname(first_ann)}: {len(anns)} annotated frames; scoring needs >= 3 "
+                               "(the first and the last are not scored)")
+    return frames, anns, num_objects
+
+
+def write_synthetic_davis(root, num_sequences, num_frames, height, width, seed=0):
+    """A DAVIS-layout set of moving textured shapes with exact masks (common.DeadLeaves.sequence) under `root`."""
+    leaves = common.DeadLeaves(size=max(height, width), seed=seed)
+    names = [f"synthetic{i:02d}" for i in range(num_sequences)]
+    for i, name in enumerate(names):
+        frames, masks = leaves.sequence(i, num_frames=num_frames, num_objects=(1, 3), height=height, width=width,
+                                        speed=max(height, width) / 48)
+        for sub in ("JPEGImages", "Annotations"):
+            os.makedirs(os.path.join(root, sub, "480p", name), exist_ok=True)
+        for t, (frame, mask) in enumerate(zip(frames, masks)):
+            frame.save(os.path.join(root, "JPEGImages", "480p", name, f"{t:05d}.jpg"), quality=95)
+            save_indexed_png(os.path.join(root, "Annotations", "480p", name, f"{t:05d}.png"), mask)
+    os.makedirs(os.path.join(root, "ImageSets", "2017"), exist_ok=True)
+    with open(os.path.join(root, "ImageSets", "2017", "val.txt"), "w") as f:
+        f.write("\n".join(names) + "\n")
+    return root
+
+
+# ---- features ----
+def network_input(frame, resolution):
+    """PIL frame -> normalised 3 x h x w tensor for the network, and the feature grid size (h/4, w/4 rounded up)."""
+    if resolution == "native":
+        x = common.to_tensor(frame)  # 3 x H x W
+        h, w = x.shape[1:]
+        x = F.pad(x, (0, -w % 32, 0, -h % 32))  # 3 x H' x W', multiples of 32 (zero = the mean colour)
+        return x, (math.ceil(h / 4), math.ceil(w / 4))
+    s = int(resolution)
+    return common.to_tensor(frame.resize((s, s), Image.BILINEAR)), (math.ceil(s / 4), math.ceil(s / 4))
+
+
+class FeatureStream:
+    """Yields the L2-normalised features (C x h x w) of a sequence's frames in order, each computed once, in batches."""
+
+    def __init__(self, model, paths, resolution, device, batch_size, precision):
+        self.model, self.paths, self.resolution = model, paths, resolution
+        self.device, self.batch_size, self.precision = device, batch_size, precision
+
+    @torch.no_grad()
+    def __iter__(self):
+        for start in range(0, len(self.paths), self.batch_size):
+            inputs, grids = zip(*(network_input(common.load_image(p), self.resolution)
+                                  for p in self.paths[start:start + self.batch_size]))
+            x = torch.stack(inputs).to(self.device)  # B x 3 x H' x W'
+            with common.autocast(self.device, self.precision):
+                feats = self.model(x)  # B x C x H'/4 x W'/4
+            gh, gw = grids[0]
+            feats = F.normalize(feats[:, :, :gh, :gw].float(), dim=1)  # B x C x h x w, unit vectors
+            yield from feats
+
+
+# ---- propagation ----
+def label_grid(ids, num_objects, grid, resolution):
+    """H x W ids -> (N+1) x h x w soft labels: the fraction of each feature cell covered by each object.
+
+    In square mode the grid spans the whole (stretched) frame; at native size cell j covers pixels [4j, 4j+4), so
+    the mask is edge-padded to 4h x 4w first."""
+    ids = torch.as_tensor(ids).long()
+    ids = torch.where(ids > num_objects, torch.zeros_like(ids), ids)  # void (255) and ids unknown at frame 0 -> bg
+    onehot = F.one_hot(ids, num_objects + 1).permute(2, 0, 1).float()  # (N+1) x H x W
+    if resolution == "native":
+        h, w = onehot.shape[1:]
+        onehot = F.pad(onehot[None], (0, 4 * grid[1] - w, 0, 4 * grid[0] - h), mode="replicate")[0]
+    return F.interpolate(onehot[None], size=grid, mode="area")[0]  # (N+1) x h x w
+
+
+def labels_to_ids(soft, size, resolution):
+    """(N+1) x h x w soft labels -> H x W uint8 ids: bilinear to the frame (or 4h x 4w, cropped) then argmax."""
+    h, w = soft.shape[1:]
+    canvas = size if resolution != "native" else (4 * h, 4 * w)
+    up = F.interpolate(soft[None], size=canvas, mode="bilinear", align_corners=False)[0]  # (N+1) x H x W
+    return up[:, :size[0], :size[1]].argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def window_mask(query_index, grid, radius):
+    """Chunk x (h*w) bool: True where the key lies more than `radius` cells (square window) from the query."""
+    h, w = grid
+    qy, qx = query_index // w, query_index % w  # B, B
+    ky = torch.arange(h, device=query_index.device).repeat_interleave(w)  # h*w
+    kx = torch.arange(w, device=query_index.device).repeat(h)  # h*w
+    return ((qy[:, None] - ky[None]).abs() > radius) | ((qx[:, None] - kx[None]).abs() > radius)  # B x h*w
+
+
+def propagate_frame(query, keys, labels, grid, topk, topk_mode, temperature, radius=0, radius_first_frame=False,
+                    chunk_size=1024):
+    """Soft labels of one frame from its context.
+
+    query: C x h x w; keys: list of C x h x w (keys[0] = the first frame); labels: list of L x h x w.
+    Returns L x h x w. Each chunk of queries meets one context frame at a time, so the largest affinity held is
+    chunk x (h*w); a joint top-k is taken over the per-frame top-k's, which contain it.
+    """
+    C = query.shape[0]
+    q_all = query.reshape(C, -1)  # C x Q
+    k_all = [k.reshape(C, -1) for k in keys]  # each C x P
+    y_all = [y.reshape(y.shape[0], -1) for y in labels]  # each L x P
+    out = torch.zeros(y_all[0].shape[0], q_all.shape[1], device=query.device)  # L x Q
+    k_per_frame = min(topk, k_all[0].shape[1])
+    for start in range(0, q_all.shape[1], chunk_size):
+        index = torch.arange(start, min(start + chunk_size, q_all.shape[1]), device=query.device)  # B
+        q = q_all[:, index]  # C x B
+        far = window_mask(index, grid, radius) if radius > 0 else None  # B x P
+        kept_logits, kept_labels = [], []
+        for t, (k, y) in enumerate(zip(k_all, y_all)):
+            logits = q.t() @ k / temperature  # B x P: the only affinity block held
+            if far is not None and (t > 0 or radius_first_frame):
+                logits = logits.masked_fill(far, float("-inf"))
+            if topk_mode == "per-frame":  # TimeCycle: probabilities over this frame, keep the k largest
+                weight, idx = logits.softmax(dim=1).topk(k_per_frame, dim=1)  # B x k, B x k
+                out[:, index] += (y[:, idx] * weight[None]).sum(-1)  # L x B
+            else:
+                value, idx = logits.topk(k_per_frame, dim=1)  # B x k
+                kept_logits.append(value)
+                kept_labels.append(y[:, idx])  # L x B x k
+        if topk_mode == "joint":  # CRW / DINO: the k best over all frames, softmax over what is kept
+            value, pick = torch.cat(kept_logits, 1).topk(k_per_frame, dim=1)  # B x k
+            cand = torch.cat(kept_labels, 2)  # L x B x (n_frames*k)
+            chosen = cand.gather(2, pick[None].expand(cand.shape[0], -1, -1))  # L x B x k
+            out[:, index] = (chosen * value.softmax(dim=1)[None]).sum(-1)  # L x B
+    if topk_mode == "per-frame":
+        out /= len(k_all)
+    return out.reshape(-1, *grid)  # L x h x w
+
+
+def minmax_rescale(soft):
+    """TimeCycle: each channel of a frame's prediction rescaled to [0, 1] (a constant channel becomes 0)."""
+    flat = soft.reshape(soft.shape[0], -1)  # L x P
+    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    span = high - low
+    return torch.where(span > 0, (flat - low) / span.clamp_min(1e-12), torch.zeros_like(flat)).reshape(soft.shape)
+
+
+def propagate(features, first_labels, n_context, topk, topk_mode, temperature, radius=0, radius_first_frame=False,
+              minmax=False, chunk_size=1024):
+    """Carry `first_labels` (L x h x w) through a video; `features` yields C x h x w per frame (frame 0 first).
+
+    Yields the soft labels (L x h x w) of frames 1, 2, ...: context = frame 0 + the `n_context` previous frames.
+    Only the context window's features and labels are kept in memory.
+    """
+    stream = iter(features)
+    first = next(stream)  # C x h x w
+    grid = tuple(first.shape[1:])
+    recent = collections.deque(maxlen=n_context)  # (features, soft labels) of the previous frames
+    for feat in stream:
+        keys = [first] + [f for f, _ in recent]
+        labels = [first_labels] + [y for _, y in recent]
+        soft = propagate_frame(feat, keys, labels, grid, topk, topk_mode, temperature, radius, radius_first_frame,
+                               chunk_size)  # L x h x w
+        if minmax:
+            soft = minmax_rescale(soft)
+        if n_context > 0:
+            recent.append((feat, soft))
+        yield soft
+
+
+# ---- scoring: the official davis2017-evaluation definitions ----
+def seg2bmap(mask):
+    """1-pixel boundary of a binary H x W mask: a pixel differs from its east, south or south-east neighbour
+    (zeros beyond the image); the last row compares east only, the last column south only, the corner is 0."""
+    m = np.asarray(mask, dtype=bool)
+    east, south, south_east = np.zeros_like(m), np.zeros_like(m), np.zeros_like(m)
+    east[:, :-1], south[:-1, :], south_east[:-1, :-1] = m[:, 1:], m[1:, :], m[1:, 1:]
+    b = (m ^ east) | (m ^ south) | (m ^ south_east)
+    b[-1, :] = m[-1, :] ^ east[-1, :]
+    b[:, -1] = m[:, -1] ^ south[:, -1]
+    b[-1, -1] = False
+    return b
+
+
+def dilate_disk(b, r):
+    """Binary dilation of b (H x W bool) by the disk {dx^2 + dy^2 <= r^2}, zeros outside the image.
+
+    The disk is a stack of horizontal runs: row dy has half-width floor(sqrt(r^2 - dy^2)). Each run is a sliding
+    OR along x (a cumulative-sum window), then shifted by dy."""
+    H, W = b.shape
+    csum = np.concatenate([np.zeros((H, 1), np.int64), np.cumsum(b, axis=1, dtype=np.int64)], axis=1)  # H x (W+1)
+    x = np.arange(W)
+    rows = {}
+    out = np.zeros_like(b, dtype=bool)
+    for dy in range(-r, r + 1):
+        half = math.isqrt(r * r - dy * dy)
+        if half not in rows:  # any(b[y, x-half .. x+half])
+            rows[half] = (csum[:, np.minimum(x + half + 1, W)] - csum[:, np.maximum(x - half, 0)]) > 0
+        run = rows[half]
+        if dy >= 0:  # out[y] |= run[y + dy]
+            out[:H - dy] |= run[dy:]
+        else:
+            out[-dy:] |= run[:H + dy]
+    return out
+
+
+def region_similarity(gt, pred):
+    """J: |P & G| / |P | G|, and 1 when both masks are empty."""
+    union = np.logical_or(gt, pred).sum()
+    return 1.0 if union == 0 else float(np.logical_and(gt, pred).sum() / union)
+
+
+def boundary_f_measure(gt, pred):
+    """F: boundary precision/recall within ceil(0.008 * image diagonal) pixels, with the official empty rules."""
+    r = int(math.ceil(0.008 * math.hypot(*gt.shape)))
+    bg, bp = seg2bmap(gt), seg2bmap(pred)
+    n_g, n_p = int(bg.sum()), int(bp.sum())
+    if n_p == 0 and n_g == 0:
+        precision, recall = 1.0, 1.0
+    elif n_p == 0:
+        precision, recall = 1.0, 0.0
+    elif n_g == 0:
+        precision, recall = 0.0, 1.0
+    else:
+        ys, xs = np.nonzero(bg | bp)  # crop to the boundaries + r: the counts below only involve boundary pixels
+        y0, y1 = max(ys.min() - r, 0), min(ys.max() + r + 1, gt.shape[0])
+        x0, x1 = max(xs.min() - r, 0), min(xs.max() + r + 1, gt.shape[1])
+        bg, bp = bg[y0:y1, x0:x1], bp[y0:y1, x0:x1]
+        precision = float((bp & dilate_disk(bg, r)).sum() / n_p)
+        recall = float((bg & dilate_disk(bp, r)).sum() / n_g)
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def mean_recall_decay(values):
+    """Per-object statistics over its scored frames: mean, fraction > 0.5, first-quarter minus last-quarter mean."""
+    v = np.asarray(values, dtype=np.float64)
+    ids = np.round(np.linspace(1, len(v), 5) + 1e-10).astype(int) - 1
+    bins = [v[ids[i]:ids[i + 1] + 1] for i in range(4)]
+    return float(v.mean()), float((v > 0.5).mean()), float(bins[0].mean() - bins[3].mean())
+
+
+def score_sequence(gt_paths, result_dir):
+    """Per-object (J values, F values) of one sequence over frames 1..T-2, reading <result_dir>/<frame>.png."""
+    first = read_annotation(gt_paths[0])
+    first[first == VOID] = 0
+    num_objects = int(first.max())
+    scored = gt_paths[1:-1]
+    J, Fm = np.zeros((num_objects, len(scored))), np.zeros((num_objects, len(scored)))
+    for t, gt_path in enumerate(scored):
+        gt = read_annotation(gt_path)
+        gt[gt == VOID] = 0
+        res_path = os.path.join(result_dir, stem(gt_path) + ".png")
+        if not os.path.isfile(res_path):
+            raise common.UserError(f"{res_path}: result missing (every frame but the first and last is scored)")
+        res = read_annotation(res_path)
+        if res.shape != gt.shape:
+            raise common.UserError(f"{res_path}: size {res.shape[1]}x{res.shape[0]} differs from the ground truth "
+                                   f"{gt_path} ({gt.shape[1]}x{gt.shape[0]})")
+        if res.max() > num_objects:
+            raise common.UserError(f"{res_path}: id {int(res.max())} but the first frame has {num_objects} objects")
+        for o in range(num_objects):
+            J[o, t] = region_similarity(gt == o + 1, res == o + 1)
+            Fm[o, t] = boundary_f_measure(gt == o + 1, res == o + 1)
+    return J, Fm
+
+
+def summarise(per_sequence):
+    """{seq: (J, F) arrays objects x frames} -> the official summary, averaged over all objects of all sequences."""
+    stats = {"J": [], "F": []}
+    for J, Fm in per_sequence.values():
+        for name, values in (("J", J), ("F", Fm)):
+            stats[name] += [mean_recall_decay(v) for v in values]
+    out = {}
+    for name in ("J", "F"):
+        m, r, d = np.array(stats[name]).reshape(-1, 3).T
+        out.update({f"{name}-Mean": float(m.mean()), f"{name}-Recall": float(r.mean()), f"{name}-Decay": float(d.mean())})
+    return {"J&F-Mean": (out["J-Mean"] + out["F-Mean"]) / 2, **out}
+
+
+def evaluate(root, sequences, result_dir):
+    """Score every sequence; returns (summary, per-sequence table). Prints the table."""
+    per_sequence, table = {}, {}
+    for seq in common.throughput_bar(sequences, len(sequences), True, desc="score"):
+        _, anns = sequence_files(root, seq)
+        J, Fm = score_sequence(anns, os.path.join(result_dir, seq))
+        per_sequence[seq] = (J, Fm)
+        table[seq] = dict(objects=J.shape[0], J=[mean_recall_decay(v)[0] for v in J],
+                          F=[mean_recall_decay(v)[0] for v in Fm])
+    if not any(J.shape[0] for J, _ in per_sequence.values()):
+        raise common.UserError(f"{root}: no objects in the first frames of the split; nothing to score")
+    print(f"{'sequence':<24} {'objects':>7} {'J-Mean':>7} {'F-Mean':>7} {'J&F':>7}")
+    for seq, row in table.items():
+        j, f = float(np.mean(row["J"])) if row["J"] else float("nan"), float(np.mean(row["F"])) if row["F"] else float("nan")
+        row.update(J_mean=j, F_mean=f)
+        print(f"{seq:<24} {row['objects']:>7} {j:>7.3f} {f:>7.3f} {(j + f) / 2:>7.3f}")
+    return summarise(per_sequence), table
+
+
+# ---- main ----
+def overlay(frame, ids, alpha=0.5):
+    colours = np.array(PALETTE, dtype=np.float32).reshape(256, 3)[ids]  # H x W x 3
+    rgb = np.asarray(frame, dtype=np.float32)
+    mixed = np.where(ids[..., None] > 0, (1 - alpha) * rgb + alpha * colours, rgb)
+    return Image.fromarray(mixed.astype(np.uint8))
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB: peak resident set
+
+
+def run_propagation(args, root, sequences, checked, d):
+    """Propagate every sequence of this rank and write the PNGs; returns (frames, seconds, peak memory MiB)."""
+    model, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet})
+    model = model.to(d.device).eval()
+    if d.is_main:
+        print(f"features: {description}", flush=True)
+    mine = sequences[d.rank::d.world_size]
+    total = sum(len(checked[s][0]) for s in mine)
+    bar = common.throughput_bar(None, total, d.is_main, desc="propagate")
+    frames_done, start = 0, time.perf_counter()
+    for seq in mine:
+        frame_paths, _, num_objects = checked[seq]
+        out_dir = os.path.join(args.output_dir, seq)
+        os.makedirs(out_dir, exist_ok=True)
+        first_path = os.path.join(root, "Annotations", "480p", seq, stem(frame_paths[0]) + ".png")
+        first_ids = read_annotation(first_path)
+        first_ids[first_ids == VOID] = 0
+        size = first_ids.shape
+        save_indexed_png(os.path.join(out_dir, stem(frame_paths[0]) + ".png"), first_ids.astype(np.uint8))
+        grid = network_input(Image.new("RGB", (size[1], size[0])), args.resolution)[1]
+        first_labels = label_grid(first_ids, num_objects, grid, args.resolution).to(d.device)  # (N+1) x h x w
+        stream = FeatureStream(model, frame_paths, args.resolution, d.device, args.batch_size, args.precision)
+        predictions = propagate(stream, first_labels, args.n_context, args.topk, args.topk_mode, args.temperature,
+                                args.radius, args.radius_first_frame, args.minmax, args.chunk_size)
+        bar.update(1)
+        for path, soft in zip(frame_paths[1:], predictions):
+            ids = labels_to_ids(soft, size, args.resolution)  # H x W uint8
+            save_indexed_png(os.path.join(out_dir, stem(path) + ".png"), ids)
+            if args.save_overlays:
+                os.makedirs(os.path.join(args.output_dir, "overlays", seq), exist_ok=True)
+                overlay(common.load_image(path), ids).save(os.path.join(args.output_dir, "overlays", seq,
+                                                                        stem(path) + ".jpg"), quality=90)
+            bar.update(1)
+        frames_done += len(frame_paths)
+        bar.set_postfix(seq=seq, fps=f"{frames_done / (time.perf_counter() - start):.2f}")
+    bar.close()
+    return frames_done, time.perf_counter() - start, peak_memory_mb(d.device)
+
+
+def run(args, settings, root):
+    d = common.init_distributed()
+    sequences = list_sequences(root, args.split, args.sequences)
+    checked = {s: check_sequence(root, s, need_all_annotations=True) for s in sequences}  # fail before any work
+    metrics_path = os.path.join(args.eval_only or args.output_dir, "metrics.json")
+    speed = {}
+    if args.eval_only is None:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if d.is_main:
+            if os.path.exists(metrics_path):
+                os.remove(metrics_path)  # a stale score must never sit next to new masks
+            print("settings: " + " ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
+        frames, seconds, memory = run_propagation(args, root, sequences, checked, d)
+        speed = dict(frames=frames, seconds=round(seconds, 2), frames_per_s=round(frames / max(seconds, 1e-9), 3),
+                     peak_memory_mb=round(memory, 1), device=str(d.device))
+        if d.is_main:
+            print(f"propagation: {frames} frames in {seconds:.1f} s ({speed['frames_per_s']} frames/s, rank 0), "
+                  f"peak memory {memory:.0f} MiB ({'max allocated' if d.device.type == 'cuda' else 'peak RSS'})",
+                  flush=True)
+        if common.distributed():
+            dist.barrier()
+    elif not os.path.isdir(args.eval_only):
+        raise common.UserError(f"--eval-only {args.eval_only}: no such results folder")
+    if d.is_main:
+        summary, table = evaluate(root, sequences, args.eval_only or args.output_dir)
+        record = dict(summary, per_sequence=table, settings=settings if args.eval_only is None else {},
+                      speed=speed, data=args.data or "embedded synthetic", split=args.split)
+        tmp = metrics_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(tmp, metrics_path)
+        common.print_result(summary)
+    if common.distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    settings = resolve_settings(parser, args, argv)
+    torch.manual_seed(args.seed)  # random weights are the same on every rank and every run
+    if args.data is not None:
+        if not os.path.isdir(args.data):
+            raise common.UserError(f"--data {args.data}: no such folder")
+        return run(args, settings, args.data)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"no --data: {args.synthetic_sequences} embedded synthetic videos of {args.synthetic_frames} frames "
+              f"({args.synthetic_size[0]}x{args.synthetic_size[1]}); demo preset "
+              + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in DEMO_PRESET), flush=True)
+    root = tempfile.mkdtemp(prefix="davis-synthetic-")
+    try:
+        write_synthetic_davis(root, args.synthetic_sequences, args.synthetic_frames, *args.synthetic_size,
+                              seed=args.seed)
+        run(args, settings, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
