@@ -470,11 +470,16 @@ def build_optimizer(model, args, lr):
                        weight_decay=args.weight_decay, trust_coefficient=0.001)
 
 
-def queue_keys(target, negatives):
-    """What a step enqueues from teacher view 0 (N x G^2 x D): one random cell per image, or its pooled map."""
+def queue_keys(target, negatives, seed):
+    """What a step enqueues from teacher view 0 (N x G^2 x D): one random cell per image, or its pooled map.
+
+    The cells are drawn from a generator seeded by `seed` (run seed, step, micro-batch, rank), not from the global
+    RNG, so a resumed run enqueues exactly what an uninterrupted one would.
+    """
     if negatives == "inter-avg":
         return F.normalize(target.mean(1), dim=-1)  # N x D
-    cells = torch.randint(target.shape[1], (target.shape[0],), device=target.device)
+    generator = torch.Generator(target.device).manual_seed(seed)
+    cells = torch.randint(target.shape[1], (target.shape[0],), device=target.device, generator=generator)  # N
     return target[torch.arange(target.shape[0], device=target.device), cells]  # N x D
 
 
@@ -581,7 +586,8 @@ def train(args):
                         "still holds the last good state. Lower --base-lr or use --precision fp32")
                 scaler.scale(loss / args.accum_steps).backward()
             if queue is not None:
-                queue.enqueue(queue_keys(target[0], args.negatives))
+                seed = random.Random(f"{args.seed}/{step}/{micro}/{d.rank}").getrandbits(63)
+                queue.enqueue(queue_keys(target[0], args.negatives, seed))
             step_loss += loss_value / args.accum_steps
             micro += 1
             if not last_micro:
