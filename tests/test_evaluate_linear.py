@@ -1,0 +1,317 @@
+"""Tests of evaluate_linear.py: metrics against hand counts, the data set readers, every weights kind, the Detectron2
+export, label subsets, bad inputs, and short end-to-end runs (probe, fine-tuning, torchrun) on tiny folders."""
+import json
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import common
+import evaluate_linear as E
+from vader import VADeRNet
+
+COLOURS = {0: (30, 30, 200), 1: (200, 30, 30), 2: (30, 200, 30)}  # class -> RGB: separable by colour alone
+PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (256 * 3 - 9)
+
+
+def block_image(rng, size=64):
+    """An image of 2 x 2 blocks of class colours (with a little noise), its class map and a 255 band at the seams."""
+    classes = rng.integers(0, 3, (2, 2))
+    label = np.kron(classes, np.ones((size // 2, size // 2), dtype=np.int64)).astype(np.uint8)
+    rgb = np.array([COLOURS[c] for c in range(3)], dtype=np.float64)[label]
+    rgb = np.clip(rgb + rng.normal(0, 8, rgb.shape), 0, 255).astype(np.uint8)
+    label[size // 2 - 1:size // 2 + 1, :] = 255
+    label[:, size // 2 - 1:size // 2 + 1] = 255
+    return Image.fromarray(rgb), label
+
+
+def make_voc(root, n_train=8, n_val=4, seed=0, split_files=("train", "val")):
+    rng = np.random.default_rng(seed)
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    names = {"train": [f"2007_{i:06d}" for i in range(n_train)], "val": [f"2008_{i:06d}" for i in range(n_val)]}
+    for split, ids in names.items():
+        for name in ids:
+            image, label = block_image(rng)
+            image.save(os.path.join(root, "JPEGImages", f"{name}.jpg"), quality=95)
+            png = Image.fromarray(label, mode="P")
+            png.putpalette(PALETTE)
+            png.save(os.path.join(root, "SegmentationClass", f"{name}.png"))
+        if split in split_files:
+            with open(os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt"), "w") as f:
+                f.write("\n".join(ids) + "\n")
+    return names
+
+
+def make_nyu(root, n_train=8, n_val=4, seed=0):
+    """Depth fixed by colour: class 0 -> 3 m, 1 -> 1 m, 2 -> 2 m; 16-bit millimetre PNGs, 0 at the seams."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "rgb"), exist_ok=True)
+    os.makedirs(os.path.join(root, "depth"), exist_ok=True)
+    names = [f"{i + 1:05d}" for i in range(n_train + n_val)]
+    depths = {}
+    for name in names:
+        image, label = block_image(rng)
+        depth_mm = np.choose(np.minimum(label, 3), [3000, 1000, 2000, 0]).astype(np.uint16)  # 255 -> 0 (missing)
+        image.save(os.path.join(root, "rgb", f"{name}.png"))
+        Image.fromarray(depth_mm).save(os.path.join(root, "depth", f"{name}.png"))
+        depths[name] = depth_mm
+    with open(os.path.join(root, "train.txt"), "w") as f:
+        f.write("\n".join(names[:n_train]) + "\n")
+    with open(os.path.join(root, "val.txt"), "w") as f:
+        f.write("\n".join(names[n_train:]) + "\n")
+    return depths
+
+
+def metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return json.load(f)
+
+
+def last_json_line(stdout):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+# ---- metrics against hand counts ----
+def test_miou_and_pixel_accuracy_match_a_hand_count():
+    rng = np.random.default_rng(1)
+    gt = rng.integers(0, 4, (2, 9, 7))
+    gt[0, :2] = 255  # ignored pixels
+    pred = rng.integers(0, 5, (2, 9, 7))  # class 4 is predicted but never in the ground truth
+    pred[gt == 1] = 1  # make class 1 mostly right
+    num_classes = 6  # class 5 never occurs at all: it must not count in the mean
+    ious, correct, counted = [], 0, 0
+    for c in range(num_classes):
+        tp = fp = fn = 0
+        for g, p in zip(gt.flatten(), pred.flatten()):
+            if g == 255:
+                continue
+            tp += g == c and p == c
+            fp += g != c and p == c
+            fn += g == c and p != c
+        if tp + fp + fn:
+            ious.append(tp / (tp + fp + fn))
+    for g, p in zip(gt.flatten(), pred.flatten()):
+        if g != 255:
+            counted += 1
+            correct += g == p
+    conf = E.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt), num_classes)
+    scores = E.segmentation_scores(conf)
+    assert scores["miou"] == pytest.approx(sum(ious) / len(ious))
+    assert scores["pixel_acc"] == pytest.approx(correct / counted)
+    assert scores["per_class_iou"][5] is None and len(ious) == 5
+    assert int(conf.sum()) == counted
+
+
+def test_depth_errors_match_naive_loops():
+    gt = torch.tensor([[1.0, 2.0, 0.0], [4.0, 0.0, 2.5]])  # 0 = no measurement
+    pred = torch.tensor([[1.1, 1.0, 7.0], [5.5, 3.0, -1.0]])  # -1 is clamped to 1e-3 m
+    sq, rel, good, n = 0.0, 0.0, 0, 0
+    for p, g in zip(pred.flatten().tolist(), gt.flatten().tolist()):
+        if g > 0:
+            p = min(max(p, 1e-3), 10.0)
+            sq += (p - g) ** 2
+            rel += abs(p - g) / g
+            good += max(p / g, g / p) < 1.25
+            n += 1
+    rmse, abs_rel, delta1 = E.depth_image_errors(pred, gt)
+    assert rmse == pytest.approx(math.sqrt(sq / n))
+    assert abs_rel == pytest.approx(rel / n)
+    assert delta1 == pytest.approx(good / n) and n == 4 and good == 1
+    assert E.depth_image_errors(pred, torch.zeros_like(gt)) is None
+
+
+# ---- data sets ----
+def test_voc_reader_gives_palette_indices_and_falls_back_to_train(tmp_path):
+    names = make_voc(str(tmp_path))
+    train = E.VOCSegmentation(str(tmp_path), "train")
+    image, label = train.read(3)
+    written = np.array(Image.open(tmp_path / "SegmentationClass" / f"{names['train'][3]}.png"))
+    assert image.size == (64, 64) and label.dtype == np.uint8
+    assert np.array_equal(label, written) and set(np.unique(label)) <= {0, 1, 2, 255}
+
+
+def test_nyu_reader_returns_metres(tmp_path):
+    depths = make_nyu(str(tmp_path))
+    val = E.NYUDepth(str(tmp_path), "val")
+    _, depth = val.read(0)
+    assert len(val) == 4 and depth.dtype == np.float32
+    assert np.allclose(depth, depths["00009"].astype(np.float64) / 1000)
+
+
+def test_cityscapes_label_ids_become_the_19_train_ids(tmp_path):
+    for folder in ("leftImg8bit/train/aachen", "gtFine/train/aachen"):
+        os.makedirs(tmp_path / folder)
+    ids = np.array([[7, 8, 26, 33], [0, 1, 255, 24]], dtype=np.uint8)  # road, sidewalk, car, bicycle / void...
+    Image.fromarray(np.zeros((2, 4, 3), np.uint8)).save(tmp_path / "leftImg8bit/train/aachen/a_1_leftImg8bit.png")
+    Image.fromarray(ids).save(tmp_path / "gtFine/train/aachen/a_1_gtFine_labelIds.png")
+    _, train_ids = E.CityscapesSegmentation(str(tmp_path), "train").read(0)
+    assert train_ids.tolist() == [[0, 1, 13, 18], [255, 255, 255, 11]]
+
+
+def test_label_subset_is_deterministic_by_seed_and_of_the_right_size():
+    for n, fraction in ((1464, 0.02), (10582, 0.05), (795, 0.1), (7, 0.5), (3, 0.02)):
+        a, b = E.label_subset(n, fraction, seed=3), E.label_subset(n, fraction, seed=3)
+        assert a == b
+        assert len(a) == max(1, round(fraction * n)) and len(set(a)) == len(a)
+        assert all(0 <= i < n for i in a) and a == sorted(a)
+    assert E.label_subset(1464, 0.1, seed=0) != E.label_subset(1464, 0.1, seed=1)
+    assert E.label_subset(50, 1.0, seed=5) == list(range(50))
+
+
+def test_shards_cover_every_index_with_equal_counts():
+    parts = [E.shard(list(range(10)), r, 4) for r in range(4)]
+    assert {len(p) for p in parts} == {3}
+    assert sorted(set(sum(parts, []))) == list(range(10))
+
+
+# ---- weights ----
+def save_weights(tmp_path):
+    """One file of each kind, all from the same resnet18 tensors: returns ({kind: path}, reference state)."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    paths = {"torchvision": str(tmp_path / "resnet18.pth"), "moco": str(tmp_path / "moco.pth.tar"),
+             "vader": str(tmp_path / "vader.pth")}
+    torch.save(state, paths["torchvision"])
+    moco = {f"module.encoder_q.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+    moco.update({"module.encoder_q.fc.0.weight": torch.randn(512, 512), "module.encoder_q.fc.2.weight": torch.randn(128, 512),
+                 "module.encoder_k.conv1.weight": torch.randn(64, 3, 7, 7), "module.queue": torch.randn(128, 16)})
+    torch.save({"epoch": 800, "arch": "resnet18", "state_dict": moco}, paths["moco"])
+    vader = VADeRNet("resnet18")
+    vader.encoder.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, strict=False)
+    torch.save({"method": "vader", "model": vader.state_dict(), "args": {"arch": "resnet18", "embedding_dim": 128}},
+               paths["vader"])
+    return paths, state, vader.state_dict()
+
+
+def test_every_weights_kind_loads_for_the_probe_and_for_fine_tuning(tmp_path):
+    paths, state, vader_state = save_weights(tmp_path)
+    for kind in ("torchvision", "moco"):
+        probe, description = common.dense_feature_model(paths[kind], "resnet50", {"vader": VADeRNet})
+        assert kind in description and torch.equal(probe.net.conv1.weight, state["conv1.weight"])
+        assert torch.equal(probe.net.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+        net, description = E.finetune_network(paths[kind], "resnet50", 21)
+        assert torch.equal(net.body.encoder.layer3[0].downsample[0].weight, state["layer3.0.downsample.0.weight"])
+    probe, _ = common.dense_feature_model(paths["vader"], "resnet50", {"vader": VADeRNet})
+    assert isinstance(probe, VADeRNet) and torch.equal(probe.decoder.predictor.weight, vader_state["decoder.predictor.weight"])
+    net, description = E.finetune_network(paths["vader"], "resnet50", 1)
+    assert "FPN batch norms new" in description
+    assert torch.equal(net.body.encoder.conv1.weight, state["conv1.weight"])
+    assert torch.equal(net.body.fpn.inner_blocks[2][0].weight, vader_state["fpn.inner_blocks.2.0.weight"])
+    assert isinstance(net.body.fpn.inner_blocks[2][1], torch.nn.BatchNorm2d)
+    assert torch.equal(net.body.decoder.levels[3][0].weight, vader_state["decoder.levels.3.0.weight"])
+    net, description = E.finetune_network("random", "resnet18", 21)
+    assert net.head.out_channels == 21 and "random" in description
+    x = torch.randn(2, 3, 64, 64)
+    assert net.eval()(x).shape == (2, 21, 16, 16)
+
+
+def test_detectron2_export_round_trips(tmp_path, run_script):
+    paths, state, _ = save_weights(tmp_path)
+    out = tmp_path / "d2" / "vader_r18.pkl"
+    r = run_script("evaluate_linear.py", "--weights", paths["vader"], "--export-detectron2", out)
+    assert r.returncode == 0, r.stderr
+    assert last_json_line(r.stdout)["tensors"] == len([k for k in state if not k.startswith("fc.")])
+    with open(out, "rb") as f:
+        exported = pickle.load(f)
+    assert exported["matching_heuristics"] is True and "__author__" in exported
+    model = exported["model"]
+    assert "stem.conv1.weight" in model and "res5.1.conv2.norm.running_var" in model and "res3.0.shortcut.weight" in model
+    assert not any(k.startswith(("layer", "fc")) or ".bn" in k for k in model)
+    for key, array in model.items():
+        assert isinstance(array, np.ndarray)
+        assert np.array_equal(array, state[common.from_detectron2_key(key)].numpy()), key
+
+
+# ---- end-to-end runs ----
+def test_probe_separates_colours_almost_perfectly_on_a_voc_folder(tmp_path, run_script):
+    make_voc(str(tmp_path / "voc"), n_train=8, n_val=4)
+    out = tmp_path / "run"
+    r = run_script("evaluate_linear.py", "--dataset", "voc", "--data", tmp_path / "voc", "--weights", "random",
+                   "--arch", "resnet18", "--image-size", "64", "--epochs", "25", "--batch-size", "4", "--trials", "2",
+                   "--workers", "0", "--output-dir", out)
+    assert r.returncode == 0, r.stderr
+    result = metrics(out)
+    assert last_json_line(r.stdout) == result
+    assert result["train_images"] == 8 and result["val_images"] == 4 and len(result["per_trial"]) == 2
+    assert result["mean"]["miou"] > 0.9 and result["mean"]["pixel_acc"] > 0.95
+    assert "mean" in r.stdout and "std" in r.stdout  # the readable table comes first
+    assert os.path.isfile(out / "log.jsonl")
+
+
+def test_depth_probe_learns_colour_coded_depth_on_an_nyu_folder(tmp_path, run_script):
+    make_nyu(str(tmp_path / "nyu"))
+    out = tmp_path / "run"
+    r = run_script("evaluate_linear.py", "--dataset", "nyu", "--data", tmp_path / "nyu", "--weights", "random",
+                   "--arch", "resnet18", "--image-size", "64", "--epochs", "25", "--batch-size", "4", "--trials", "1",
+                   "--workers", "0", "--output-dir", out)
+    assert r.returncode == 0, r.stderr
+    result = metrics(out)
+    # depths are 1, 2 and 3 m in equal shares: predicting their mean would give RMSE ~0.8 m and delta1 ~1/3
+    assert result["task"] == "depth" and result["mean"]["rmse"] < 0.4 and result["mean"]["delta1"] > 0.8
+    assert set(result["mean"]) == {"rmse", "abs_rel", "delta1"}
+
+
+def test_finetuning_with_a_label_fraction_runs_from_a_vader_checkpoint(tmp_path, run_script):
+    make_voc(str(tmp_path / "voc"), n_train=8, n_val=2)
+    paths, _, _ = save_weights(tmp_path)
+    out = tmp_path / "run"
+    r = run_script("evaluate_linear.py", "--dataset", "voc", "--data", tmp_path / "voc", "--weights", paths["vader"],
+                   "--finetune", "--label-fraction", "0.5", "--image-size", "64", "--epochs", "1", "--batch-size", "2",
+                   "--trials", "1", "--workers", "0", "--output-dir", out)
+    assert r.returncode == 0, r.stderr
+    result = metrics(out)
+    assert result["mode"] == "finetune" and result["train_images"] == 4 and 0 <= result["mean"]["miou"] <= 1
+    assert "encoder + FPN + decoder" in result["model"]
+
+
+def test_probe_under_torchrun_with_two_ranks(tmp_path, run_script):
+    make_voc(str(tmp_path / "voc"), n_train=6, n_val=3)
+    out = tmp_path / "run"
+    r = run_script("evaluate_linear.py", "--dataset", "voc", "--data", tmp_path / "voc", "--arch", "resnet18",
+                   "--image-size", "64", "--epochs", "2", "--batch-size", "4", "--trials", "1", "--workers", "0",
+                   "--output-dir", out, torchrun=2)
+    assert r.returncode == 0, r.stderr
+    result = metrics(out)
+    assert result["val_images"] == 3 and 0 <= result["mean"]["miou"] <= 1
+    assert r.stdout.count('"mode": "probe"') == 1  # only rank 0 prints the result
+
+
+# ---- bad inputs: one line on stderr, non-zero exit ----
+def assert_one_line_error(r, *words):
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def test_missing_split_file_is_a_one_line_error(tmp_path, run_script):
+    make_voc(str(tmp_path / "voc"), split_files=("train",))
+    r = run_script("evaluate_linear.py", "--dataset", "voc", "--data", tmp_path / "voc", "--workers", "0",
+                   "--output-dir", tmp_path / "run")
+    assert_one_line_error(r, "val.txt", "split file")
+
+
+def test_image_label_size_mismatch_is_a_one_line_error(tmp_path, run_script):
+    names = make_voc(str(tmp_path / "voc"))
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(tmp_path / "voc" / "SegmentationClass" / f"{names['val'][1]}.png")
+    r = run_script("evaluate_linear.py", "--dataset", "voc", "--data", tmp_path / "voc", "--workers", "0",
+                   "--output-dir", tmp_path / "run")
+    assert_one_line_error(r, names["val"][1], "64x64", "12x10")
+
+
+def test_unknown_weights_are_a_one_line_error(tmp_path, run_script):
+    make_voc(str(tmp_path / "voc"))
+    torch.save({"encoder": {"w": torch.zeros(1)}}, tmp_path / "odd.pth")
+    r = run_script("evaluate_linear.py", "--dataset", "voc", "--data", tmp_path / "voc", "--weights",
+                   tmp_path / "odd.pth", "--workers", "0", "--image-size", "64", "--output-dir", tmp_path / "run")
+    assert_one_line_error(r, "odd.pth", "not a known weights file")
+    r = run_script("evaluate_linear.py", "--weights", tmp_path / "odd.pth", "--export-detectron2", tmp_path / "x.pkl")
+    assert_one_line_error(r, "odd.pth")
