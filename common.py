@@ -685,7 +685,11 @@ def read_weights(path):
 
 def load_resnet_state(net, state, path):
     """Load ResNet weights strictly (the classifier excepted); a mismatch is a one-line error naming the file."""
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: another depth than --arch
+        raise UserError(f"{path}: does not fit --arch ({str(e).splitlines()[1].strip()}); pass the --arch it was "
+                        "trained with") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise UserError(f"{path}: does not fit this --arch ({len(missing)} missing keys, e.g. {missing[:2]}, "

@@ -191,11 +191,11 @@ class SemanticFPNDecoder(nn.Module):
                     blocks.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
             self.levels.append(nn.Sequential(*blocks))
         self.predictor = nn.Conv2d(channels, out_dim, 1)
-        for m in self.modules():  # Detectron2's initialisation of this head
+        for m in self.levels.modules():  # Detectron2's initialisation of the blocks
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.normal_(self.predictor.weight, std=0.001)
-        nn.init.zeros_(self.predictor.bias)
+        # The predictor keeps PyTorch's default init, not Detectron2's N(0, 0.001): the embedding is L2-normalised,
+        # and a tiny output norm would blow the first gradients up by 1/||z|| and collapse the representation.
 
     def forward(self, pyramid):  # pyramid: [P2 (N x 256 x S/4 x S/4), P3, P4, P5]
         return self.predictor(sum(level(p) for level, p in zip(self.levels, pyramid)))  # N x out_dim x S/4 x S/4

@@ -338,6 +338,13 @@ TINY = ["--arch", "resnet18", "--image-size", "64", "--local-crops", "1", "--loc
         "--batch-size", "4", "--workers", "0", "--log-every", "1"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread_per_process(monkeypatch):
+    """Subprocesses run with one OpenMP thread: on a shared 2-core machine two spinning threads per process are
+    ~3x slower (measured), and the results do not depend on it."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 def last_json(stdout):
     return json.loads(stdout.strip().splitlines()[-1])
 

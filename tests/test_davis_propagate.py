@@ -11,6 +11,8 @@ from PIL import Image
 
 import davis_propagate as dp
 
+torch.set_num_threads(1)  # the in-process tensors are tiny: thread start-up on a shared CPU costs more than it gains
+
 
 # ---- helpers: a hand-made DAVIS folder ----
 def write_davis(root, sequences, split="val"):

@@ -19,14 +19,15 @@ COLOURS = {0: (30, 30, 200), 1: (200, 30, 30), 2: (30, 200, 30)}  # class -> RGB
 PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * (256 * 3 - 9)
 
 
-def block_image(rng, size=64):
-    """An image of 2 x 2 blocks of class colours (with a little noise), its class map and a 255 band at the seams."""
-    classes = rng.integers(0, 3, (2, 2))
-    label = np.kron(classes, np.ones((size // 2, size // 2), dtype=np.int64)).astype(np.uint8)
+def block_image(rng, size=64, grid=2):
+    """An image of grid x grid blocks of class colours (with a little noise), its class map, 255 on the seams."""
+    classes = rng.integers(0, 3, (grid, grid))
+    label = np.kron(classes, np.ones((size // grid, size // grid), dtype=np.int64)).astype(np.uint8)
     rgb = np.array([COLOURS[c] for c in range(3)], dtype=np.float64)[label]
     rgb = np.clip(rgb + rng.normal(0, 8, rgb.shape), 0, 255).astype(np.uint8)
-    label[size // 2 - 1:size // 2 + 1, :] = 255
-    label[:, size // 2 - 1:size // 2 + 1] = 255
+    for k in range(1, grid):  # VOC marks object borders as void (here 4 pixels wide)
+        label[k * size // grid - 2:k * size // grid + 2, :] = 255
+        label[:, k * size // grid - 2:k * size // grid + 2] = 255
     return Image.fromarray(rgb), label
 
 
