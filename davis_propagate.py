@@ -11,7 +11,7 @@ which follows TimeCycle's protocol (X. Wang, A. Jabri, A. Efros, CVPR 2019: gith
 Metrics: J. Pont-Tuset et al., "The 2017 DAVIS Challenge on Video Object Segmentation" (davis2017-evaluation).
 
 Usage
-    python davis_propagate.py                          # embedded demo: synthetic videos, random ResNet-18, ~1 min CPU
+    python davis_propagate.py                          # embedded demo: synthetic videos, random ResNet-18, < 1 min CPU
     python davis_propagate.py --data /datasets/DAVIS --weights vader_checkpoint.pth           # Table 2, 320 x 320
     python davis_propagate.py --data /datasets/DAVIS --weights ... --resolution 480           # Table 2, 480 x 480
     python davis_propagate.py --data /datasets/DAVIS --weights ... --protocol crw             # CRW's native-480p knobs
@@ -120,11 +120,13 @@ def get_parser():
                    "a frame's soft prediction to [0, 1] before it is carried forward (TimeCycle's test code)")
     p.add_argument("--chunk-size", type=int, default=1024, help="queries per affinity block: memory is chunk x "
                    "pixels-of-one-frame floats; lower it if memory runs out (results do not change)")
-    p.add_argument("--batch-size", type=int, default=4, help="frames per forward pass of the network")
+    p.add_argument("--batch-size", type=int, default=1, help="frames per forward pass of the network (more is "
+                   "faster on a GPU at 320/480 square; at native 480p ResNet-50 activations are ~1 GB per frame)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="network autocast on GPU "
                    "(the affinity is always fp32)")
     p.add_argument("--eval-only", default=None, metavar="DIR", help="score an existing results folder "
-                   "(DIR/<seq>/<frame>.png) against the ground truth; no network is run")
+                   "(DIR/<seq>/<frame>.png) against the ground truth of --data; no network is run; DIR/metrics.json "
+                   "is written")
     p.add_argument("--save-overlays", action="store_true", help="also write colour overlays of the predictions")
     p.add_argument("--synthetic-sequences", type=int, default=3, help="videos in the embedded set (no --data)")
     p.add_argument("--synthetic-frames", type=int, default=10, help="frames per embedded video")
@@ -306,7 +308,7 @@ class FeatureStream:
                 feats = self.model(x)  # B x C x H'/4 x W'/4
             gh, gw = grids[0]
             feats = F.normalize(feats[:, :, :gh, :gw].float(), dim=1)  # B x C x h x w, unit vectors
-            yield from feats
+            yield from (f.clone() for f in feats)  # own storage: the batch is freed once the window moves on
 
 
 # ---- propagation ----
