@@ -279,8 +279,13 @@ class NMHSA(nn.Module):
         return q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
 
     def forward(self, x):  # x: N x L x D
-        attention = self.logits(x).softmax(-1)  # N x H x L x L, each row sums to 1
-        heads = attention @ self.split(self.v(x))  # N x H x L x D/H
+        # the same computation as softmax(self.logits(x)) @ V, in one fused kernel (flash attention on GPU)
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))  # N x H x L x D/H each
+        if self.normalized:
+            q, k, scale = F.normalize(q, dim=-1), F.normalize(k, dim=-1), 1 / self.temperature
+        else:
+            scale = 1 / math.sqrt(q.shape[-1])
+        heads = F.scaled_dot_product_attention(q, k, v, scale=scale)  # N x H x L x D/H, rows of weights sum to 1
         return self.out(heads.transpose(1, 2).flatten(2))  # N x L x D
 
 

@@ -60,11 +60,13 @@ Efficiency: features are computed once per image and cached
     runs the backbone once and applies every trial's head to the same features.
 
 Choices the paper leaves open (our defaults, and why)
-    - Features are standardised per channel with the training features' mean and std before the 1x1 convolution.
-      This is still a linear probe (the standardisation folds into the convolution) but lets one learning rate fit
-      VADeR's small decoder outputs and a dilated ResNet's large C5 activations alike.
+    - Features are centred per channel and divided by one overall scale (the RMS of the channels' std), statistics
+      of the training features, before the 1x1 convolution. This is still a linear probe (it folds into the
+      convolution) but lets one learning rate fit VADeR's small decoder outputs and a dilated ResNet's large C5
+      activations alike; one scale rather than one per channel, so near-constant channels are not blown up.
     - Optimiser: SGD (momentum 0.9, weight decay 1e-4), cosine learning-rate decay to 0, --lr 0.1 for the probe and
-      0.01 for fine-tuning; 20 probe epochs / 30 fine-tuning epochs. The depth head's bias starts at the mean depth.
+      0.01 for fine-tuning; 20 probe epochs / 30 fine-tuning epochs. The probe's weights start at N(0, 0.01^2) and
+      its bias at 0 (the depth head's bias at the mean training depth).
     - Fine-tuning (§4.2): the network is VADeRNet (ResNet + FPN + semantic merge, the same for every initialisation)
       with batch norm on the FPN layers, plus a 1x1 convolution. A vader.py checkpoint initialises encoder, FPN and
       decoder (its FPN convolution biases are dropped: the new batch norms take their role); every other kind
@@ -130,7 +132,7 @@ DEPTH_RANGE = (1e-3, 10.0)  # metres; predictions are clamped to it before scori
 
 # ---- arguments ----
 DEMO_PRESET = dict(  # used when --data is not given: random-init ResNet-18 on the embedded synthetic set, ~2 min CPU
-    arch="resnet18", image_size=96, batch_size=16, synthetic_train=320, synthetic_val=96, workers=0,
+    arch="resnet18", image_size=96, batch_size=16, epochs=10, synthetic_train=256, synthetic_val=64, workers=0,
     output_dir="runs/evaluate-demo",
 )
 
@@ -396,14 +398,18 @@ def loader(samples, batch_size, workers, device, shuffle_seed=None, drop_last=Fa
 
 # ---- models ----
 class LinearProbe(nn.Module):
-    """§4.1's linear predictor: per-channel standardisation (fixed statistics of the training features) and a 1x1
-    convolution. Both are affine, so the probe is exactly one 1x1 convolution on the raw features."""
+    """§4.1's linear predictor: standardisation (fixed statistics of the training features: per-channel mean, one
+    overall scale) and a 1x1 convolution. Both are affine, so the probe is exactly one 1x1 conv on the raw features."""
 
     def __init__(self, channels, outputs, mean, std):
         super().__init__()
         self.register_buffer("mean", mean)  # C
         self.register_buffer("std", std)  # C
         self.conv = nn.Conv2d(channels, outputs, 1)
+        # small initial weights (the DINO/MAE linear-probe convention): classes absent from the training labels then
+        # stay near-zero logits instead of winning scattered pixels with a random projection
+        nn.init.normal_(self.conv.weight, std=0.01)
+        nn.init.zeros_(self.conv.bias)
 
     def forward(self, features):  # features: N x C x h x w
         # conv((x - mean) / std) with the standardisation folded into the weights: no pass over the features
@@ -567,7 +573,7 @@ class FeatureCache:
 
 
 def feature_statistics(batches, task, d):
-    """Per-channel mean and std of the training features (summed over ranks), and the mean valid depth."""
+    """Per-channel mean and one overall std of the training features (summed over ranks), and the mean depth."""
     total = None
     for features, labels in batches:
         f = features.double().transpose(0, 1).flatten(1)  # C x (N h w)
@@ -578,7 +584,9 @@ def feature_statistics(batches, task, d):
     c = (len(total) - 3) // 2
     n = total[2 * c]
     mean = total[:c] / n
-    std = (total[c:2 * c] / n - mean ** 2).clamp(min=0).sqrt().clamp(min=1e-6)
+    variance = (total[c:2 * c] / n - mean ** 2).clamp(min=0)  # C
+    # one scale for all channels (their RMS std): per-channel scales would blow up near-constant channels
+    std = variance.mean().sqrt().clamp(min=1e-6).expand(c)  # C
     return mean.float(), std.float(), float(total[2 * c + 1] / max(float(total[2 * c + 2]), 1.0))
 
 
@@ -751,6 +759,7 @@ def run(args):
     check_args(args, d)
     say = print if d.is_main else (lambda *a, **k: None)
     t_start = time.time()
+    common.seed_all(args.seed)  # a 'random' backbone is the same on every rank and in every run with this seed
     train_set, val_set = build_datasets(args)
     os.makedirs(args.output_dir, exist_ok=True)
     log = common.JsonLog(os.path.join(args.output_dir, "log.jsonl"), d.is_main)

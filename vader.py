@@ -324,6 +324,20 @@ def load_init(f, path):
     return kind
 
 
+def forward_loss(model, f, g, queue, view1, view2, matches, args):
+    """One step's forward: f on view 1, momentum update, g on view 2 (shuffle BN), Eq. 2 x loss weight.
+    `model` is f itself or its DDP wrapper. Returns (loss, keys P x d to enqueue after the optimiser step)."""
+    n, m = matches.shape[:2]
+    with common.autocast(view1.device, args.precision):
+        q = gather_cells(model(view1), matches[:, :, 0])  # N x M x d
+        common.ema_update(g, f, args.momentum, copy_buffers=False)  # MoCo: update g before computing keys
+        k = key_embeddings(g, view2, matches[:, :, 1])  # N x M x d
+    q, k = q.reshape(n * m, -1), k.reshape(n * m, -1)  # P x d, P = N * M
+    loss = args.loss_weight * vader_loss(q, k, queue.keys, args.temperature,
+                                         (n, m) if args.in_image_negatives else None)
+    return loss, k
+
+
 def train(args):
     d = common.init_distributed()
     check_args(args, d)
@@ -404,15 +418,8 @@ def train(args):
             view2 = view2.to(d.device, non_blocking=True, memory_format=memory_format)
             matches = matches.to(d.device, non_blocking=True)  # N x M x 2
             skipped += int(n_skipped.sum())
-            n, m = matches.shape[:2]
 
-            with common.autocast(d.device, args.precision):
-                q = gather_cells(model(view1), matches[:, :, 0])  # N x M x d
-                common.ema_update(g, f, args.momentum, copy_buffers=False)
-                k = key_embeddings(g, view2, matches[:, :, 1])  # N x M x d
-            q, k = q.reshape(n * m, -1), k.reshape(n * m, -1)
-            loss = args.loss_weight * vader_loss(q, k, queue.keys, args.temperature,
-                                                 (n, m) if args.in_image_negatives else None)
+            loss, k = forward_loss(model, f, g, queue, view1, view2, matches, args)
 
             loss_value = common.all_reduce_mean(loss.item())
             if not math.isfinite(loss_value):

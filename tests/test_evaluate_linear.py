@@ -25,9 +25,9 @@ def block_image(rng, size=64, grid=2):
     label = np.kron(classes, np.ones((size // grid, size // grid), dtype=np.int64)).astype(np.uint8)
     rgb = np.array([COLOURS[c] for c in range(3)], dtype=np.float64)[label]
     rgb = np.clip(rgb + rng.normal(0, 8, rgb.shape), 0, 255).astype(np.uint8)
-    for k in range(1, grid):  # VOC marks object borders as void (here 4 pixels wide)
-        label[k * size // grid - 2:k * size // grid + 2, :] = 255
-        label[:, k * size // grid - 2:k * size // grid + 2] = 255
+    for k in range(1, grid):  # void seams (VOC marks object borders so), 8 pixels: two cells of the 1/4 feature map
+        label[k * size // grid - 4:k * size // grid + 4, :] = 255
+        label[:, k * size // grid - 4:k * size // grid + 4] = 255
     return Image.fromarray(rgb), label
 
 
@@ -67,6 +67,14 @@ def make_nyu(root, n_train=8, n_val=4, seed=0):
     with open(os.path.join(root, "val.txt"), "w") as f:
         f.write("\n".join(names[n_train:]) + "\n")
     return depths
+
+
+def colour_keeping_weights(path):
+    """A torchvision ResNet-18 file with zero-initialised residual branches (torchvision's zero_init_residual): every
+    block starts as an identity, so the features are local functions of the colour and a linear probe can read it."""
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(zero_init_residual=True).state_dict(), path)
+    return path
 
 
 def metrics(output_dir):
@@ -234,9 +242,9 @@ def test_detectron2_export_round_trips(tmp_path, run_script):
 def test_probe_separates_colours_almost_perfectly_on_a_voc_folder(tmp_path, run_script):
     make_voc(str(tmp_path / "voc"), n_train=8, n_val=4)
     out = tmp_path / "run"
-    r = run_script("evaluate_linear.py", "--dataset", "voc", "--data", tmp_path / "voc", "--weights", "random",
-                   "--arch", "resnet18", "--image-size", "64", "--epochs", "25", "--batch-size", "4", "--trials", "2",
-                   "--workers", "0", "--output-dir", out)
+    r = run_script("evaluate_linear.py", "--dataset", "voc", "--data", tmp_path / "voc",
+                   "--weights", colour_keeping_weights(tmp_path / "r18.pth"), "--image-size", "64", "--epochs", "25",
+                   "--batch-size", "4", "--trials", "2", "--workers", "0", "--output-dir", out)
     assert r.returncode == 0, r.stderr
     result = metrics(out)
     assert last_json_line(r.stdout) == result
@@ -249,9 +257,9 @@ def test_probe_separates_colours_almost_perfectly_on_a_voc_folder(tmp_path, run_
 def test_depth_probe_learns_colour_coded_depth_on_an_nyu_folder(tmp_path, run_script):
     make_nyu(str(tmp_path / "nyu"))
     out = tmp_path / "run"
-    r = run_script("evaluate_linear.py", "--dataset", "nyu", "--data", tmp_path / "nyu", "--weights", "random",
-                   "--arch", "resnet18", "--image-size", "64", "--epochs", "25", "--batch-size", "4", "--trials", "1",
-                   "--workers", "0", "--output-dir", out)
+    r = run_script("evaluate_linear.py", "--dataset", "nyu", "--data", tmp_path / "nyu",
+                   "--weights", colour_keeping_weights(tmp_path / "r18.pth"), "--image-size", "64", "--epochs", "25",
+                   "--batch-size", "4", "--trials", "1", "--workers", "0", "--output-dir", out)
     assert r.returncode == 0, r.stderr
     result = metrics(out)
     # depths are 1, 2 and 3 m in equal shares: predicting their mean would give RMSE ~0.8 m and delta1 ~1/3

@@ -1,0 +1,124 @@
+"""Side-by-side measurements for the closing notes and the README (not collected by pytest).
+
+    python tests/benchmarks.py vader [--arch resnet50 --image-size 224 --batch-size 32 --repeats 5]
+
+Reports, measured in one run with the steps interleaved so that machine load hits both alike:
+  - the full VADeR training step (f forward + backward, momentum update, g forward, matching gather, Eq. 2 with
+    the queue, SGD step, enqueue) against the bare network cost on the same batch (f forward + backward of a
+    plain mean, g forward, SGD step): the ratio is the overhead of the dense machinery;
+  - PairedViews per image against a plain MoCo v2 two-crop transform (torchvision ops) on the same images;
+  - img/s of the full step and peak memory (CUDA: max allocated; CPU: max RSS of the process).
+Prints one JSON line.
+"""
+import argparse
+import copy
+import json
+import os
+import random
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def moco_two_crop(size):
+    import torchvision.transforms as T
+    from PIL import ImageFilter
+    blur = T.Lambda(lambda im: im.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0))))
+    aug = T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], 0.8),
+                     T.RandomGrayscale(0.2), T.RandomApply([blur], 0.5), T.RandomHorizontalFlip(), T.ToTensor(),
+                     T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
+    return lambda img: (aug(img), aug(img))
+
+
+def bench_vader(a):
+    import vader
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args = vader.get_parser().parse_args(["--arch", a.arch, "--image-size", str(a.image_size),
+                                          "--batch-size", str(a.batch_size), "--precision", a.precision])
+    args.queue_size = args.batch_size * args.num_matches * 16
+    leaves = common.DeadLeaves(size=max(160, a.image_size * 2))
+    images = [leaves.image(i)[0] for i in range(a.batch_size)]
+
+    views = vader.PairedViews(a.image_size)
+    plain = moco_two_crop(a.image_size)
+    t_views, t_plain = [], []
+    for r in range(a.repeats):
+        t_views.append(timed(lambda: [views(im, random.Random(i + 1000 * r)) for i, im in enumerate(images)], device))
+        t_plain.append(timed(lambda: [plain(im) for im in images], device))
+    batch = [views(im, random.Random(i)) for i, im in enumerate(images)]
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    v1 = torch.stack([b[0] for b in batch]).to(device, memory_format=fmt)
+    v2 = torch.stack([b[1] for b in batch]).to(device, memory_format=fmt)
+    matches = torch.stack([b[2] for b in batch]).to(device)
+
+    f = vader.VADeRNet(a.arch).to(device, memory_format=fmt)
+    g = copy.deepcopy(f).requires_grad_(False)
+    queue = vader.PixelQueue(args.queue_size, 128).to(device)
+    opt = torch.optim.SGD(f.parameters(), lr=1e-4, momentum=0.9)
+
+    def full():
+        loss, k = vader.forward_loss(f, f, g, queue, v1, v2, matches, args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        queue.enqueue(k.detach())
+        loss.item()
+
+    def bare():
+        with common.autocast(device, args.precision):
+            loss = f(v1).float().mean()
+            with torch.no_grad():
+                g(v2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss.item()
+
+    full(), bare()  # warm-up
+    t_full, t_bare = [], []
+    for _ in range(a.repeats):
+        t_full.append(timed(full, device))
+        t_bare.append(timed(bare, device))
+    step, net = statistics.median(t_full), statistics.median(t_bare)
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    return dict(benchmark="vader", device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+                threads=torch.get_num_threads(), arch=a.arch, image_size=a.image_size, batch=a.batch_size,
+                step_s=round(step, 4), bare_network_s=round(net, 4), step_over_network=round(step / net, 3),
+                train_images_per_s=round(a.batch_size / step, 1),
+                paired_views_ms_per_image=round(1000 * statistics.median(t_views) / a.batch_size, 2),
+                moco_two_crop_ms_per_image=round(1000 * statistics.median(t_plain) / a.batch_size, 2),
+                views_over_two_crop=round(statistics.median(t_views) / statistics.median(t_plain), 3),
+                peak_memory_gib=round(peak, 2))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("method", choices=["vader"], help="which training step to measure")
+    p.add_argument("--arch", default="resnet50", help="ResNet depth")
+    p.add_argument("--image-size", type=int, default=224, help="view size")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step (one process)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions (medians are reported)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast on GPU")
+    a = p.parse_args()
+    print(json.dumps(bench_vader(a)))
+
+
+if __name__ == "__main__":
+    main()
