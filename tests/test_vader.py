@@ -262,3 +262,34 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, run_
     after = torch.load(out / "checkpoint.pth", weights_only=False)
     assert after["step"] == 2
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+DISTRIBUTED_CHECK = r'''
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import common, vader
+d = common.init_distributed()
+torch.manual_seed(0)  # the same network and batch on both ranks
+g = vader.VADeRNet("resnet18").eval()  # eval BN: shuffling must not change any key
+images, cells = torch.randn(8, 3, 64, 64), torch.randint(0, 256, (8, 5))
+mine = slice(4 * d.rank, 4 * d.rank + 4)
+torch.manual_seed(100 + d.rank)  # different local RNGs: the permutation must come from rank 0
+with torch.no_grad():
+    keys = vader.key_embeddings(g, images[mine], cells[mine])
+    expected = vader.gather_cells(g(images[mine]), cells[mine])
+assert keys.shape == (4, 5, 128)
+assert torch.allclose(keys, expected, atol=1e-5), (keys - expected).abs().max()
+queue = vader.PixelQueue(16, 2)
+queue.enqueue(torch.full((4, 2), float(d.rank)))
+assert queue.keys[:4].eq(0).all() and queue.keys[4:8].eq(1).all() and int(queue.ptr) == 8
+print("ok", d.rank)
+'''
+
+
+def test_shuffle_bn_returns_each_rank_its_own_keys_and_the_queue_gathers_all(tmp_path, run_script):
+    script = tmp_path / "check.py"
+    script.write_text(DISTRIBUTED_CHECK)
+    r = run_script(str(script), os.path.dirname(os.path.dirname(os.path.abspath(__file__))), torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(r.stdout.split()) == ["0", "1", "ok", "ok"]
