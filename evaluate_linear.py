@@ -64,8 +64,8 @@ Choices the paper leaves open (our defaults, and why)
       of the training features, before the 1x1 convolution. This is still a linear probe (it folds into the
       convolution) but lets one learning rate fit VADeR's small decoder outputs and a dilated ResNet's large C5
       activations alike; one scale rather than one per channel, so near-constant channels are not blown up.
-    - Optimiser: SGD (momentum 0.9, weight decay 1e-4), cosine learning-rate decay to 0, --lr 0.1 for the probe and
-      0.01 for fine-tuning; 20 probe epochs / 30 fine-tuning epochs. The probe's weights start at N(0, 0.01^2) and
+    - Optimiser: SGD (momentum 0.9, weight decay 1e-4), cosine learning-rate decay to 0, --lr 0.1 for the probe (0.01
+      for depth, whose L1 gradients do not shrink as the fit improves) and 0.01 for fine-tuning; 20 probe epochs / 30 fine-tuning epochs. The probe's weights start at N(0, 0.01^2) and
       its bias at 0 (the depth head's bias at the mean training depth).
     - Fine-tuning (§4.2): the network is VADeRNet (ResNet + FPN + semantic merge, the same for every initialisation)
       with batch norm on the FPN layers, plus a 1x1 convolution. A vader.py checkpoint initialises encoder, FPN and
@@ -158,7 +158,7 @@ def get_parser():
     p.add_argument("--epochs", type=int, default=None, help="passes over the training images (default: 20 for the "
                    "probe, 30 for fine-tuning); the cosine schedule spans them")
     p.add_argument("--batch-size", type=int, default=16, help="global batch (images), split evenly over ranks")
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.1 probe, 0.01 fine-tuning); "
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.1 probe, 0.01 depth probe and fine-tuning); "
                    "lower it if the loss diverges, raise it when the probe underfits")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     p.add_argument("--image-size", type=int, default=None, help="input rows, a multiple of 32 (columns follow the "
@@ -824,7 +824,8 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:
             print("no --data: embedded synthetic segmentation set and the CPU demo preset "
                   + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
-    defaults = dict(epochs=30, lr=0.01) if args.finetune else dict(epochs=20, lr=0.1)
+    depth = args.dataset == "nyu"  # L1 on metres: the probe's gradients do not shrink as it fits, so a lower lr
+    defaults = dict(epochs=30, lr=0.01) if args.finetune else dict(epochs=20, lr=0.01 if depth else 0.1)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
