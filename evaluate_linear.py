@@ -64,9 +64,10 @@ Choices the paper leaves open (our defaults, and why)
       of the training features, before the 1x1 convolution. This is still a linear probe (it folds into the
       convolution) but lets one learning rate fit VADeR's small decoder outputs and a dilated ResNet's large C5
       activations alike; one scale rather than one per channel, so near-constant channels are not blown up.
-    - Optimiser: SGD (momentum 0.9, weight decay 1e-4), cosine learning-rate decay to 0, --lr 0.1 for the probe (0.01
-      for depth, whose L1 gradients do not shrink as the fit improves) and 0.01 for fine-tuning; 20 probe epochs / 30 fine-tuning epochs. The probe's weights start at N(0, 0.01^2) and
-      its bias at 0 (the depth head's bias at the mean training depth).
+    - Optimiser: SGD (momentum 0.9, weight decay 1e-4), cosine learning-rate decay to 0; --lr 0.1 for the probe
+      (0.01 for depth, whose L1 gradients do not shrink as the fit improves) and 0.01 for fine-tuning; 20 probe
+      epochs, 30 fine-tuning epochs. The probe's weights start at N(0, 0.01^2), its bias at 0 (depth: the mean
+      training depth).
     - Fine-tuning (§4.2): the network is VADeRNet (ResNet + FPN + semantic merge, the same for every initialisation)
       with batch norm on the FPN layers, plus a 1x1 convolution. A vader.py checkpoint initialises encoder, FPN and
       decoder (its FPN convolution biases are dropped: the new batch norms take their role); every other kind
@@ -158,8 +159,8 @@ def get_parser():
     p.add_argument("--epochs", type=int, default=None, help="passes over the training images (default: 20 for the "
                    "probe, 30 for fine-tuning); the cosine schedule spans them")
     p.add_argument("--batch-size", type=int, default=16, help="global batch (images), split evenly over ranks")
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.1 probe, 0.01 depth probe and fine-tuning); "
-                   "lower it if the loss diverges, raise it when the probe underfits")
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.1 probe, 0.01 depth probe and "
+                   "fine-tuning); lower it if the loss diverges, raise it when the probe underfits")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     p.add_argument("--image-size", type=int, default=None, help="input rows, a multiple of 32 (columns follow the "
                    "data set's aspect ratio); default 224 VOC/NYU, 256 Cityscapes (x 512)")
