@@ -764,6 +764,74 @@ def dense_feature_model(weights, arch, dense_models):
     return model, f"{kind} weights {weights} ({arch}, dilated to 1/4)"
 
 
+# ---- feature pictures (VADeR Figures 2 and 5) ----
+def pca_colours(features):
+    """Project dense features (N x C x h x w) onto their first three principal components (computed over all the
+    pixels of all N maps together) and scale each component to [0, 1]: N x 3 x h x w. Similar features get
+    similar colours, as in VADeR Figure 5."""
+    n, c, h, w = features.shape
+    x = features.float().permute(0, 2, 3, 1).reshape(-1, c)  # P x C
+    x = x - x.mean(0)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)  # rows of v: principal directions
+    y = x @ v[:3].t() if v.shape[0] >= 3 else F.pad(x @ v.t(), (0, 3 - v.shape[0]))  # P x 3
+    lo, hi = y.quantile(0.01, dim=0), y.quantile(0.99, dim=0)
+    y = ((y - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1)
+    return y.reshape(n, h, w, 3).permute(0, 3, 1, 2)
+
+
+def picture_images(dataset, size, count=4):
+    """The first `count` readable images of a ViewDataset, resized to size x size, for feature_picture."""
+    images = []
+    for i in range(len(dataset)):
+        if len(images) == count:
+            break
+        try:
+            images.append(dataset.image(i).resize((size, size), Image.BILINEAR))
+        except (OSError, ValueError, SyntaxError):
+            continue
+    return images
+
+
+@torch.no_grad()
+def feature_picture(model, images, path, query=None):
+    """Write a PNG: row 1 the images, row 2 their features in PCA colours (Figure 5), row 3 the cosine similarity
+    of one query pixel (default: the centre of image 0, marked) to every pixel of every image (Figure 2).
+
+    model: maps N x 3 x S x S (ImageNet-normalised) to N x C x h x w; images: list of PIL images (resized to S=
+    the first image's size). Returns the PIL picture.
+    """
+    size = images[0].size
+    x = torch.stack([to_tensor(im.convert("RGB").resize(size)) for im in images])
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    feats = model(x.to(device)).float().cpu()  # N x C x h x w
+    model.train(was_training)
+    n, _, h, w = feats.shape
+    qi, qy, qx = query or (0, h // 2, w // 2)
+    unit = F.normalize(feats, dim=1)
+    sim = torch.einsum("c,nchw->nhw", unit[qi, :, qy, qx], unit)  # N x h x w, in [-1, 1]
+    rows = [
+        [np.asarray(im.convert("RGB").resize(size)) for im in images],
+        [(c.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for c in pca_colours(feats)],
+        [np.repeat((((s + 1) / 2).clamp(0, 1).numpy() * 255).astype(np.uint8)[..., None], 3, 2) for s in sim],
+    ]
+    canvas = Image.new("RGB", (size[0] * n, size[1] * 3))
+    for r, row in enumerate(rows):
+        for i, tile in enumerate(row):
+            canvas.paste(Image.fromarray(tile).resize(size, Image.NEAREST), (i * size[0], r * size[1]))
+    # mark the query pixel with a red cross on the image and on its own similarity map
+    cx, cy = int((qx + 0.5) * size[0] / w) + qi * size[0], int((qy + 0.5) * size[1] / h)
+    pixels = canvas.load()
+    for row in (0, 2):
+        for t in range(-4, 5):
+            for px, py in ((cx + t, cy + row * size[1]), (cx, cy + t + row * size[1])):
+                if 0 <= px < canvas.size[0] and 0 <= py < canvas.size[1]:
+                    pixels[px, py] = (255, 0, 0)
+    canvas.save(path)
+    return canvas
+
+
 # ---- Detectron2 export ----
 def to_detectron2(resnet_state):
     """Rename torchvision ResNet keys to Detectron2's (as MoCo's and CLoVE's converters do), as numpy arrays:

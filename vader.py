@@ -215,10 +215,15 @@ class VADeRNet(nn.Module):
         self.decoder = SemanticFPNDecoder(256, 128, dim)
         self.out_channels = dim
 
-    def forward(self, x):  # x: N x 3 x S x S, S a multiple of 32
+    def forward(self, x):  # x: N x 3 x H x W
+        h, w = x.shape[-2:]
+        pad_h, pad_w = -h % 32, -w % 32  # the 2x upsampling chain needs sides that are multiples of 32
+        if pad_h or pad_w:  # (evaluation frames, e.g. DAVIS 854 x 480): pad, then crop the output back
+            x = F.pad(x, (0, pad_w, 0, pad_h))
         c2, c3, c4, c5 = common.resnet_stages(self.encoder, x)
         pyramid = self.fpn(OrderedDict(c2=c2, c3=c3, c4=c4, c5=c5))
-        return self.decoder(list(pyramid.values()))  # N x dim x S/4 x S/4
+        out = self.decoder(list(pyramid.values()))  # N x dim x (H+pad)/4 x (W+pad)/4
+        return out[:, :, : -(-h // 4), : -(-w // 4)]  # N x dim x ceil(H/4) x ceil(W/4)
 
 
 # ---- loss and queue ----
@@ -394,6 +399,12 @@ def train(args):
                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
                 args=vars(args), rng=common.rng_states()))
 
+    picture_images = common.picture_images(dataset, args.image_size)
+
+    def picture():  # VADeR Figures 2 and 5 for a few fixed images: watch the features form
+        if d.is_main:
+            common.feature_picture(f, picture_images, os.path.join(args.output_dir, "features.png"))
+
     say(f"VADeR: {args.arch}, {len(dataset)} images ({args.data or 'embedded synthetic dead leaves'}), "
         f"{d.world_size} rank(s) x {per_rank} images, {steps_per_epoch} steps/epoch, {total_steps} steps in all, "
         f"device {d.device}")
@@ -447,6 +458,7 @@ def train(args):
             if step >= total_steps:
                 break
         save(epoch)  # end of an epoch (or of the run)
+        picture()
     bar.close()
 
     result = dict(method="vader", steps=step, epochs=round(step / steps_per_epoch, 3), first_loss=first_loss,

@@ -126,12 +126,13 @@ def test_momentum_update_moves_parameters_only():
     assert torch.equal(g.running_mean, torch.full((3,), -1.0))  # MoCo: g keeps its own BN statistics
 
 
-@pytest.mark.parametrize("arch,size", [("resnet18", 64), ("resnet18", 96), ("resnet50", 64)])
+@pytest.mark.parametrize("arch,size", [("resnet18", 64), ("resnet18", 96), ("resnet50", 64), ("resnet18", (54, 85))])
 def test_output_is_128_channels_at_a_quarter_resolution(arch, size):
+    h, w = size if isinstance(size, tuple) else (size, size)
     net = vader.VADeRNet(arch).eval()
     with torch.no_grad():
-        out = net(torch.randn(2, 3, size, size))
-    assert out.shape == (2, 128, size // 4, size // 4)
+        out = net(torch.randn(2, 3, h, w))
+    assert out.shape == (2, 128, math.ceil(h / 4), math.ceil(w / 4))  # any frame size, e.g. DAVIS' 854 x 480
 
 
 def test_decoder_has_panoptic_fpn_blocks_per_level():
@@ -293,3 +294,33 @@ def test_shuffle_bn_returns_each_rank_its_own_keys_and_the_queue_gathers_all(tmp
     r = run_script(str(script), os.path.dirname(os.path.dirname(os.path.abspath(__file__))), torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(r.stdout.split()) == ["0", "1", "ok", "ok"]
+
+
+def test_pca_colours_are_constant_on_regions_of_constant_features():
+    features = torch.zeros(2, 16, 8, 8)
+    features[:, 0, :4] = 3.0  # region A: top half
+    features[:, 5, 4:, :4] = -2.0  # region B: bottom left; region C: bottom right (all zeros)
+    colours = common.pca_colours(features + 1.0)  # 2 x 3 x 8 x 8
+    regions = [(slice(0, 4), slice(0, 8)), (slice(4, 8), slice(0, 4)), (slice(4, 8), slice(4, 8))]
+    means = []
+    for ys, xs in regions:
+        patch = colours[:, :, ys, xs]
+        assert torch.allclose(patch, patch[:1, :, :1, :1].expand_as(patch), atol=1e-5)  # one colour per region
+        means.append(patch[0, :, 0, 0])
+    assert min((means[i] - means[j]).abs().max() for i in range(3) for j in range(i + 1, 3)) > 0.2  # distinct
+
+
+def test_feature_picture_from_a_tiny_checkpoint(tmp_path, run_script):
+    out = tmp_path / "out"
+    data = make_folder(tmp_path / "data", bad=False)
+    assert run_script("vader.py", "--data", data, "--output-dir", out, "--max-steps", "1", *TINY).returncode == 0
+    picture = Image.open(out / "features.png")
+    assert picture.size == (4 * 64, 3 * 64)  # 4 images x (image, PCA, similarity) rows at the view size
+    net = vader.VADeRNet("resnet18")
+    net.load_state_dict(torch.load(out / "checkpoint.pth", weights_only=False)["model"])
+    images = [Image.fromarray(np.full((40, 40, 3), c, np.uint8)) for c in (0, 80, 160)]
+    pic = common.feature_picture(net, images, tmp_path / "p.png")
+    assert pic.size == (3 * 40, 3 * 40) and (tmp_path / "p.png").exists()
+    sim = np.asarray(pic)[80:, :40].astype(int)  # similarity row of image 0
+    assert sim[22, 22].tolist() == [255, 0, 0]  # the query pixel (centre cell) is marked in red
+    assert sim[0, 0, 0] == sim[0, 0, 1] == sim[0, 0, 2]  # the rest is a grey similarity map
