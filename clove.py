@@ -30,8 +30,9 @@ What the code implements, and where
     Ablations: --loss rank|l2 (Table 8), --local-crops (Table 8), --attention nmhsa|mhsa (Table 9),
                --negatives intra|inter|inter-avg (Table 10), --t-pos (Table 11)
 
-Public names: CLoVEViews, match_cells, NMHSA, CLoVENet, NegativeQueue, clove_loss, clove_step, teacher_momentum,
-update_teacher, build_optimizer, train, main.
+Public names: CLoVEViews, match_cells, NMHSA, CLoVENet, make_teacher, teacher_momentum, update_teacher, NegativeQueue,
+hard_negatives, clove_loss, clove_step, build_optimizer, train, main. Eq. 1 is evaluated in the data-loading workers
+(CLoVEViews returns the masks), as vader.py's correspondences are, so it costs the training step nothing.
 
 Where our default differs from the official code (the paper is the default; a flag gives the code's behaviour)
     - Predictor: the code uses a plain nn.MultiheadAttention(256, 8) (biased in-projections, q.k / sqrt(32), no

@@ -31,7 +31,8 @@ def brute_force_mask(box_s, flip_s, grid_s, box_t, flip_t, grid_t, t_pos, sx=1.0
         return ((box.x0 + (col + 0.5) * (box.x1 - box.x0) / grid) * sx,
                 (box.y0 + (row + 0.5) * (box.y1 - box.y0) / grid) * sy)
 
-    diag = max(math.hypot((b.x1 - b.x0) / g * sx, (b.y1 - b.y0) / g * sy) for b, g in ((box_s, grid_s), (box_t, grid_t)))
+    diag = max(math.hypot((b.x1 - b.x0) / g * sx, (b.y1 - b.y0) / g * sy)
+               for b, g in ((box_s, grid_s), (box_t, grid_t)))
     mask = torch.zeros(grid_s**2, grid_t**2, dtype=torch.bool)
     for i in range(grid_s**2):
         xi, yi = centre(box_s, flip_s, grid_s, i)
@@ -452,6 +453,7 @@ def test_benchmark_step_overhead_against_the_bare_network():
     b, f = min(times["bare"]), min(times["full"])
     mb, mf = sorted(times["bare"])[len(times["bare"]) // 2], sorted(times["full"])[len(times["full"]) // 2]
     print(f"\nbenchmark {arch} batch {batch}, 2x{size}px + {n_local}x{local_size}px, {torch.get_num_threads()} threads: "
-          f"bare network {b:.3f} s, CLoVE step {f:.3f} s, overhead {100 * (f / b - 1):.1f}% (medians {mb:.3f} / {mf:.3f} s: {100 * (mf / mb - 1):.1f}%), {batch / f:.2f} img/s "
+          f"bare network {b:.3f} s, CLoVE step {f:.3f} s, overhead {100 * (f / b - 1):.1f}% "
+          f"(medians {mb:.3f} / {mf:.3f} s: {100 * (mf / mb - 1):.1f}%), {batch / f:.2f} img/s "
           f"(views {batch / t_views:.1f} img/s on one core, of which Eq. 1 matching {1000 * t_match / batch:.2f} ms/img)")
     assert f > 0 and b > 0
