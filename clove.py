@@ -616,7 +616,8 @@ def train(args):
             bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{current_lr:.2e}", img_s=f"{rate:.1f}")
             if step % args.log_every == 0 or step == total_steps:
                 log.write(step=step, epoch=epoch, loss=step_loss, lr=current_lr, ema_momentum=momentum,
-                          positive_pairs_per_image=step_pairs, images_per_s=rate, skipped_files=skipped)
+                          positive_pairs_per_image=step_pairs, images_per_s=rate, skipped_files=skipped,
+                          elapsed_s=round(time.time() - t_start, 1))
             micro, step_loss, step_pairs = 0, 0.0, 0.0
             if args.save_every and step % args.save_every == 0:
                 save(epoch)

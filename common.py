@@ -5,6 +5,7 @@ procedural data set, crop-box geometry, appearance augmentations, samplers, sche
 logging, ResNet weights (loading, dilation, Detectron2 export). Read the method files first; come here for details.
 """
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -623,15 +624,17 @@ def throughput_bar(iterable, total, enabled, initial=0, desc="train"):
 
 
 class Meter:
-    """Images per second over a sliding window of steps."""
+    """Images per second over the last `window` steps (the first step, with its warm-up, drops out)."""
 
-    def __init__(self):
-        self.t, self.n = time.perf_counter(), 0
+    def __init__(self, window=20):
+        self.marks = collections.deque([(time.perf_counter(), 0)], maxlen=window + 1)
+        self.total = 0
 
     def rate(self, images):
-        self.n += images
-        now = time.perf_counter()
-        return self.n / max(now - self.t, 1e-9)
+        self.total += images
+        self.marks.append((time.perf_counter(), self.total))
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        return (n1 - n0) / max(t1 - t0, 1e-9)
 
 
 # ---- ResNet weights ----

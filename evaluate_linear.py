@@ -174,6 +174,9 @@ def get_parser():
     p.add_argument("--synthetic-val", type=int, default=200, help="validation images of the embedded set (no --data)")
     p.add_argument("--export-detectron2", default=None, metavar="OUT.pkl", help="write the ResNet of --weights as a "
                    "Detectron2 checkpoint and exit (no evaluation)")
+    p.add_argument("--feature-picture", default=None, metavar="OUT.png", help="write VADeR's Figures 2 and 5 for "
+                   "--weights (4 validation images, their features in PCA colours, a query pixel's similarity map) "
+                   "and exit (no evaluation)")
     return p
 
 
@@ -723,6 +726,18 @@ def export_detectron2(weights, path):
     return kind, len(exported["model"])
 
 
+def feature_picture(args):
+    """VADeR Figures 2 and 5 for any weights, on the first 4 validation images of the data set."""
+    model, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet})
+    _, val_set = build_datasets(args)
+    shape = input_shape(val_set, args.image_size)
+    images = [val_set.read(i)[0].resize((shape[1], shape[0]), Image.BILINEAR) for i in range(min(4, len(val_set)))]
+    os.makedirs(os.path.dirname(os.path.abspath(args.feature_picture)), exist_ok=True)
+    picture = common.feature_picture(model, images, args.feature_picture)
+    common.print_result(dict(picture=args.feature_picture, weights=args.weights, features=description,
+                             width=picture.size[0], height=picture.size[1]))
+
+
 # ---- main ----
 def summarise(per_trial):
     """Mean and sample std (0 for one trial) of every scalar metric over the trials."""
@@ -832,6 +847,8 @@ def main(argv=None):
             setattr(args, name, value)
     if args.image_size is None:
         args.image_size = CityscapesSegmentation.default_size if args.dataset == "cityscapes" else 224
+    if args.feature_picture:
+        return feature_picture(args)
     run(args)
 
 

@@ -452,7 +452,8 @@ def train(args):
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{args.lr_decoder:.1e}", img_s=f"{rate:.1f}")
             if step % args.log_every == 0 or step == total_steps:
                 log.write(step=step, epoch=epoch, loss=loss_value, lr_encoder=args.lr_encoder,
-                          lr_decoder=args.lr_decoder, images_per_s=rate, skipped_files=skipped)
+                          lr_decoder=args.lr_decoder, images_per_s=rate, skipped_files=skipped,
+                          elapsed_s=round(time.time() - t_start, 1))
             if args.save_every and step % args.save_every == 0:
                 save(epoch)
             if step >= total_steps:

@@ -51,7 +51,7 @@ def bench_vader(a):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args = vader.get_parser().parse_args(["--arch", a.arch, "--image-size", str(a.image_size),
                                           "--batch-size", str(a.batch_size), "--precision", a.precision])
-    args.queue_size = args.batch_size * args.num_matches * 16
+    args.queue_size = a.queue_size
     leaves = common.DeadLeaves(size=max(160, a.image_size * 2))
     images = [leaves.image(i)[0] for i in range(a.batch_size)]
 
@@ -99,7 +99,7 @@ def bench_vader(a):
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     return dict(benchmark="vader", device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
-                threads=torch.get_num_threads(), arch=a.arch, image_size=a.image_size, batch=a.batch_size,
+                threads=torch.get_num_threads(), arch=a.arch, image_size=a.image_size, batch=a.batch_size, queue=a.queue_size,
                 step_s=round(step, 4), bare_network_s=round(net, 4), step_over_network=round(step / net, 3),
                 train_images_per_s=round(a.batch_size / step, 1),
                 paired_views_ms_per_image=round(1000 * statistics.median(t_views) / a.batch_size, 2),
@@ -115,6 +115,7 @@ def main():
     p.add_argument("--image-size", type=int, default=224, help="view size")
     p.add_argument("--batch-size", type=int, default=32, help="images per step (one process)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions (medians are reported)")
+    p.add_argument("--queue-size", type=int, default=65536, help="negatives (the paper: 65536)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast on GPU")
     a = p.parse_args()
     print(json.dumps(bench_vader(a)))

@@ -20,8 +20,10 @@ def run_script():
         if torchrun:
             cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
         cmd += [os.path.join(ROOT, script), *map(str, args)]
-        full_env = dict(os.environ, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"),
-                        **(env or {}))
+        full_env = dict(os.environ)
+        if torchrun:  # two processes on two cores: one thread each
+            full_env["OMP_NUM_THREADS"] = "1"
+        full_env.update(env or {})
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
 
     return run
