@@ -90,7 +90,7 @@ import common
 
 # ---- arguments ----
 DEMO_PRESET = dict(  # used when --data is not given: a CPU-sized run on the embedded dead-leaves images
-    arch="resnet18", image_size=96, local_crops=2, local_size=64, batch_size=32, epochs=3, synthetic_images=256,
+    arch="resnet18", image_size=96, local_crops=2, local_size=64, batch_size=32, epochs=5, synthetic_images=1024,
     warmup_epochs=1, save_every=100, log_every=4, workers=0, output_dir="runs/clove-demo",
 )
 
@@ -314,9 +314,11 @@ class CLoVENet(nn.Module):
                 if isinstance(m, (Bottleneck, BasicBlock)):
                     nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
 
+    def local_maps(self, x):  # x: N x 3 x S x S -> projected local features F as maps, N x D x S/32 x S/32
+        return self.projector(common.resnet_stages(self.encoder, x)[-1])
+
     def local_features(self, x):  # x: N x 3 x S x S -> N x L x D, L = (S/32)^2
-        c5 = common.resnet_stages(self.encoder, x)[-1]  # N x C5 x S/32 x S/32
-        return self.projector(c5).flatten(2).transpose(1, 2)  # N x L x D
+        return self.local_maps(x).flatten(2).transpose(1, 2)  # N x L x D
 
     def forward(self, *batches):
         out = []
@@ -500,6 +502,7 @@ def train(args):
 
     # ---- data ----
     dataset = build_data(args, d)
+    picture_images = common.picture_images(dataset, args.image_size)
     per_rank = args.batch_size // (d.world_size * args.accum_steps)  # micro-batch of one rank
     sampler = common.ResumableSampler(len(dataset), d.rank, d.world_size, args.seed)
     steps_per_epoch = len(sampler) // (per_rank * args.accum_steps)
@@ -624,6 +627,9 @@ def train(args):
             if step >= total_steps:
                 break
         save(epoch)  # end of an epoch (or of the run)
+        if d.is_main:  # the student's local features F for a few fixed images (VADeR Figures 2 and 5)
+            common.feature_picture(f, picture_images, os.path.join(args.output_dir, "features.png"),
+                                   forward=f.local_maps)
     bar.close()
 
     result = dict(method="clove", steps=step, epochs=round(step / steps_per_epoch, 3), first_loss=first_loss,
@@ -647,10 +653,7 @@ def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     if args.data is None:
-        changed = common.apply_preset(parser, args, DEMO_PRESET, argv)
-        if int(os.environ.get("RANK", 0)) == 0:
-            print("no --data: embedded synthetic data and the CPU demo preset "
-                  + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
+        common.apply_preset(parser, args, DEMO_PRESET, argv, announce="embedded synthetic data")
     train(args)
 
 

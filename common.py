@@ -608,12 +608,16 @@ def explicit_flags(parser, argv=None):
     return {parser._option_string_actions[a].dest for a in typed if a in parser._option_string_actions}
 
 
-def apply_preset(parser, args, preset, argv=None):
-    """Set every value of `preset` that the user did not give on the command line; returns what changed."""
+def apply_preset(parser, args, preset, argv=None, announce=None):
+    """Set every value of `preset` that the user did not give on the command line; returns what changed.
+    With `announce` (what the run uses instead of --data), rank 0 prints it and the flags the preset set."""
     given = explicit_flags(parser, argv)
     changed = {k: v for k, v in preset.items() if k not in given}
     for k, v in changed.items():
         setattr(args, k, v)
+    if announce and int(os.environ.get("RANK", 0)) == 0:
+        print(f"no --data: {announce} and the CPU demo preset "
+              + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()), flush=True)
     return changed
 
 
@@ -796,19 +800,19 @@ def picture_images(dataset, size, count=4):
 
 
 @torch.no_grad()
-def feature_picture(model, images, path, query=None):
+def feature_picture(model, images, path, query=None, forward=None):
     """Write a PNG: row 1 the images, row 2 their features in PCA colours (Figure 5), row 3 the cosine similarity
     of one query pixel (default: the centre of image 0, marked) to every pixel of every image (Figure 2).
 
-    model: maps N x 3 x S x S (ImageNet-normalised) to N x C x h x w; images: list of PIL images (resized to S=
-    the first image's size). Returns the PIL picture.
+    model: maps N x 3 x S x S (ImageNet-normalised) to N x C x h x w (or `forward` does, e.g. a model's method);
+    images: list of PIL images (resized to the first image's size). Returns the PIL picture.
     """
     size = images[0].size
     x = torch.stack([to_tensor(im.convert("RGB").resize(size)) for im in images])
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    feats = model(x.to(device)).float().cpu()  # N x C x h x w
+    feats = (forward or model)(x.to(device)).float().cpu()  # N x C x h x w
     model.train(was_training)
     n, _, h, w = feats.shape
     qi, qy, qx = query or (0, h // 2, w // 2)

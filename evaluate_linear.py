@@ -836,10 +836,7 @@ def main(argv=None):
     if args.data is None:
         if args.dataset is not None:
             raise common.UserError(f"--dataset {args.dataset} needs --data (the data set's root folder)")
-        changed = common.apply_preset(parser, args, DEMO_PRESET, argv)
-        if int(os.environ.get("RANK", 0)) == 0:
-            print("no --data: embedded synthetic segmentation set and the CPU demo preset "
-                  + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
+        common.apply_preset(parser, args, DEMO_PRESET, argv, announce="embedded synthetic segmentation set")
     depth = args.dataset == "nyu"  # L1 on metres: the probe's gradients do not shrink as it fits, so a lower lr
     defaults = dict(epochs=30, lr=0.01) if args.finetune else dict(epochs=20, lr=0.01 if depth else 0.1)
     for name, value in defaults.items():

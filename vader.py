@@ -42,7 +42,8 @@ Choices the paper leaves open (our defaults, and why)
     - The decoder is ~5.0M parameters for ResNet-50 (FPN 3.3M + merge head 1.6M) with torchvision's FPN (the paper quotes "around 2M extra"; it counts fewer
       FPN convolutions than torchvision's default has).
     - From scratch (no --init) the paper's encoder lr 3e-7 would leave the encoder random: use
-      --lr-encoder 0.03 --lr-decoder 0.03 (MoCo's lr); the embedded demo does so.
+      --lr-encoder 0.003 --lr-decoder 0.003 (MoCo's 0.03 divided by the loss weight 10; 0.03 itself made the
+      demo's loss jump and stall); the embedded demo does so.
     - --in-image-negatives (off, as the paper's final model) adds the other matched pixels of the same image as
       negatives: the reviewers' question; the paper reports it did not work.
 """
@@ -64,7 +65,7 @@ import common
 
 # ---- arguments ----
 DEMO_PRESET = dict(  # used when --data is not given: a CPU-sized run on the embedded dead-leaves images
-    arch="resnet18", image_size=96, batch_size=32, epochs=8, queue_size=8192, lr_encoder=0.03, lr_decoder=0.03,
+    arch="resnet18", image_size=64, batch_size=32, epochs=5, queue_size=8192, lr_encoder=0.003, lr_decoder=0.003,
     save_every=100, log_every=10, workers=0, output_dir="runs/vader-demo",
 )
 
@@ -482,10 +483,7 @@ def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     if args.data is None:
-        changed = common.apply_preset(parser, args, DEMO_PRESET, argv)
-        if int(os.environ.get("RANK", 0)) == 0:
-            print("no --data: embedded synthetic data and the CPU demo preset "
-                  + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()))
+        common.apply_preset(parser, args, DEMO_PRESET, argv, announce="embedded synthetic data")
     train(args)
 
 
