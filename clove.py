@@ -91,7 +91,8 @@ import common
 # ---- arguments ----
 DEMO_PRESET = dict(  # used when --data is not given: a CPU-sized run on the embedded dead-leaves images
     arch="resnet18", image_size=96, local_crops=2, local_size=64, batch_size=32, epochs=5, synthetic_images=1024,
-    warmup_epochs=1, save_every=100, log_every=4, workers=0, output_dir="runs/clove-demo",
+    warmup_epochs=1, base_lr=8.0,  # LARS moves a layer by ~lr x 0.001 of its norm a step: 160 steps need lr ~1
+    save_every=100, log_every=4, workers=0, output_dir="runs/clove-demo",
 )
 
 

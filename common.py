@@ -787,8 +787,9 @@ def pca_colours(features):
 
 
 def picture_images(dataset, size, count=4):
-    """The first `count` readable images of a ViewDataset, resized to size x size, for feature_picture."""
-    images = []
+    """The first `count` readable images of a ViewDataset for feature_picture, resized to size x size (at least
+    128, so that a CPU demo's small views still give a picture one can read)."""
+    size, images = max(size, 128), []
     for i in range(len(dataset)):
         if len(images) == count:
             break

@@ -470,7 +470,10 @@ def train(args):
     if d.is_main:
         if args.data is None:
             print(f"Trained VADeR ({args.arch}, {args.image_size}px views) on {len(dataset)} synthetic dead-leaves "
-                  f"images for {step} steps in {result['seconds']} s; loss {first_loss} -> {last_loss}. Checkpoint: "
+                  f"images for {step} steps in {result['seconds']} s; loss {first_loss:.2f} -> {last_loss:.2f} (the "
+                  f"queue starts as random vectors, so the first steps are easy; with real keys in it, chance level "
+                  f"is {args.loss_weight} x ln(1 + K) = {args.loss_weight * math.log(1 + args.queue_size):.1f}). "
+                  f"Features: {os.path.join(args.output_dir, 'features.png')}. Checkpoint: "
                   f"{ckpt_path}; probe it with `python evaluate_linear.py --weights {ckpt_path}`.")
         common.print_result(result, os.path.join(args.output_dir, "result.json"))
     if common.distributed():

@@ -367,6 +367,7 @@ def test_training_resumes_exactly(run_script, image_folder, tmp_path):
     assert "encoder.conv1.weight" in ckpt["teacher"] and not any(k.startswith("predictor") for k in ckpt["teacher"])
     lines = [json.loads(line) for line in open(split / "log.jsonl")]
     assert [line["step"] for line in lines if "loss" in line] == [1, 2]
+    assert Image.open(split / "features.png").size == (4 * 128, 3 * 128)  # images, PCA colours, similarity
     r = run_script("clove.py", *extra, "--output-dir", split, "--max-steps", "4")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout

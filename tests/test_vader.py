@@ -315,7 +315,7 @@ def test_feature_picture_from_a_tiny_checkpoint(tmp_path, run_script):
     data = make_folder(tmp_path / "data", bad=False)
     assert run_script("vader.py", "--data", data, "--output-dir", out, "--max-steps", "1", *TINY).returncode == 0
     picture = Image.open(out / "features.png")
-    assert picture.size == (4 * 64, 3 * 64)  # 4 images x (image, PCA, similarity) rows at the view size
+    assert picture.size == (4 * 128, 3 * 128)  # 4 images x (image, PCA, similarity) rows, at least 128 px
     net = vader.VADeRNet("resnet18")
     net.load_state_dict(torch.load(out / "checkpoint.pth", weights_only=False)["model"])
     images = [Image.fromarray(np.full((40, 40, 3), c, np.uint8)) for c in (0, 80, 160)]
