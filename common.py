@@ -40,6 +40,9 @@ def run_main(main):
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        if dist.is_available() and dist.is_initialized():  # a live gloo/NCCL group aborts the interpreter at exit
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(2)
         sys.exit(2)
 
 

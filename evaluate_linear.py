@@ -545,6 +545,19 @@ def sgd(model, args):
     return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
 
 
+def sgd_step(model, optimizer, inputs, labels, task, d, precision, bar, lr):
+    """One optimiser step of the probe or the fine-tuned network; returns the loss and updates the bar."""
+    with common.autocast(d.device, precision):
+        loss = task_loss(model(inputs.to(d.device, non_blocking=True)), labels.to(d.device), task)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    value = loss.item()
+    bar.update(1)
+    bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.1e}")
+    return value
+
+
 def set_lr(optimizer, step, total, peak):
     lr = common.cosine(step, total, peak, 0.0)
     for group in optimizer.param_groups:
@@ -644,15 +657,8 @@ def train_probes(backbone, train_set, subsets, args, d, log):
             running = 0.0
             for features, labels in batches(indices, seed * 1000 + epoch):
                 lr = set_lr(optimizer, step, total, args.lr)
-                with common.autocast(d.device, args.precision):
-                    loss = task_loss(model(features.to(d.device)), labels.to(d.device), train_set.task)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                running += sgd_step(model, optimizer, features, labels, train_set.task, d, args.precision, bar, lr)
                 step += 1
-                running += loss.item()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
             loss_value = common.all_reduce_mean(running / steps_per_epoch)
             if not math.isfinite(loss_value):
                 raise common.UserError(f"non-finite probe loss at trial {trial} epoch {epoch}; lower --lr")
@@ -694,15 +700,8 @@ def train_finetune(weights, train_set, subset, trial, args, d, log):
         for images, labels, _ in loader(samples, per_rank, args.workers, d.device, shuffle_seed=seed * 1000 + epoch,
                                         drop_last=True):
             lr = set_lr(optimizer, step, total, args.lr)
-            with common.autocast(d.device, args.precision):
-                loss = task_loss(model(images.to(d.device, non_blocking=True)), labels.to(d.device), train_set.task)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            running += sgd_step(model, optimizer, images, labels, train_set.task, d, args.precision, bar, lr)
             step += 1
-            running += loss.item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
         loss_value = common.all_reduce_mean(running / steps_per_epoch)
         if not math.isfinite(loss_value):
             raise common.UserError(f"non-finite fine-tuning loss at trial {trial} epoch {epoch}; lower --lr")
