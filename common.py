@@ -4,7 +4,6 @@ Nothing here knows about a particular method: distributed setup, seeding, image 
 procedural data set, crop-box geometry, appearance augmentations, samplers, schedules, LARS, EMA, checkpoints,
 logging, ResNet weights (loading, dilation, Detectron2 export). Read the method files first; come here for details.
 """
-import argparse
 import collections
 import contextlib
 import json

@@ -44,6 +44,8 @@ Choices the paper leaves open (our defaults, and why)
     - From scratch (no --init) the paper's encoder lr 3e-7 would leave the encoder random: use
       --lr-encoder 0.003 --lr-decoder 0.003 (MoCo's 0.03 divided by the loss weight 10; 0.03 itself made the
       demo's loss jump and stall); the embedded demo does so.
+    - The decoder's final 1x1 conv keeps PyTorch's default initialisation, not Detectron2's N(0, 0.001): the embedding
+      is L2-normalised, and a tiny output norm multiplied the first gradients by 1/||z|| and collapsed training.
     - --in-image-negatives (off, as the paper's final model) adds the other matched pixels of the same image as
       negatives: the reviewers' question; the paper reports it did not work.
 """
