@@ -80,7 +80,6 @@ import random
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
@@ -644,9 +643,7 @@ def train(args):
                   f"loss {first_loss} -> {last_loss} (Eq. 2 is ~mu = {args.margin:g} at the start). Checkpoint: "
                   f"{ckpt_path}; its `encoder.*` weights are a ResNet for the evaluation scripts.")
         common.print_result(result, os.path.join(args.output_dir, "result.json"))
-    if common.distributed():
-        dist.barrier()
-        dist.destroy_process_group()
+    common.finish_distributed()
     return result
 
 

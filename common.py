@@ -80,6 +80,13 @@ def distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def finish_distributed():
+    """Wait for every rank, then close the process group (a live gloo group aborts the interpreter at exit)."""
+    if distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 @torch.no_grad()
 def all_gather_cat(tensor):
     """Concatenate `tensor` from every rank along dim 0 (rank order); no gradient flows back."""

@@ -627,9 +627,7 @@ def run(args, settings, root):
             json.dump(record, f, indent=2)
         os.replace(tmp, metrics_path)
         common.print_result(summary)
-    if common.distributed():
-        dist.barrier()
-        dist.destroy_process_group()
+    common.finish_distributed()
 
 
 def main(argv=None):

@@ -816,9 +816,7 @@ def run(args):
     if d.is_main:
         print_table(result["per_trial"], mean, std)
         common.print_result(result, os.path.join(args.output_dir, "metrics.json"))
-    if common.distributed():
-        dist.barrier()
-        dist.destroy_process_group()
+    common.finish_distributed()
     return result
 
 

@@ -478,9 +478,7 @@ def train(args):
                   f"Features: {os.path.join(args.output_dir, 'features.png')}. Checkpoint: "
                   f"{ckpt_path}; probe it with `python evaluate_linear.py --weights {ckpt_path}`.")
         common.print_result(result, os.path.join(args.output_dir, "result.json"))
-    if common.distributed():
-        dist.barrier()
-        dist.destroy_process_group()
+    common.finish_distributed()
     return result
 
 
