@@ -39,7 +39,8 @@ Data sets (--dataset, --data)
     nyu         NYU-depth v2, the standard 795 / 654 split, as a folder (see "Preparing NYU-depth v2" below):
                 rgb/<name>.png, depth/<name>.png (16-bit, millimetres, 0 = no measurement), train.txt, val.txt.
     (no --data) the embedded synthetic set: dead-leaves images (common.DeadLeaves) whose per-pixel class is the
-                texture family of the shape (4 classes + background). Runs on a fresh machine.
+                class of the shape (4 classes + background), shown by its texture family and its overlapping hue
+                palette. Runs on a fresh machine.
 Images are resized to a fixed input of --image-size rows (columns: the data set's usual aspect ratio, a multiple of
 32: VOC/synthetic square, Cityscapes 1:2, NYU 3:4). Training labels are resized to the input with nearest neighbour;
 validation logits are upsampled bilinearly to each label's own (native) size and scored there.

@@ -136,6 +136,30 @@ def test_depth_errors_match_naive_loops():
 
 
 # ---- data sets ----
+def test_synthetic_classes_show_in_texture_and_in_an_overlapping_palette():
+    """Each textured class's pixels have hues within HUE_SPREAD of the class centre (pixels are painted without
+    anti-aliasing, so each is one of the shape's two colours plus sensor noise); neighbouring palettes overlap, so
+    hue alone cannot name every class; the background is class 0 and every class occurs."""
+    leaves = common.DeadLeaves(size=96, seed=3)
+    spread, k = common.DeadLeaves.HUE_SPREAD, leaves.num_classes
+    hues = {c: [] for c in range(k + 1)}
+    for i in range(12):
+        image, classes, _ = leaves.image(i)
+        rgb = np.asarray(image, dtype=np.float64) / 255
+        hi, lo = rgb.max(-1), rgb.min(-1)
+        saturated = (hi - lo) > 0.15  # hue is ill-defined for nearly grey pixels
+        r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+        hue = (np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b) / (2 * np.pi)) % 1.0  # the HSV hue, up to 1%
+        for c in range(k + 1):
+            hues[c].append(hue[(classes == c) & saturated])
+    assert all(np.concatenate(hues[c]).size > 100 for c in range(k + 1))
+    for c in range(2, k + 1):  # class 1 ("flat") paints the average of its two colours, whose hue may drift
+        centre = (c - 1) / k
+        distance = np.abs((np.concatenate(hues[c]) - centre + 0.5) % 1.0 - 0.5)
+        assert np.quantile(distance, 0.99) < spread + 0.05, c
+        assert np.quantile(distance, 0.9) > 1 / (2 * k), c  # reaches past halfway to the neighbouring centres
+
+
 def test_voc_reader_gives_palette_indices_and_falls_back_to_train(tmp_path):
     names = make_voc(str(tmp_path))
     train = E.VOCSegmentation(str(tmp_path), "train")
