@@ -1,6 +1,7 @@
 """Side-by-side measurements for the closing notes and the README (not collected by pytest).
 
     python tests/benchmarks.py vader [--arch resnet50 --image-size 224 --batch-size 32 --repeats 5]
+    python tests/benchmarks.py clove-position --arch resnet18 --image-size 128 --weights random runs/clove-demo/checkpoint.pth
 
 Reports, measured in one run with the steps interleaved so that machine load hits both alike:
   - the full VADeR training step (f forward + backward, momentum update, g forward, matching gather, Eq. 2 with
@@ -8,6 +9,10 @@ Reports, measured in one run with the steps interleaved so that machine load hit
     plain mean, g forward, SGD step): the ratio is the overhead of the dense machinery;
   - PairedViews per image against a plain MoCo v2 two-crop transform (torchvision ops) on the same images;
   - img/s of the full step and peak memory (CUDA: max allocated; CPU: max RSS of the process).
+
+clove-position: how much of CLoVE's local features is the cell's position in the view. Over 64 dead-leaves images,
+the share of the variance of the L2-normalised C5 and projector features that the per-position mean (over images)
+explains: 0 = no position, 1 = the feature is a function of the position alone.
 Prints one JSON line.
 """
 import argparse
@@ -108,9 +113,42 @@ def bench_vader(a):
                 peak_memory_gib=round(peak, 2))
 
 
+def position_share(features):
+    """features N x C x h x w -> share of the variance of the unit-normalised features explained by the position."""
+    f = torch.nn.functional.normalize(features.float(), dim=1)
+    f = f - f.mean((0, 2, 3), keepdim=True)
+    return (f.mean(0).pow(2).sum() * f.shape[0] / f.pow(2).sum()).item()
+
+
+@torch.no_grad()
+def bench_clove_position(a):
+    import numpy as np
+    import clove
+    leaves = common.DeadLeaves(size=160, seed=0)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = torch.stack([torch.from_numpy(np.array(leaves.image(i)[0].resize((a.image_size, a.image_size))))
+                     for i in range(64)]).permute(0, 3, 1, 2).float() / 255
+    x = (x - mean) / std
+    out = {}
+    for weights in a.weights:
+        torch.manual_seed(0)  # a fixed random initialisation
+        net = clove.CLoVENet(a.arch)
+        if weights != "random":
+            kind, state, meta = common.read_weights(weights)
+            if kind != "clove":
+                raise SystemExit(f"{weights}: a {kind} checkpoint; clove-position needs clove.py checkpoints")
+            net = clove.CLoVENet(meta.get("arch") or common.infer_arch(state) or a.arch)
+            net.load_state_dict(state, strict=False)
+        net.eval()
+        c5 = common.resnet_stages(net.encoder, x)[-1]
+        out[weights] = dict(c5=round(position_share(c5), 3), projector=round(position_share(net.projector(c5)), 3))
+    return dict(image_size=a.image_size, images=len(x), position_share=out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=["vader"], help="which training step to measure")
+    p.add_argument("method", choices=["vader", "clove-position"], help="what to measure (see above)")
+    p.add_argument("--weights", nargs="+", default=["random"], help="clove-position: 'random' and/or clove checkpoints")
     p.add_argument("--arch", default="resnet50", help="ResNet depth")
     p.add_argument("--image-size", type=int, default=224, help="view size")
     p.add_argument("--batch-size", type=int, default=32, help="images per step (one process)")
@@ -118,7 +156,10 @@ def main():
     p.add_argument("--queue-size", type=int, default=65536, help="negatives (the paper: 65536)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast on GPU")
     a = p.parse_args()
-    print(json.dumps(bench_vader(a)))
+    if a.method == "clove-position":
+        print(json.dumps(bench_clove_position(a)))
+    else:
+        print(json.dumps(bench_vader(a)))
 
 
 if __name__ == "__main__":
