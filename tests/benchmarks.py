@@ -2,6 +2,7 @@
 
     python tests/benchmarks.py vader [--arch resnet50 --image-size 224 --batch-size 32 --repeats 5]
     python tests/benchmarks.py clove-position --arch resnet18 --image-size 128 --weights random runs/clove-demo/checkpoint.pth
+    python tests/benchmarks.py probe-ceiling --arch resnet18 --image-size 96 --weights random runs/vader-demo/checkpoint.pth
 
 Reports, measured in one run with the steps interleaved so that machine load hits both alike:
   - the full VADeR training step (f forward + backward, momentum update, g forward, matching gather, Eq. 2 with
@@ -13,6 +14,11 @@ Reports, measured in one run with the steps interleaved so that machine load hit
 clove-position: how much of CLoVE's local features is the cell's position in the view. Over 64 dead-leaves images,
 the share of the variance of the L2-normalised C5 and projector features that the per-position mean (over images)
 explains: 0 = no position, 1 = the feature is a function of the position alone.
+
+probe-ceiling: what a linear read-out at 1/4 resolution can get from the embedded segmentation set (evaluate_linear's
+256 training / 64 validation images), with the probe trained to convergence (full-batch Adam, 300 iterations, on
+standardised features, labels sampled at the 1/4 grid): raw colour, 14 hand-made local statistics (colour, local
+contrast at three scales, oriented gradient energy at two) and the frozen features of each --weights.
 Prints one JSON line.
 """
 import argparse
@@ -145,10 +151,78 @@ def bench_clove_position(a):
     return dict(image_size=a.image_size, images=len(x), position_share=out)
 
 
+def local_statistics(x):
+    """14 hand-made features at 1/4 resolution of N x 3 x H x W images in [0, 1]: mean colour, local contrast of the
+    grey level at 3 window sizes, and gradient energies (x^2, y^2, xy, |x| + |y|) at 2 window sizes."""
+    F = torch.nn.functional
+    box = lambda t, k: F.avg_pool2d(t, k, 1, k // 2, count_include_pad=False)  # noqa: E731
+    g = x.mean(1, keepdim=True)
+    out = [F.avg_pool2d(x, 4)]
+    for k in (5, 9, 13):
+        out.append(F.avg_pool2d((box(g * g, k) - box(g, k) ** 2).clamp_min(0).sqrt(), 4))
+    gx, gy = F.pad(g[..., :, 1:] - g[..., :, :-1], (0, 1)), F.pad(g[..., 1:, :] - g[..., :-1, :], (0, 0, 0, 1))
+    for k in (5, 9):
+        out += [F.avg_pool2d(box(t, k), 4) for t in (gx * gx, gy * gy, gx * gy, gx.abs() + gy.abs())]
+    return torch.cat(out, 1)
+
+
+def converged_probe_miou(train_features, train_labels, val_features, val_labels, classes, iterations=300):
+    """mIoU of a linear classifier on standardised features (N x C x h x w, labels N x h x w) trained full-batch."""
+    a = train_features.permute(0, 2, 3, 1).flatten(0, 2).float()
+    b = val_features.permute(0, 2, 3, 1).flatten(0, 2).float()
+    mean, std = a.mean(0), a.std(0) + 1e-6
+    a, b = (a - mean) / std, (b - mean) / std
+    linear = torch.nn.Linear(a.shape[1], classes)
+    optimizer = torch.optim.Adam(linear.parameters(), 0.01)
+    for _ in range(iterations):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(linear(a), train_labels.flatten()).backward()
+        optimizer.step()
+    with torch.no_grad():
+        confusion = torch.bincount(val_labels.flatten() * classes + linear(b).argmax(1), minlength=classes**2)
+    confusion = confusion.view(classes, classes).float()
+    iou = confusion.diag() / (confusion.sum(0) + confusion.sum(1) - confusion.diag()).clamp_min(1)
+    return round(iou.mean().item(), 4), [round(v, 3) for v in iou.tolist()]
+
+
+@torch.no_grad()
+def features_of(model, x, mean, std):
+    model.eval()
+    return torch.cat([model((x[i:i + 32] - mean) / std) for i in range(0, len(x), 32)])
+
+
+def bench_probe_ceiling(a):
+    import numpy as np
+    import evaluate_linear
+    import vader
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    splits = []
+    for n, first in ((256, 0), (64, 10**6)):  # evaluate_linear's demo sets
+        data = evaluate_linear.SyntheticSegmentation(n, a.image_size, seed=0, first_index=first)
+        pairs = [data.read(i) for i in range(n)]
+        images = torch.stack([torch.from_numpy(np.array(im)) for im, _ in pairs]).permute(0, 3, 1, 2).float() / 255
+        labels = torch.stack([torch.from_numpy(lab[2::4, 2::4].astype(np.int64)) for _, lab in pairs])  # 1/4 grid
+        splits.append((images, labels))
+    (xt, yt), (xv, yv) = splits
+    classes = int(max(yt.max(), yv.max())) + 1
+    rows = {"colour": (torch.nn.functional.avg_pool2d(xt, 4), torch.nn.functional.avg_pool2d(xv, 4)),
+            "local statistics": (local_statistics(xt), local_statistics(xv))}
+    for weights in a.weights:
+        torch.manual_seed(0)
+        model, _ = common.dense_feature_model(weights, a.arch, {"vader": vader.VADeRNet})
+        rows[weights] = (features_of(model, xt, mean, std), features_of(model, xv, mean, std))
+    out = {}
+    for name, (ft, fv) in rows.items():
+        torch.manual_seed(0)
+        miou, per_class = converged_probe_miou(ft, yt, fv, yv, classes)
+        out[name] = dict(dim=ft.shape[1], miou=miou, per_class_iou=per_class)
+    return dict(image_size=a.image_size, train_images=len(xt), val_images=len(xv), probe=out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=["vader", "clove-position"], help="what to measure (see above)")
-    p.add_argument("--weights", nargs="+", default=["random"], help="clove-position: 'random' and/or clove checkpoints")
+    p.add_argument("method", choices=["vader", "clove-position", "probe-ceiling"], help="what to measure (see above)")
+    p.add_argument("--weights", nargs="+", default=["random"], help="clove-position, probe-ceiling: 'random' and/or checkpoints")
     p.add_argument("--arch", default="resnet50", help="ResNet depth")
     p.add_argument("--image-size", type=int, default=224, help="view size")
     p.add_argument("--batch-size", type=int, default=32, help="images per step (one process)")
@@ -158,6 +232,8 @@ def main():
     a = p.parse_args()
     if a.method == "clove-position":
         print(json.dumps(bench_clove_position(a)))
+    elif a.method == "probe-ceiling":
+        print(json.dumps(bench_probe_ceiling(a)))
     else:
         print(json.dumps(bench_vader(a)))
 
