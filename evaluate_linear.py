@@ -546,17 +546,40 @@ def sgd(model, args):
     return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
 
 
-def sgd_step(model, optimizer, inputs, labels, task, d, precision, bar, lr):
-    """One optimiser step of the probe or the fine-tuned network; returns the loss and updates the bar."""
-    with common.autocast(d.device, precision):
-        loss = task_loss(model(inputs.to(d.device, non_blocking=True)), labels.to(d.device), task)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    value = loss.item()
-    bar.update(1)
-    bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.1e}")
-    return value
+def steps_per_epoch(indices, subset, per_rank):
+    """Optimiser steps per epoch for this rank's `indices` of `subset`; a one-line error when there is none."""
+    steps = len(indices) // per_rank
+    if steps == 0:
+        raise common.UserError(f"{len(subset)} training images are fewer than one batch per rank ({per_rank}); "
+                               "lower --batch-size or raise --label-fraction")
+    return steps
+
+
+def fit(model, optimizer, epoch_batches, steps, task, args, d, log, mode, trial, desc):
+    """SGD with cosine lr over args.epochs epochs of `steps` steps; epoch_batches(epoch) yields (inputs, labels).
+    Used by the probe (cached features -> LinearProbe) and by fine-tuning (images -> FinetuneNet)."""
+    total, step = args.epochs * steps, 0
+    bar = common.throughput_bar(None, total, d.is_main, desc=desc)
+    for epoch in range(args.epochs):
+        running = 0.0
+        for inputs, labels in epoch_batches(epoch):
+            lr = set_lr(optimizer, step, total, args.lr)
+            with common.autocast(d.device, args.precision):
+                loss = task_loss(model(inputs.to(d.device, non_blocking=True)), labels.to(d.device), task)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = loss.item()
+            running += value
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.1e}")
+            step += 1
+        loss_value = common.all_reduce_mean(running / steps)
+        if not math.isfinite(loss_value):
+            name = "probe" if mode == "probe" else "fine-tuning"
+            raise common.UserError(f"non-finite {name} loss at trial {trial} epoch {epoch}; lower --lr")
+        log.write(mode=mode, trial=trial, epoch=epoch, loss=loss_value, lr=lr)
+    bar.close()
 
 
 def set_lr(optimizer, step, total, peak):
@@ -647,24 +670,9 @@ def train_probes(backbone, train_set, subsets, args, d, log):
         if train_set.task == "depth":
             nn.init.constant_(head.conv.bias, mean_depth)
         model = nn.parallel.DistributedDataParallel(head) if d.world_size > 1 else head
-        optimizer = sgd(head, args)
-        steps_per_epoch = len(indices) // per_rank
-        if steps_per_epoch == 0:
-            raise common.UserError(f"{len(subset)} training images are fewer than one batch per rank ({per_rank}); "
-                                   "lower --batch-size or raise --label-fraction")
-        total, step = args.epochs * steps_per_epoch, 0
-        bar = common.throughput_bar(None, total, d.is_main, desc=f"probe {trial + 1}/{len(subsets)}")
-        for epoch in range(args.epochs):
-            running = 0.0
-            for features, labels in batches(indices, seed * 1000 + epoch):
-                lr = set_lr(optimizer, step, total, args.lr)
-                running += sgd_step(model, optimizer, features, labels, train_set.task, d, args.precision, bar, lr)
-                step += 1
-            loss_value = common.all_reduce_mean(running / steps_per_epoch)
-            if not math.isfinite(loss_value):
-                raise common.UserError(f"non-finite probe loss at trial {trial} epoch {epoch}; lower --lr")
-            log.write(mode="probe", trial=trial, epoch=epoch, loss=loss_value, lr=lr)
-        bar.close()
+        steps = steps_per_epoch(indices, subset, per_rank)
+        fit(model, sgd(head, args), lambda epoch: batches(indices, seed * 1000 + epoch), steps, train_set.task,
+            args, d, log, "probe", trial, desc=f"probe {trial + 1}/{len(subsets)}")
         heads.append(head.eval())
     return heads
 
@@ -687,27 +695,17 @@ def train_finetune(weights, train_set, subset, trial, args, d, log):
     per_rank = max(1, args.batch_size // d.world_size)
     indices = shard(subset, d.rank, d.world_size)
     samples = Samples(train_set, indices, input_shape(train_set, args.image_size), augment=True, seed=seed)
-    steps_per_epoch = len(indices) // per_rank
-    if steps_per_epoch == 0:
-        raise common.UserError(f"{len(subset)} training images are fewer than one batch per rank ({per_rank}); "
-                               "lower --batch-size or raise --label-fraction")
-    optimizer = sgd(net, args)
-    total, step = args.epochs * steps_per_epoch, 0
-    bar = common.throughput_bar(None, total, d.is_main, desc=f"finetune {trial + 1}/{args.trials}")
-    model.train()
-    for epoch in range(args.epochs):
+    steps = steps_per_epoch(indices, subset, per_rank)
+
+    def epoch_batches(epoch):
         samples.set_epoch(epoch)
-        running = 0.0
         for images, labels, _ in loader(samples, per_rank, args.workers, d.device, shuffle_seed=seed * 1000 + epoch,
                                         drop_last=True):
-            lr = set_lr(optimizer, step, total, args.lr)
-            running += sgd_step(model, optimizer, images, labels, train_set.task, d, args.precision, bar, lr)
-            step += 1
-        loss_value = common.all_reduce_mean(running / steps_per_epoch)
-        if not math.isfinite(loss_value):
-            raise common.UserError(f"non-finite fine-tuning loss at trial {trial} epoch {epoch}; lower --lr")
-        log.write(mode="finetune", trial=trial, epoch=epoch, loss=loss_value, lr=lr)
-    bar.close()
+            yield images, labels
+
+    model.train()
+    fit(model, sgd(net, args), epoch_batches, steps, train_set.task, args, d, log, "finetune", trial,
+        desc=f"finetune {trial + 1}/{args.trials}")
     return net.eval(), description
 
 

@@ -128,13 +128,9 @@ def position_share(features):
 
 @torch.no_grad()
 def bench_clove_position(a):
-    import numpy as np
     import clove
     leaves = common.DeadLeaves(size=160, seed=0)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    x = torch.stack([torch.from_numpy(np.array(leaves.image(i)[0].resize((a.image_size, a.image_size))))
-                     for i in range(64)]).permute(0, 3, 1, 2).float() / 255
-    x = (x - mean) / std
+    x = torch.stack([common.to_tensor(leaves.image(i)[0].resize((a.image_size, a.image_size))) for i in range(64)])
     out = {}
     for weights in a.weights:
         torch.manual_seed(0)  # a fixed random initialisation
@@ -186,16 +182,18 @@ def converged_probe_miou(train_features, train_labels, val_features, val_labels,
 
 
 @torch.no_grad()
-def features_of(model, x, mean, std):
+def features_of(model, x):
+    """Frozen features of images x (N x 3 x H x W in [0, 1]), ImageNet-normalised as the scripts feed them."""
+    import torchvision.transforms.functional as TF
     model.eval()
-    return torch.cat([model((x[i:i + 32] - mean) / std) for i in range(0, len(x), 32)])
+    x = TF.normalize(x, common.IMAGENET_MEAN, common.IMAGENET_STD)
+    return torch.cat([model(x[i:i + 32]) for i in range(0, len(x), 32)])
 
 
 def bench_probe_ceiling(a):
     import numpy as np
     import evaluate_linear
     import vader
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     splits = []
     for n, first in ((256, 0), (64, 10**6)):  # evaluate_linear's demo sets
         data = evaluate_linear.SyntheticSegmentation(n, a.image_size, seed=0, first_index=first)
@@ -210,7 +208,7 @@ def bench_probe_ceiling(a):
     for weights in a.weights:
         torch.manual_seed(0)
         model, _ = common.dense_feature_model(weights, a.arch, {"vader": vader.VADeRNet})
-        rows[weights] = (features_of(model, xt, mean, std), features_of(model, xv, mean, std))
+        rows[weights] = (features_of(model, xt), features_of(model, xv))
     out = {}
     for name, (ft, fv) in rows.items():
         torch.manual_seed(0)
