@@ -164,8 +164,9 @@ def get_parser():
     p.add_argument("--warmup-epochs", type=float, default=5, help="linear warm-up before the cosine decay (the code)")
     p.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr / peak lr (paper: cosine to 0; code 0.01)")
     p.add_argument("--sgd-momentum", type=float, default=0.9, help="momentum inside LARS")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
-                   help="autocast dtype on GPU (CPU always runs fp32)")
+    p.add_argument("--precision", default="auto", choices=common.PRECISIONS, help=common.PRECISION_HELP)
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                   help="channels-last memory format for the convolutions ('auto': on a GPU)")
     p.add_argument("--synthetic-images", type=int, default=2048, help="size of the embedded data set (no --data)")
     return p
 
@@ -430,8 +431,8 @@ def clove_step(model, teacher, globals_, locals_, pos_global, pos_local, args, q
     batches = [globals_.transpose(0, 1).flatten(0, 1)]  # 2N x 3 x S x S, view-major: one BN batch per size
     if n_local:
         batches.append(locals_.transpose(0, 1).flatten(0, 1))  # LN x 3 x s x s
-    if globals_.is_cuda:
-        batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+    memory_format = common.memory_format(globals_.device, args.channels_last)
+    batches = [b.contiguous(memory_format=memory_format) for b in batches]
     outputs = model(*batches)
     student = outputs[0].unflatten(0, (2, n))  # 2 x N x G^2 x D
     with torch.no_grad():
@@ -456,6 +457,7 @@ def build_data(args, d):
 
 
 def check_args(args, d):
+    common.autocast_dtype(d.device, args.precision)  # fp16 on a CPU: a one-line error now, not mid-run
     for flag, size in (("--image-size", args.image_size), ("--local-size", args.local_size)):
         if size % 32 or size <= 0:
             raise common.UserError(f"{flag} {size}: must be a positive multiple of 32 (C5 cells must tile the view)")
@@ -524,7 +526,7 @@ def train(args):
         f = nn.SyncBatchNorm.convert_sync_batchnorm(f)
     teacher = make_teacher(f)
     queue = NegativeQueue(args.queue_size, args.embedding_dim) if args.negatives != "intra" else None
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    memory_format = common.memory_format(d.device, args.channels_last)
     f, teacher = f.to(d.device, memory_format=memory_format), teacher.to(d.device, memory_format=memory_format)
     queue = queue.to(d.device) if queue is not None else None
     optimizer = build_optimizer(f, args, lr)

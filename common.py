@@ -587,11 +587,33 @@ def ema_update(teacher, student, momentum, copy_buffers=True):
 
 
 # ---- precision ----
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISION_HELP = ("autocast dtype: 'auto' is bf16 on a GPU and fp32 on a CPU; bf16 applies on a CPU too (the GPU's "
+                  "code path, for testing it); fp16 (with loss scaling) needs a GPU")
+
+
+def autocast_dtype(device, precision):
+    """The autocast dtype `--precision` means on `device`, or None for plain fp32."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16: needs a GPU (fp16 autocast with loss scaling); use bf16 or fp32 on a CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
 def autocast(device, precision):
-    """bf16/fp16 autocast on GPU; a no-op context on CPU or with precision fp32."""
-    if device.type != "cuda" or precision == "fp32":
+    """Autocast to `--precision` on `device` (GPU or CPU: CPU autocast supports bf16); a no-op context for fp32."""
+    dtype = autocast_dtype(device, precision)
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def memory_format(device, channels_last):
+    """`--channels-last auto|on|off`: NHWC tensors for the convolutions ('auto': on a GPU, where cuDNN's tensor-core
+    kernels want it)."""
+    on = device.type == "cuda" if channels_last == "auto" else channels_last == "on"
+    return torch.channels_last if on else torch.contiguous_format
 
 
 # ---- checkpoints ----
@@ -778,17 +800,23 @@ def dense_feature_model(weights, arch, dense_models):
     """The frozen network an evaluation probes, from `weights` ('random' or a file read by read_weights).
 
     `dense_models` maps a method name to a class whose checkpoints carry their own dense head (VADeR's decoder:
-    {"vader": vader.VADeRNet}); the evaluation scripts pass it, so this file never imports a method. Every other
-    kind (MoCo, torchvision, CLoVE's encoder, random) becomes a ResNet dilated to 1/4 (VADeR §4.1).
+    {"vader": vader.VADeRNet}); the evaluation scripts pass it, so this file never imports a method. The class's
+    `from_args(saved_args)` builds the network a checkpoint was trained as (its --arch, --embedding-dim, ...), or
+    returns None when that run trained no dense head (e.g. an image-level objective): its encoder is then probed.
+    Every other kind (MoCo, torchvision, CLoVE's encoder, random) becomes a ResNet dilated to 1/4 (VADeR §4.1).
     Returns (model, description); the model maps N x 3 x H x W to N x C x H/4 x W/4.
     """
     if weights == "random":
         return DilatedResNet(arch), f"random init ({arch}, dilated to 1/4)"
     kind, state, meta = read_weights(weights)
     arch = meta.get("arch") or infer_arch(state) or arch
-    if kind in dense_models:
-        model = dense_models[kind](arch)
-        model.load_state_dict(state)
+    model = dense_models[kind].from_args(meta["args"]) if kind in dense_models else None
+    if model is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(f"{weights}: does not fit the network its saved arguments describe "
+                            f"({str(e).splitlines()[1].strip()})") from None
         return model, f"{kind} checkpoint {weights} ({arch}, its own dense head)"
     if kind in ("vader", "clove"):
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}

@@ -169,8 +169,7 @@ def get_parser():
                    "rank) when they fit in this many GB, else recompute them every epoch")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per rank (0: in the main process)")
     p.add_argument("--seed", type=int, default=0, help="seed of trial 0 (head initialisation, order, label subset)")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
-                   help="autocast dtype on GPU (CPU always runs fp32)")
+    p.add_argument("--precision", default="auto", choices=common.PRECISIONS, help=common.PRECISION_HELP)
     p.add_argument("--synthetic-train", type=int, default=1000, help="training images of the embedded set (no --data)")
     p.add_argument("--synthetic-val", type=int, default=200, help="validation images of the embedded set (no --data)")
     p.add_argument("--export-detectron2", default=None, metavar="OUT.pkl", help="write the ResNet of --weights as a "

@@ -107,8 +107,9 @@ def get_parser():
     p.add_argument("--embedding-dim", type=int, default=128, help="d, the per-pixel embedding size")
     p.add_argument("--in-image-negatives", action="store_true", help="also contrast against the other matched "
                    "pixels of the same image (reviewers' question; the paper reports it failed)")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
-                   help="autocast dtype on GPU (CPU always runs fp32)")
+    p.add_argument("--precision", default="auto", choices=common.PRECISIONS, help=common.PRECISION_HELP)
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                   help="channels-last memory format for the convolutions ('auto': on a GPU)")
     p.add_argument("--synthetic-images", type=int, default=2048, help="size of the embedded data set (no --data)")
     return p
 
@@ -218,6 +219,11 @@ class VADeRNet(nn.Module):
         self.decoder = SemanticFPNDecoder(256, 128, dim)
         self.out_channels = dim
 
+    @classmethod
+    def from_args(cls, args):
+        """The f that a vader.py run with these saved arguments (a checkpoint's `args`) trained."""
+        return cls(args["arch"], args.get("embedding_dim", 128))
+
     def forward(self, x):  # x: N x 3 x H x W
         h, w = x.shape[-2:]
         pad_h, pad_w = -h % 32, -w % 32  # the 2x upsampling chain needs sides that are multiples of 32
@@ -308,6 +314,7 @@ def build_data(args, d):
 
 
 def check_args(args, d):
+    common.autocast_dtype(d.device, args.precision)  # fp16 on a CPU: a one-line error now, not mid-run
     if args.image_size % 32:
         raise common.UserError(f"--image-size {args.image_size}: must be a multiple of 32 (the FPN's coarsest stride)")
     if args.batch_size % d.world_size:
@@ -373,7 +380,7 @@ def train(args):
     g = copy.deepcopy(f).requires_grad_(False)
     queue = PixelQueue(args.queue_size, args.embedding_dim)
     cuda = d.device.type == "cuda"
-    memory_format = torch.channels_last if cuda else torch.contiguous_format
+    memory_format = common.memory_format(d.device, args.channels_last)
     f, g, queue = f.to(d.device, memory_format=memory_format), g.to(d.device, memory_format=memory_format), queue.to(d.device)
     groups = [dict(params=f.encoder.parameters(), lr=args.lr_encoder),
               dict(params=list(f.fpn.parameters()) + list(f.decoder.parameters()), lr=args.lr_decoder)]
