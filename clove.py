@@ -247,8 +247,8 @@ class CLoVEViews:
         views = []
         for (box, flip), (size, blur, solar) in zip(geometry, recipe):
             view = common.crop_resize(img, box, size, flip, resample=Image.BICUBIC)
-            views.append(common.to_tensor(self.appearance(view, rng, blur, solar) if self.color else view))
-        locals_ = torch.stack(views[2:]) if self.local_crops else torch.zeros(0, 3, self.local_size, self.local_size)
+            views.append(common.to_uint8(self.appearance(view, rng, blur, solar) if self.color else view))
+        locals_ = torch.stack(views[2:]) if self.local_crops else torch.zeros(0, 3, self.local_size, self.local_size, dtype=torch.uint8)
         return torch.stack(views[:2]), locals_, pos_global, pos_local
 
 
@@ -532,22 +532,17 @@ def train(args):
     optimizer = build_optimizer(f, args, lr)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and args.precision == "fp16")
 
-    # ---- resume ----
+    # ---- resume: rank 0 decides; every rank starts from the same checkpoint ----
+    facts = dict(world_size=d.world_size, images=len(dataset))  # exact resumption needs these unchanged too
+    ckpt = common.resume_checkpoint(args, ckpt_path, "clove", facts, log, may_change={"base_lr"})
     step = 0
-    resume = ckpt_path if args.resume == "auto" else (None if args.resume == "never" else args.resume)
-    if resume and os.path.isfile(resume):
-        ckpt = common.load_checkpoint(resume)
-        if ckpt.get("method") != "clove":
-            raise common.UserError(f"--resume {resume}: not a clove.py checkpoint (method {ckpt.get('method')})")
+    if ckpt is not None:
         f.load_state_dict(ckpt["model"]), teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"]), scaler.load_state_dict(ckpt["scaler"])
         if queue is not None:
             queue.load_state_dict(ckpt["queue"])
         common.set_rng_states(ckpt["rng"])
         step = ckpt["step"]
-        say(f"resumed from {resume} at step {step}")
-    elif args.resume not in ("auto", "never"):
-        raise common.UserError(f"--resume {args.resume}: no such checkpoint")
     model = nn.parallel.DistributedDataParallel(f, device_ids=[d.local_rank] if cuda else None) if d.world_size > 1 else f
 
     def save(epoch):
@@ -555,7 +550,7 @@ def train(args):
             common.save_checkpoint(ckpt_path, dict(
                 method="clove", model=f.state_dict(), teacher=teacher.state_dict(),
                 queue=queue.state_dict() if queue is not None else None, optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict(), epoch=epoch, step=step, args=vars(args), rng=common.rng_states()))
+                scaler=scaler.state_dict(), epoch=epoch, step=step, args=vars(args), rng=common.rng_states(), facts=facts))
 
     say(f"CLoVE: {args.arch}, {len(dataset)} images ({args.data or 'embedded synthetic dead leaves'}), global batch "
         f"{args.batch_size} = {d.world_size} rank(s) x {per_rank} x {args.accum_steps} accumulation step(s), "
@@ -580,8 +575,8 @@ def train(args):
         dataset.set_epoch(epoch)
         for globals_, locals_, pos_global, pos_local, n_skipped in loader:
             step_pairs += float(pos_global[:, 0].sum()) / (len(pos_global) * args.accum_steps)
-            globals_ = globals_.to(d.device, non_blocking=True)  # N x 2 x 3 x S x S
-            locals_ = locals_.to(d.device, non_blocking=True)  # N x L x 3 x s x s
+            globals_ = common.normalize(globals_, d.device)  # N x 2 x 3 x S x S (uint8 -> float on the device)
+            locals_ = common.normalize(locals_, d.device)  # N x L x 3 x s x s
             pos_global = pos_global.to(d.device, non_blocking=True)  # N x 2 x G^2 x G^2
             pos_local = pos_local.to(d.device, non_blocking=True)  # N x 2 x L x g^2 x G^2
             skipped += int(n_skipped.sum())

@@ -13,6 +13,7 @@ import os
 import random
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,8 @@ def init_distributed():
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed view sizes: let cuDNN pick the fastest convolution once
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return Dist(rank, local_rank, world, device)
@@ -98,13 +101,35 @@ def all_gather_cat(tensor):
     return torch.cat(parts)
 
 
+def _collective_device():
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
 def all_reduce_mean(value):
     """Average a Python float over ranks (for logging)."""
     if not distributed():
         return value
-    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+def all_ranks_agree(flag):
+    """True on every rank when `flag` is true on every rank."""
+    if not distributed():
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` (any picklable object, e.g. a whole checkpoint) on every rank."""
+    if not distributed():
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # ---- seeding and rng ----
@@ -486,6 +511,21 @@ def to_tensor(img):
     return TF.normalize(TF.pil_to_tensor(img).float().div_(255), IMAGENET_MEAN, IMAGENET_STD)
 
 
+def to_uint8(img):
+    """PIL RGB -> uint8 tensor 3xHxW: what training workers hand over (4x fewer bytes through shared memory and the
+    host-to-device copy than float32); `normalize` finishes the job on the device."""
+    return TF.pil_to_tensor(img)
+
+
+def normalize(images, device):
+    """uint8 images ... x 3 x H x W (pinned by the loader) -> float32 on `device`, ImageNet-normalised there:
+    (x / 255 - mean) / std, computed as (x - 255 mean) / (255 std)."""
+    x = images.to(device, non_blocking=True).float()
+    mean = torch.tensor(IMAGENET_MEAN, device=device).mul_(255)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=device).mul_(255)[:, None, None]
+    return x.sub_(mean).div_(std)
+
+
 # ---- sampling and loading ----
 class ResumableSampler(torch.utils.data.Sampler):
     """DistributedSampler's shuffle (same permutation on every rank, rank r takes every world-th index) that can
@@ -617,15 +657,100 @@ def memory_format(device, channels_last):
 
 
 # ---- checkpoints ----
+# Flags a resumed run may change: they move no state and leave the run's result unchanged (precision too, so that
+# a run stopped by a non-finite loss can go on in fp32). Every other flag must equal the checkpoint's.
+RESUMABLE_CHANGES = {"max_steps", "log_every", "save_every", "workers", "resume", "output_dir", "data", "init",
+                     "precision", "channels_last"}
+
+
 def save_checkpoint(path, state):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact. Each save gets a fresh `id`, so
+    a rank that finds a file of the same name can tell whether it is rank 0's latest one."""
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
+    torch.save(dict(state, id=uuid.uuid4().hex), tmp)
     os.replace(tmp, path)
 
 
 def load_checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        "move it away, or pass --resume never to start afresh") from None
+
+
+def resume_changes(saved, args, facts, may_change=()):
+    """(forbidden, allowed): the differences between a checkpoint's saved flags and facts and this run's, as
+    'flag: saved -> now' strings; RESUMABLE_CHANGES and `may_change` may differ. Flags unknown to either side
+    (another version of the script) are not compared."""
+    now = dict(vars(args), **facts)
+    forbidden, allowed = [], []
+    for key in sorted(set(saved) & set(now)):
+        if saved[key] != now[key]:
+            name = key.replace("_", " ") if key in facts else "--" + key.replace("_", "-")
+            (allowed if key in RESUMABLE_CHANGES or key in may_change else forbidden).append(f"{name} {saved[key]} -> {now[key]}")
+    return forbidden, allowed
+
+
+def resume_checkpoint(args, path, method, facts, log, may_change=()):
+    """The checkpoint a run continues from, identical on every rank, or None to start afresh.
+
+    Rank 0 alone decides (from its own `--resume` / `<output-dir>/checkpoint.pth`), checks that the checkpoint is
+    `method`'s and that no flag that fixes the run's state or data order changed (RESUMABLE_CHANGES lists those
+    that may), and every rank learns the decision. Ranks that can read the very same file (a shared --output-dir)
+    load it themselves; otherwise (node-local disks) rank 0 sends its checkpoint to every rank. `facts` are what
+    the flags do not show but exact resumption needs (world size, number of images); they are saved with the
+    checkpoint (`facts`) and compared like flags. `may_change`: the method's flags a user may change on resume
+    (its learning rates: the remedy after a non-finite loss); every change is printed and logged.
+    """
+    rank = dist.get_rank() if distributed() else 0
+    decision, ckpt = _decide_resume(args, path, method, facts, may_change) if rank == 0 else (None, None)
+    decision = broadcast_object(decision)
+    if "error" in decision:
+        raise UserError(decision["error"])
+    if decision["path"] is None:
+        return None
+    if rank > 0:
+        if os.path.isfile(decision["path"]):
+            try:
+                ckpt = torch.load(decision["path"], map_location="cpu", weights_only=False)
+            except Exception:
+                ckpt = None
+            ckpt = ckpt if isinstance(ckpt, dict) and ckpt.get("id") == decision["id"] else None
+    if not all_ranks_agree(ckpt is not None):  # some rank sees no file, or another one: send rank 0's
+        ckpt = broadcast_object(ckpt)
+        decision["sent"] = True
+    if rank == 0:
+        print(f"resumed from {decision['path']} at step {ckpt['step']}"
+              + (" (rank 0 sent it to every rank: not every rank could read that file)" if decision.get("sent") else "")
+              + (f"; changed flags: {', '.join(decision['allowed'])}" if decision["allowed"] else ""), flush=True)
+    log.write(event="resume", step=ckpt["step"], path=decision["path"], sent_by_rank0=bool(decision.get("sent")),
+              changed=decision["allowed"])
+    return ckpt
+
+
+def _decide_resume(args, path, method, facts, may_change):
+    """Rank 0's half of resume_checkpoint: (decision, checkpoint or None)."""
+    explicit = args.resume not in ("auto", "never")
+    path = path if args.resume == "auto" else (None if args.resume == "never" else args.resume)
+    if path is None or not os.path.isfile(path):
+        if explicit:
+            return dict(error=f"--resume {args.resume}: no such checkpoint"), None
+        return dict(path=None), None
+    try:
+        ckpt = load_checkpoint(path)
+    except UserError as e:
+        return dict(error=str(e)), None
+    if not isinstance(ckpt, dict) or ckpt.get("method") != method:
+        found = ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__
+        return dict(error=f"{path}: not a {method}.py checkpoint (method {found}); pass --resume never or another "
+                          "--output-dir"), None
+    forbidden, allowed = resume_changes(dict(ckpt.get("args", {}), **ckpt.get("facts", {})), args, facts, may_change)
+    if forbidden:
+        more = f" (and {len(forbidden) - 1} more: {'; '.join(forbidden[1:])})" if len(forbidden) > 1 else ""
+        return dict(error=f"{path}: cannot resume with {forbidden[0]}{more}: rerun with the checkpoint's value, or "
+                          "start afresh with another --output-dir or --resume never"), None
+    return dict(path=path, id=ckpt.get("id"), allowed=allowed), ckpt
 
 
 # ---- logging and results ----

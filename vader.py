@@ -173,7 +173,7 @@ class PairedViews:
         views = []
         for box, flip in ((box1, flip1), (box2, flip2)):
             view = common.crop_resize(img, box, self.size, flip)
-            views.append(common.to_tensor(self.appearance(view, rng) if self.color else view))
+            views.append(common.to_uint8(self.appearance(view, rng) if self.color else view))
         return views[0], views[1], matches
 
 
@@ -387,19 +387,17 @@ def train(args):
     optimizer = torch.optim.SGD(groups, lr=args.lr_decoder, momentum=args.sgd_momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and args.precision == "fp16")
 
-    # ---- resume ----
+    # ---- resume: rank 0 decides; every rank starts from the same checkpoint ----
+    facts = dict(world_size=d.world_size, images=len(dataset))  # exact resumption needs these unchanged too
+    ckpt = common.resume_checkpoint(args, ckpt_path, "vader", facts, log,
+                                     may_change={"lr_encoder", "lr_decoder"})
     step = 0
-    resume = ckpt_path if args.resume == "auto" else (None if args.resume == "never" else args.resume)
-    if resume and os.path.isfile(resume):
-        ckpt = common.load_checkpoint(resume)
+    if ckpt is not None:
         f.load_state_dict(ckpt["model"]), g.load_state_dict(ckpt["momentum_encoder"])
         queue.load_state_dict(ckpt["queue"]), optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         common.set_rng_states(ckpt["rng"])
         step = ckpt["step"]
-        say(f"resumed from {resume} at step {step}")
-    elif args.resume not in ("auto", "never"):
-        raise common.UserError(f"--resume {args.resume}: no such checkpoint")
     model = nn.parallel.DistributedDataParallel(f, device_ids=[d.local_rank] if cuda else None) if d.world_size > 1 else f
 
     def save(epoch):
@@ -407,7 +405,7 @@ def train(args):
             common.save_checkpoint(ckpt_path, dict(
                 method="vader", model=f.state_dict(), momentum_encoder=g.state_dict(), queue=queue.state_dict(),
                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
-                args=vars(args), rng=common.rng_states()))
+                args=vars(args), rng=common.rng_states(), facts=facts))
 
     picture_images = common.picture_images(dataset, args.image_size)
 
@@ -435,8 +433,8 @@ def train(args):
         sampler.set_epoch(epoch, start=(step % steps_per_epoch) * per_rank)
         dataset.set_epoch(epoch)
         for view1, view2, matches, n_skipped in loader:
-            view1 = view1.to(d.device, non_blocking=True, memory_format=memory_format)
-            view2 = view2.to(d.device, non_blocking=True, memory_format=memory_format)
+            view1 = common.normalize(view1, d.device).contiguous(memory_format=memory_format)  # N x 3 x S x S
+            view2 = common.normalize(view2, d.device).contiguous(memory_format=memory_format)
             matches = matches.to(d.device, non_blocking=True)  # N x M x 2
             skipped += int(n_skipped.sum())
 

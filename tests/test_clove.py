@@ -88,8 +88,7 @@ def test_flipped_copy_of_a_view_pairs_each_cell_with_its_mirror():
 
 def decoded_centres(view, grid):
     """The original-image (x, y) each cell of a view shows, read back from pixels whose red/green encode x/y."""
-    mean, std = torch.tensor(common.IMAGENET_MEAN)[:, None, None], torch.tensor(common.IMAGENET_STD)[:, None, None]
-    pixels = (view * std + mean) * 255  # 3 x S x S, R = x, G = y of the original pixel
+    pixels = view.float()  # 3 x S x S uint8, R = x, G = y of the original pixel
     cells = F.avg_pool2d(pixels[None, :2], view.shape[-1] // grid)[0]  # 2 x grid x grid
     return cells.flatten(1).t() + 0.5  # L x 2; pixel k covers [k, k+1)
 
