@@ -396,6 +396,8 @@ def train(args):
         f.load_state_dict(ckpt["model"]), g.load_state_dict(ckpt["momentum_encoder"])
         queue.load_state_dict(ckpt["queue"]), optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
+        for group, lr in zip(optimizer.param_groups, (args.lr_encoder, args.lr_decoder)):
+            group["lr"] = lr  # the optimiser state carries the old rates; a changed --lr-* must take effect
         common.set_rng_states(ckpt["rng"])
         step = ckpt["step"]
     model = nn.parallel.DistributedDataParallel(f, device_ids=[d.local_rank] if cuda else None) if d.world_size > 1 else f
