@@ -543,7 +543,11 @@ def train(args):
             queue.load_state_dict(ckpt["queue"])
         common.set_rng_states(ckpt["rng"])
         step = ckpt["step"]
-    model = nn.parallel.DistributedDataParallel(f, device_ids=[d.local_rank] if cuda else None) if d.world_size > 1 else f
+    examples = [common.example_images((2 * per_rank, 3, args.image_size, args.image_size), d.device, memory_format)]
+    if args.local_crops:  # the shapes clove_step passes: view-major global views, then the local crops
+        examples.append(common.example_images((args.local_crops * per_rank, 3, args.local_size, args.local_size),
+                                              d.device, memory_format))
+    model = common.wrap_ddp(f, d, *examples)
 
     def save(epoch):
         if d.is_main:

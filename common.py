@@ -91,6 +91,36 @@ def finish_distributed():
         dist.destroy_process_group()
 
 
+def wrap_ddp(model, d, *example_inputs):
+    """`model` in DistributedDataParallel (or itself on one process), with its gradient buckets settled.
+
+    DDP rebuilds its buckets once, after its first backward, in the order the gradients became ready. The ring
+    all-reduce sums each gradient element in an order that depends on where it lies in its bucket, so a resumed
+    run, whose first step is not the run's first, would sum step k's gradients differently from an uninterrupted
+    run (a last-bit difference that grows). One zero-weighted warm-up pass on `example_inputs` (one batch's shapes;
+    buffers such as BN statistics restored, gradients cleared) lets every run, fresh or resumed, train on the same
+    rebuilt buckets, so resumption stays bitwise exact.
+    """
+    if d.world_size == 1:
+        return model
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    saved = [b.detach().clone() for b in model.buffers()]
+    outputs = ddp(*example_inputs)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    (sum(o.float().sum() for o in outputs) * 0).backward()
+    with torch.no_grad():
+        for b, s in zip(model.buffers(), saved):
+            b.copy_(s)
+    model.zero_grad(set_to_none=True)
+    return ddp
+
+
+def example_images(shape, device, memory_format=torch.contiguous_format):
+    """A fixed random batch of `shape` (no global RNG draw, so runs stay reproducible)."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=generator).to(device, memory_format=memory_format)
+
+
 @torch.no_grad()
 def all_gather_cat(tensor):
     """Concatenate `tensor` from every rank along dim 0 (rank order); no gradient flows back."""
@@ -551,9 +581,13 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 
 def make_loader(dataset, sampler, batch_size, workers, device):
+    """Batches of uint8 views in pinned memory (on a GPU). The loader gets a generator of its own: each new
+    iterator (every epoch, and at a resume) draws a seed from it, and a draw from the global RNG would shift
+    every later random number (e.g. shuffle BN's permutation) in a resumed run against an uninterrupted one."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+        pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(0))
 
 
 # ---- schedules and optimisers ----
@@ -957,6 +991,7 @@ def pca_colours(features):
     similar colours, as in VADeR Figure 5."""
     n, c, h, w = features.shape
     x = features.float().permute(0, 2, 3, 1).reshape(-1, c)  # P x C
+    x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # a picture of a diverged model must not stop its run
     x = x - x.mean(0)
     _, _, v = torch.linalg.svd(x, full_matrices=False)  # rows of v: principal directions
     y = x @ v[:3].t() if v.shape[0] >= 3 else F.pad(x @ v.t(), (0, 3 - v.shape[0]))  # P x 3

@@ -400,7 +400,8 @@ def train(args):
             group["lr"] = lr  # the optimiser state carries the old rates; a changed --lr-* must take effect
         common.set_rng_states(ckpt["rng"])
         step = ckpt["step"]
-    model = nn.parallel.DistributedDataParallel(f, device_ids=[d.local_rank] if cuda else None) if d.world_size > 1 else f
+    model = common.wrap_ddp(f, d, common.example_images((per_rank, 3, args.image_size, args.image_size), d.device,
+                                                        memory_format))
 
     def save(epoch):
         if d.is_main:
