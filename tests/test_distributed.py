@@ -159,13 +159,13 @@ def test_resume_refuses_another_world_size_and_another_data_set(tmp_path):
 def test_harmless_changes_resume_and_are_logged(tmp_path):
     out = tmp_path / "out"
     args = SINGLE["vader.py"]
-    assert run("vader.py", *args, "--max-steps", "1", "--output-dir", out).returncode == 0
+    assert run("vader.py", *args, "--max-steps", "1", "--log-every", "5", "--output-dir", out).returncode == 0
     r = run("vader.py", *args, "--max-steps", "2", "--log-every", "7", "--output-dir", out)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "changed flags: --log-every 50 -> 7, --max-steps 1 -> 2" in r.stdout
+    assert "changed flags: --log-every 5 -> 7, --max-steps 1 -> 2" in r.stdout
     events = [json.loads(line) for line in open(out / "log.jsonl")]
     resume = [e for e in events if e.get("event") == "resume"]
-    assert resume and resume[0]["changed"] == ["--log-every 50 -> 7", "--max-steps 1 -> 2"]
+    assert resume and resume[0]["changed"] == ["--log-every 5 -> 7", "--max-steps 1 -> 2"]
 
 
 def test_a_checkpoint_of_the_other_method_is_refused(tmp_path):
