@@ -1121,14 +1121,16 @@ def run(args):
         f"{len(val_set)} validation images, {shape[0]}x{shape[1]} inputs, {args.trials} trial(s) x {args.epochs} "
         f"epochs, {d.world_size} rank(s), device {d.device}")
 
-    t_train = time.time()
+    t_train, train_seconds = time.time(), 0.0  # training time alone (no validation), for cost comparisons
     if args.finetune:
         per_trial = []
         for trial, subset in enumerate(subsets):
+            t_train = time.time()
             net, description = train_finetune(args.weights, train_set, subset, trial, args, d, log)
+            train_seconds += time.time() - t_train
             per_trial += evaluate(lambda x: x, [net], val_loader, val_set.task, val_set.num_classes, d,
                                   args.precision, desc=f"val {trial + 1}/{args.trials}", depth_crop=depth_crop)
-        feature_path, train_seconds = None, time.time() - t_train
+        feature_path = None
         differ = "network initialisation (FPN, decoder, head), batch order, augmentation"
     else:
         backbone = backbone.to(d.device).eval().requires_grad_(False)
