@@ -19,7 +19,7 @@ Usage
     torchrun --nproc_per_node=4 evaluate_linear.py --weights vader.pth --dataset voc --data ... \\
         --finetune --label-fraction 0.05                                      # Figure 4, one node
     python evaluate_linear.py --weights vader.pth --dataset imagefolder --data /data/imagenet   # pooled top-1/top-5
-    python evaluate_linear.py --dataset imagefolder      # embedded classification set, random ResNet-18, ~1 min CPU
+    python evaluate_linear.py --dataset imagefolder      # embedded classification set, random ResNet-18, ~2 min CPU
     python evaluate_linear.py --weights vader.pth --export-detectron2 vader_r50.pkl      # for Detectron2 (below)
 --batch-size is global (split over ranks). Results: a table, then one JSON line on stdout and <output-dir>/metrics.json.
 
@@ -138,7 +138,6 @@ confusion_matrix, segmentation_scores, depth_image_errors, topk_correct, label_s
 from_detectron2_key, export_detectron2, evaluate, main.
 """
 import argparse
-import itertools
 import math
 import os
 import pickle
@@ -164,8 +163,8 @@ DEMO_PRESET = dict(  # used when --data is not given: random-init ResNet-18 on t
     arch="resnet18", image_size=96, batch_size=16, epochs=10, synthetic_train=256, synthetic_val=64, workers=0,
     output_dir="runs/evaluate-demo",
 )
-CLASSIFICATION_DEMO_PRESET = dict(  # --dataset imagefolder without --data: the embedded classification set, ~1 min CPU
-    arch="resnet18", image_size=96, batch_size=32, epochs=30, synthetic_train=384, synthetic_val=192, workers=0,
+CLASSIFICATION_DEMO_PRESET = dict(  # --dataset imagefolder without --data: the embedded classification set, ~2 min CPU
+    arch="resnet18", image_size=96, batch_size=32, epochs=30, synthetic_train=256, synthetic_val=128, workers=0,
     output_dir="runs/evaluate-classification-demo",
 )
 
@@ -422,7 +421,8 @@ class ImageFolderClasses:
                 self.items += [(os.path.join(parent, n), number[c]) for n in sorted(names)
                                if n.lower().endswith(common.IMAGE_EXTENSIONS)]
         if not self.items:
-            raise common.UserError(f"{folder}: no images in <class> sub-folders ({', '.join(common.IMAGE_EXTENSIONS[:4])}, ...)")
+            raise common.UserError(f"{folder}: no images in <class> sub-folders "
+                                   f"({', '.join(common.IMAGE_EXTENSIONS[:4])}, ...)")
         self.num_classes = len(self.classes)
 
     def __len__(self):
@@ -583,7 +583,8 @@ class ProbeBank(nn.Module):
 
     def forward(self, features, rows=None):  # features: N x C x h x w
         rows = rows or [None] * len(self.heads)
-        return [head(features if r is None else features[r]) for head, r in zip(self.heads, rows)]  # T x [n x K x h x w]
+        # T x [n x K x h x w]
+        return [head(features if r is None else features[r]) for head, r in zip(self.heads, rows)]
 
 
 class PooledFeatures(nn.Module):
