@@ -1132,7 +1132,7 @@ def run(args):
             per_trial += evaluate(lambda x: x, [net], val_loader, val_set.task, val_set.num_classes, d,
                                   args.precision, desc=f"val {trial + 1}/{args.trials}", depth_crop=depth_crop)
         feature_path = None
-        differ = "network initialisation (FPN, decoder, head), batch order, augmentation"
+        differ = "network initialisation (FPN, decoder, head), batch order, augmentation{}"
     else:
         backbone = backbone.to(d.device).eval().requires_grad_(False)
         say(f"features: {description}")
@@ -1140,9 +1140,8 @@ def run(args):
         train_seconds = time.time() - t_train
         per_trial = evaluate(backbone, heads, val_loader, val_set.task, val_set.num_classes, d, args.precision,
                              depth_crop=depth_crop)
-        differ = "probe initialisation only (one shared backbone pass per batch, shared batch order)"
-    if args.label_fraction < 1:
-        differ += ", labelled subset"
+        differ = "probe initialisation{} (the batch order is shared: one backbone pass per batch feeds every trial)"
+    differ = differ.format(", labelled subset" if args.label_fraction < 1 else "")
 
     mean, std = summarise(per_trial)
     result = dict(mode="finetune" if args.finetune else "probe", dataset=data_name, task=val_set.task,
