@@ -1194,6 +1194,11 @@ def main(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+    if not args.feature_picture:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+        except OSError as e:
+            raise common.UserError(f"--output-dir {args.output_dir}: cannot create it ({e.strerror})") from None
     if args.data is None and int(os.environ.get("RANK", 0)) == 0:
         print(f"no --data: the embedded {'classification' if classification else 'segmentation'} set and the CPU "
               "demo preset " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items()), flush=True)

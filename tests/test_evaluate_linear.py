@@ -528,11 +528,12 @@ def test_finite_or_none_replaces_every_nan_and_infinity():
     (["--weights", "no/such/file.pth", "--export-detectron2", "x.pkl"], ["--weights no/such/file.pth"]),
     (["--data", "no/such/folder", "--dataset", "voc"], ["--data no/such/folder"]),
     (["--dataset", "imagefolder", "--finetune"], ["--finetune"]),
+    (["--output-dir", "/dev/null/run", "--epochs", "1"], ["--output-dir /dev/null/run"]),
 ])
-def test_bad_flags_fail_before_any_work(flags, words, capsys):
+def test_bad_flags_fail_before_any_work(flags, words, capsys, tmp_path):
     with pytest.raises(common.UserError) as error:
-        E.main(flags + ["--output-dir", "/nonexistent/never-created"])
-    assert capsys.readouterr().out == ""  # nothing printed, nothing read or built
+        E.main(["--output-dir", str(tmp_path / "run")] + flags)
+    assert capsys.readouterr().out == "" and not os.path.exists(tmp_path / "run")  # nothing printed or written
     for word in words:
         assert word in str(error.value) and "\n" not in str(error.value)
 
