@@ -1052,34 +1052,3 @@ def feature_picture(model, images, path, query=None, forward=None):
                     pixels[px, py] = (255, 0, 0)
     canvas.save(path)
     return canvas
-
-
-# ---- Detectron2 export ----
-def to_detectron2(resnet_state):
-    """Rename torchvision ResNet keys to Detectron2's (as MoCo's and CLoVE's converters do), as numpy arrays:
-    layerN -> res{N+1}, bnK -> convK.norm, downsample.0/1 -> shortcut / shortcut.norm, stem keys get `stem.`."""
-    out = {}
-    for k, v in resnet_state.items():
-        if k.startswith("fc."):
-            continue
-        old = k
-        if "layer" not in k:
-            k = "stem." + k
-        for t in (1, 2, 3, 4):
-            k = k.replace(f"layer{t}", f"res{t + 1}")
-        for t in (1, 2, 3):
-            k = k.replace(f"bn{t}", f"conv{t}.norm")
-        k = k.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
-        out[k] = v.detach().cpu().numpy()
-        assert old == from_detectron2_key(k), (old, k)
-    return {"model": out, "__author__": "dense-ssl", "matching_heuristics": True}
-
-
-def from_detectron2_key(k):
-    """Inverse of to_detectron2's renaming for one key."""
-    k = k.replace("shortcut.norm", "downsample.1").replace("shortcut", "downsample.0")
-    for t in (1, 2, 3):
-        k = k.replace(f"conv{t}.norm", f"bn{t}")
-    for t in (1, 2, 3, 4):
-        k = k.replace(f"res{t + 1}", f"layer{t}")
-    return k[len("stem."):] if k.startswith("stem.") else k

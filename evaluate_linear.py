@@ -1,9 +1,12 @@
-"""Transfer evaluation of dense representations: frozen-feature linear probes, low-label fine-tuning, Detectron2 export.
+"""Transfer evaluation of dense representations: frozen-feature linear probes, low-label fine-tuning, pooled
+classification, Detectron2 export.
 
 A pretrained network is worth what it transfers. The frozen-feature protocol (VADeR §4.1, Table 1) trains only a
 1x1 convolution on fixed per-pixel features: softmax + cross-entropy for semantic segmentation (PASCAL VOC 2012,
 Cityscapes), one output + L1 for depth (NYU-depth v2). The fine-tuning protocol (§4.2, Figure 4) trains the whole
-ResNet + FPN + head with 2..100% of the labels. Both repeat --trials times and report mean and std.
+ResNet + FPN + head with 2..100% of the labels. Both repeat --trials times and report mean and std. Pooled
+classification (the VADeR reviews, Reviewer 4: "results on classification by pooling the learnt features") trains a
+linear classifier on the same frozen features averaged over the image, top-1 and top-5 on an ImageNet-style folder.
 
 Paper: P. O. Pinheiro et al., "Unsupervised Learning of Dense Visual Representations", NeurIPS 2020 (§4.1, §4.2).
 
@@ -15,6 +18,8 @@ Usage
     python evaluate_linear.py --weights random --arch resnet50 --dataset nyu --data /data/nyu_depth_v2   # lower bound
     torchrun --nproc_per_node=4 evaluate_linear.py --weights vader.pth --dataset voc --data ... \\
         --finetune --label-fraction 0.05                                      # Figure 4, one node
+    python evaluate_linear.py --weights vader.pth --dataset imagefolder --data /data/imagenet   # pooled top-1/top-5
+    python evaluate_linear.py --dataset imagefolder      # embedded classification set, random ResNet-18, ~2 min CPU
     python evaluate_linear.py --weights vader.pth --export-detectron2 vader_r50.pkl      # for Detectron2 (below)
 --batch-size is global (split over ranks). Results: a table, then one JSON line on stdout and <output-dir>/metrics.json.
 
@@ -38,27 +43,40 @@ Data sets (--dataset, --data)
                 gtFine/{train,val}/<city>/*_gtFine_labelIds.png; label ids -> the 19 train ids (others -> 255).
     nyu         NYU-depth v2, the standard 795 / 654 split, as a folder (see "Preparing NYU-depth v2" below):
                 rgb/<name>.png, depth/<name>.png (16-bit, millimetres, 0 = no measurement), train.txt, val.txt.
+    imagefolder ImageNet's layout: train/<class>/<image> and val/<class>/<image> (classes numbered in sorted order of
+                the train folders); each image's class; no check of the files' headers at start (ImageNet is big).
     (no --data) the embedded synthetic set: dead-leaves images (common.DeadLeaves) whose per-pixel class is the
                 class of the shape (4 classes + background), shown by its texture family and its overlapping hue
-                palette. Runs on a fresh machine.
+                palette. With --dataset imagefolder: the embedded classification set, pictures of one large
+                dead-leaves object (6 classes: the texture families with their palettes) in front of smaller shapes,
+                labelled with the object's class (see object_image). Both run on a fresh machine.
 Images are resized to a fixed input of --image-size rows (columns: the data set's usual aspect ratio, a multiple of
-32: VOC/synthetic square, Cityscapes 1:2, NYU 3:4). Training labels are resized to the input with nearest neighbour;
-validation logits are upsampled bilinearly to each label's own (native) size and scored there.
+32: VOC/synthetic square, Cityscapes 1:2, NYU 3:4; classification: shorter side to size / 0.875, central square).
+Training labels are resampled to the input grid by pixel centres (`nearest-exact`, the sampling of PIL's resize of
+the image; plain `nearest` shifts them by half an input pixel, ~1.1 source pixels on VOC); validation logits are
+upsampled bilinearly to each label's own (native) size and scored there.
 
 Metrics
     segmentation: one confusion matrix accumulated over all validation pixels (255 ignored); IoU_c = TP / (TP + FP + FN);
                   mIoU = mean over the classes that occur in the ground truth or the predictions; pixel accuracy.
-    depth:        per image over pixels with ground truth (> 0), prediction clamped to [1e-3, 10] m: RMSE, abs-rel
-                  = mean |pred - gt| / gt, delta1 = fraction with max(pred/gt, gt/pred) < 1.25; averaged over images
-                  (the convention of Eigen et al. and most NYU code).
+    depth:        per image over the pixels with ground truth in (1e-3, 10) m inside the Eigen crop (rows 45:471,
+                  columns 41:601 of 480x640; --depth-crop none scores the whole frame), prediction clamped to
+                  [1e-3, 10] m: RMSE, abs-rel = mean |pred - gt| / gt, delta1 = fraction with max(pred/gt, gt/pred)
+                  < 1.25; averaged over images (Eigen et al.; BTS's eval_with_pngs.py). metrics.json's depth_eval
+                  records the crop and range used.
+    classification: top-1 and top-5 accuracy (top-k with k = the number of classes when there are fewer than 5).
+    A score with nothing to count (e.g. no depth pixel in range) is null in metrics.json, never NaN.
     trials:       mean and sample standard deviation over --trials runs with seeds --seed, --seed + 1, ...
 
-Efficiency: features are computed once per image and cached
-    The frozen probe uses no augmentation, so the backbone sees every training image exactly once: its features are
-    cached (fp16, in memory, on each rank for its shard) and all epochs of all trials train the 1x1 convolution on the
-    cache, orders of magnitude faster than re-running the backbone each epoch. When the cache would exceed --cache-gb
-    (VOC train_aug with a dilated ResNet-50 is ~100 GB) the features are recomputed every epoch instead. Validation
-    runs the backbone once and applies every trial's head to the same features.
+Efficiency: one backbone pass feeds every trial, and features are cached when they fit
+    All trials' probes train side by side (ProbeBank): at every step one batch of frozen features, on the device,
+    goes to every trial's 1x1 convolution, so 5 trials cost about one trial's backbone passes. The trials therefore
+    differ in the probe's initialisation (seed + t), and below --label-fraction 1 in their labelled subset, but share
+    the batch order; metrics.json says so (trials_differ_in). The frozen probe uses no augmentation, so when the
+    features (fp16) and labels (uint8 class ids; float32 depth) of this rank's images fit in --cache-gb they are
+    computed once and every epoch reads them from host memory; otherwise (VOC train_aug with a dilated ResNet-50
+    would need ~136 GB) the backbone runs again each epoch and its features never leave the device. Validation runs
+    the backbone once per batch for all trials too.
 
 Choices the paper leaves open (our defaults, and why)
     - Features are centred per channel and divided by one overall scale (the RMS of the channels' std), statistics
@@ -76,7 +94,13 @@ Choices the paper leaves open (our defaults, and why)
       PyTorch has no SyncBN on CPU, so CPU runs keep per-rank statistics. Augmentation: horizontal flip, and for
       segmentation a random crop of 50-100% of the image area.
     - --label-fraction keeps round(fraction x N) training images (at least 1), drawn by seed: trial t uses seed
-      --seed + t, so the trials also measure the spread over labelled subsets.
+      --seed + t, so the trials also measure the spread over labelled subsets. The probes' steps then pass the union
+      of the trials' batches through the backbone (up to --trials x the images of one batch).
+    - Pooled classification: the features are the dense probe's (a vader.py checkpoint's decoder output; the
+      ResNets' C5 dilated to 1/4) averaged over all positions, standardised and fed to a linear layer (a LinearProbe
+      on 1 x 1 maps); default 100 epochs, batch 256, lr 0.1, on cached features. MoCo's linear classification
+      differs: C5 at stride 32 (not dilated), RandomResizedCrop + flip augmentation each epoch, lr 30, no weight
+      decay, no standardisation; ours sees each training image once, centre-cropped, like the dense probe.
 
 Preparing NYU-depth v2 (once, on a machine with h5py and scipy; not needed at run time)
     Download nyu_depth_v2_labeled.mat (2.8 GB, the 1449 labelled frames) and splits.mat (trainNdxs: 795, testNdxs:
@@ -108,9 +132,10 @@ Detectron2 export (--export-detectron2 OUT.pkl)
         MODEL.RESNETS.DEPTH: 50  (18/34 also need MODEL.RESNETS.RES2_OUT_CHANNELS: 64)
     i.e. torchvision's RGB mean/std times 255 and stride in the 3x3 convolution (torchvision's ResNet v1.5).
 
-Public names: VOCSegmentation, CityscapesSegmentation, NYUDepth, SyntheticSegmentation, Samples, LinearProbe,
-FinetuneNet, finetune_network, confusion_matrix, segmentation_scores, depth_image_errors, label_subset,
-export_detectron2, evaluate, main.
+Public names: VOCSegmentation, CityscapesSegmentation, NYUDepth, SyntheticSegmentation, ImageFolderClasses,
+SyntheticClassification, object_image, Samples, resample_label, LinearProbe, ProbeBank, FinetuneNet, finetune_network,
+confusion_matrix, segmentation_scores, depth_image_errors, topk_correct, label_subset, train_probes, to_detectron2,
+from_detectron2_key, export_detectron2, evaluate, main.
 """
 import argparse
 import math
@@ -130,12 +155,17 @@ from vader import VADeRNet
 
 IGNORE = 255
 DEPTH_PNG_SCALE = 1000.0  # NYU depth PNGs store millimetres
-DEPTH_RANGE = (1e-3, 10.0)  # metres; predictions are clamped to it before scoring
+DEPTH_RANGE = (1e-3, 10.0)  # metres: ground truth outside it is not scored, predictions are clamped to it
+EIGEN_CROP = (45, 471, 41, 601)  # rows y0:y1, columns x0:x1 of NYU's 480 x 640 frames that are scored (Eigen et al.)
 
 # ---- arguments ----
 DEMO_PRESET = dict(  # used when --data is not given: random-init ResNet-18 on the embedded synthetic set, ~2 min CPU
     arch="resnet18", image_size=96, batch_size=16, epochs=10, synthetic_train=256, synthetic_val=64, workers=0,
     output_dir="runs/evaluate-demo",
+)
+CLASSIFICATION_DEMO_PRESET = dict(  # --dataset imagefolder without --data: the embedded classification set, ~2 min CPU
+    arch="resnet18", image_size=96, batch_size=32, epochs=30, synthetic_train=256, synthetic_val=128, workers=0,
+    output_dir="runs/evaluate-classification-demo",
 )
 
 
@@ -146,9 +176,10 @@ def get_parser():
     p.add_argument("--weights", default="random", help="vader.py/clove.py checkpoint, official MoCo checkpoint "
                    "(module.encoder_q.*), torchvision ResNet state dict, or 'random'")
     p.add_argument("--arch", default="resnet50", help="ResNet depth for 'random' (checkpoints carry or reveal theirs)")
-    p.add_argument("--dataset", default=None, choices=["voc", "cityscapes", "nyu"],
-                   help="layout of --data (see the module docstring); omit both for the embedded synthetic set")
-    p.add_argument("--data", default=None, help="data set root; omit it for the embedded synthetic set and demo preset")
+    p.add_argument("--dataset", default=None, choices=["voc", "cityscapes", "nyu", "imagefolder"],
+                   help="layout of --data (see the module docstring); omit both for the embedded segmentation set, "
+                   "give 'imagefolder' without --data for the embedded classification set")
+    p.add_argument("--data", default=None, help="data set root; omit it for an embedded set and its demo preset")
     p.add_argument("--train-split", default="auto", help="VOC training list: 'auto' (train_aug when "
                    "ImageSets/Segmentation/train_aug.txt exists, else train), 'train_aug' or 'train'")
     p.add_argument("--output-dir", default="runs/evaluate", help="metrics.json and log.jsonl go here")
@@ -158,20 +189,26 @@ def get_parser():
                    "(paper: 0.02, 0.05, 0.1, 0.2, 0.5, 1); the subset is fixed by the trial's seed")
     p.add_argument("--trials", type=int, default=5, help="repetitions with seeds seed, seed+1, ... (paper: 5)")
     p.add_argument("--epochs", type=int, default=None, help="passes over the training images (default: 20 for the "
-                   "probe, 30 for fine-tuning); the cosine schedule spans them")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch (images), split evenly over ranks")
+                   "dense probe, 100 for classification, 30 for fine-tuning); the cosine schedule spans them")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (images), split evenly over ranks "
+                   "(default: 16 for the dense tasks, 256 for imagefolder classification)")
     p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.1 probe, 0.01 depth probe and "
                    "fine-tuning); lower it if the loss diverges, raise it when the probe underfits")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     p.add_argument("--image-size", type=int, default=None, help="input rows, a multiple of 32 (columns follow the "
                    "data set's aspect ratio); default 224 VOC/NYU, 256 Cityscapes (x 512)")
-    p.add_argument("--cache-gb", type=float, default=16.0, help="cache the frozen training features in memory (per "
-                   "rank) when they fit in this many GB, else recompute them every epoch")
+    p.add_argument("--cache-gb", type=float, default=16.0, help="cache the frozen training features (fp16) and labels "
+                   "in memory (per rank) when both fit in this many GB, else recompute the features every epoch (one "
+                   "backbone pass per batch feeds every trial's probe either way)")
+    p.add_argument("--depth-crop", default="eigen", choices=["eigen", "none"], help="NYU-depth v2 scoring: 'eigen' "
+                   "scores rows 45:471, columns 41:601 of the 480x640 frames (the literature's crop; other frame sizes "
+                   "get the same fractions), 'none' every pixel; either way only ground truth in [1e-3, 10] m counts")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per rank (0: in the main process)")
-    p.add_argument("--seed", type=int, default=0, help="seed of trial 0 (head initialisation, order, label subset)")
+    p.add_argument("--seed", type=int, default=0, help="seed of trial 0 (head initialisation and label subset); the "
+                   "probes' batch order follows --seed and is shared by all trials")
     p.add_argument("--precision", default="auto", choices=common.PRECISIONS, help=common.PRECISION_HELP)
-    p.add_argument("--synthetic-train", type=int, default=1000, help="training images of the embedded set (no --data)")
-    p.add_argument("--synthetic-val", type=int, default=200, help="validation images of the embedded set (no --data)")
+    p.add_argument("--synthetic-train", type=int, default=1000, help="training images of an embedded set (no --data)")
+    p.add_argument("--synthetic-val", type=int, default=200, help="validation images of an embedded set (no --data)")
     p.add_argument("--export-detectron2", default=None, metavar="OUT.pkl", help="write the ResNet of --weights as a "
                    "Detectron2 checkpoint and exit (no evaluation)")
     p.add_argument("--feature-picture", default=None, metavar="OUT.png", help="write VADeR's Figures 2 and 5 for "
@@ -310,11 +347,100 @@ class SyntheticSegmentation(DenseLabelSet):
         return f"synthetic image {self.first + index}"
 
 
+def object_image(leaves, index):
+    """One picture of the embedded classification set, painted by `leaves` (a common.DeadLeaves): a large object of
+    class 1 + index % num_classes in front of a background and smaller shapes of any class, so its class is what a
+    person would call the picture's class, as with ImageNet's object-centred photos.
+
+    The object is a dead leaf like any other (same shapes, texture families and hue palettes) of radius 0.3-0.42 of
+    the side, centred in the middle fifth; the clutter is half as many shapes as DeadLeaves.image draws, with radii
+    capped at 0.12 of the side. A random stream of its own: kind 2, beside image() (0) and sequence() (1).
+    Returns (PIL image, class 0..num_classes-1, class map uint8 with 0 = background, instance map int32 with the
+    object = its largest id).
+    """
+    rng = np.random.default_rng([leaves.seed, 2, index])
+    s = leaves.size
+    canvas = leaves._background(rng, s, s)
+    classes, instances = np.zeros((s, s), np.uint8), np.zeros((s, s), np.int32)
+    clutter = int(rng.integers(leaves.shapes[0], leaves.shapes[1] + 1)) // 2
+    for i in range(clutter):
+        leaf = leaves._leaf(rng, s, s)
+        leaf["r"] = min(leaf["r"], 0.12 * s)
+        leaves._paint(canvas, classes, instances, leaf, i + 1)
+    cls = index % leaves.num_classes + 1  # balanced classes
+    leaf = leaves._leaf(rng, s, s)
+    leaf.update(cls=cls, c0=leaves._colour(rng, cls), c1=leaves._colour(rng, cls), r=rng.uniform(0.3, 0.42) * s,
+                cy=rng.uniform(0.4, 0.6) * s, cx=rng.uniform(0.4, 0.6) * s)
+    leaves._paint(canvas, classes, instances, leaf, clutter + 1)
+    pixels = np.clip(canvas * 255 + rng.normal(0, 3, canvas.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels), cls - 1, classes, instances
+
+
+class SyntheticClassification:
+    """The embedded classification set: `object_image` pictures, labelled with the class of their large object
+    (its texture family: flat, stripes, checks, dots, rings, noise, each with its hue palette)."""
+
+    task, aspect = "classification", 1.0
+
+    def __init__(self, length, size, seed, first_index=0, num_classes=6):
+        self.leaves = common.DeadLeaves(size=size, num_classes=num_classes, seed=seed)
+        self.num_classes, self.classes = num_classes, list(common.DeadLeaves.TEXTURES[:num_classes])
+        self.length, self.first = length, first_index
+
+    def __len__(self):
+        return self.length
+
+    def read(self, index):
+        image, label, _, _ = object_image(self.leaves, self.first + index)
+        return image, label
+
+    def describe(self, index):
+        return f"synthetic object image {self.first + index}"
+
+
+class ImageFolderClasses:
+    """ImageNet's layout: DIR/<split>/<class>/<image>; a class is a sub-folder, classes are numbered in sorted order
+    of the training split's folders, and the validation split must use the same names."""
+
+    task, aspect = "classification", 1.0
+
+    def __init__(self, root, split, classes=None):
+        folder = os.path.join(root, split)
+        if not os.path.isdir(folder):
+            raise common.UserError(f"{folder}: not found; --dataset imagefolder needs --data DIR with "
+                                   "DIR/train/<class>/* and DIR/val/<class>/*")
+        found = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+        self.classes = classes or found
+        unknown = sorted(set(found) - set(self.classes))
+        if unknown:
+            raise common.UserError(f"{folder}: class folder(s) {unknown[:3]} are not in the training split")
+        number = {c: k for k, c in enumerate(self.classes)}
+        self.items = []
+        for c in found:
+            for parent, _, names in sorted(os.walk(os.path.join(folder, c), followlinks=True)):
+                self.items += [(os.path.join(parent, n), number[c]) for n in sorted(names)
+                               if n.lower().endswith(common.IMAGE_EXTENSIONS)]
+        if not self.items:
+            raise common.UserError(f"{folder}: no images in <class> sub-folders "
+                                   f"({', '.join(common.IMAGE_EXTENSIONS[:4])}, ...)")
+        self.num_classes = len(self.classes)
+
+    def __len__(self):
+        return len(self.items)
+
+    def read(self, index):
+        return common.load_image(self.items[index][0]), self.items[index][1]
+
+    def describe(self, index):
+        return self.items[index][0]
+
+
 def build_datasets(args):
-    """(train set, validation set) of --dataset; the embedded synthetic pair when --data is not given."""
+    """(train set, validation set) of --dataset; an embedded pair when --data is not given."""
     if args.data is None:
-        return (SyntheticSegmentation(args.synthetic_train, args.image_size, args.seed),
-                SyntheticSegmentation(args.synthetic_val, args.image_size, args.seed, first_index=10**6))
+        kind = SyntheticClassification if args.dataset == "imagefolder" else SyntheticSegmentation
+        return (kind(args.synthetic_train, args.image_size, args.seed),
+                kind(args.synthetic_val, args.image_size, args.seed, first_index=10**6))
     if not os.path.isdir(args.data):
         raise common.UserError(f"--data {args.data}: no such folder")
     if args.dataset == "voc":
@@ -325,6 +451,9 @@ def build_datasets(args):
         return VOCSegmentation(args.data, split), VOCSegmentation(args.data, "val")
     if args.dataset == "cityscapes":
         return CityscapesSegmentation(args.data, "train"), CityscapesSegmentation(args.data, "val")
+    if args.dataset == "imagefolder":
+        train = ImageFolderClasses(args.data, "train")
+        return train, ImageFolderClasses(args.data, "val", classes=train.classes)
     return NYUDepth(args.data, "train"), NYUDepth(args.data, "val")
 
 
@@ -333,12 +462,32 @@ def input_shape(source, image_size):
     return image_size, max(32, int(round(image_size * source.aspect / 32)) * 32)
 
 
-class Samples(torch.utils.data.Dataset):
-    """Items of a DenseLabelSet as tensors: (image 3 x h x w at the input size, label, index).
+def resample_label(label, shape):
+    """A label map (H x W, any dtype) at `shape`, each output pixel taking the input pixel under its centre
+    (`nearest-exact`: source row floor((i + 0.5) H / h)), the sampling of PIL's resize of the image; plain `nearest`
+    (floor(i H / h)) would shift the labels up-left by half an output pixel against the image."""
+    return F.interpolate(label[None, None], size=shape, mode="nearest-exact")[0, 0]  # h x w, same dtype
 
-    The label is resized to the input (nearest) for training, and left at its native size for validation
-    (`native_labels`), where the logits are upsampled to it. `augment` (fine-tuning only): a horizontal flip, and for
-    segmentation a random crop of 50-100% of the area, drawn from (seed, epoch, index).
+
+def centre_crop(image, size):
+    """The classification input: shorter side resized to size / 0.875, then the central size x size (the ImageNet
+    evaluation transform, 256 -> 224)."""
+    w, h = image.size
+    scale = size / 0.875 / min(w, h)
+    w, h = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((w, h), Image.BILINEAR)
+    x0, y0 = (w - size) // 2, (h - size) // 2
+    return image.crop((x0, y0, x0 + size, y0 + size))
+
+
+class Samples(torch.utils.data.Dataset):
+    """Items of a data set as tensors: (image 3 x h x w at the input size, label, index).
+
+    Dense labels (segmentation: uint8 class ids, depth: float32 metres) are resampled to the input grid by pixel
+    centres for training, and left at their native size for validation (`native_labels`), where the logits are
+    upsampled to them. A classification label is an int64 scalar; its image is resized and centre-cropped.
+    `augment` (fine-tuning only): a horizontal flip, and for segmentation a random crop of 50-100% of the area,
+    drawn from (seed, epoch, index).
     """
 
     def __init__(self, source, indices, shape, native_labels=False, augment=False, seed=0):
@@ -354,7 +503,9 @@ class Samples(torch.utils.data.Dataset):
     def __getitem__(self, k):
         index = self.indices[k]
         image, label = self.source.read(index)
-        label = torch.from_numpy(np.ascontiguousarray(label))  # H x W
+        if self.source.task == "classification":
+            return common.to_tensor(centre_crop(image, self.shape[0])), torch.tensor(label, dtype=torch.long), index
+        label = torch.from_numpy(np.ascontiguousarray(label))  # H x W, uint8 class ids or float32 metres
         if self.augment:
             rng = common.sample_rng(self.seed, self.epoch, k)
             if self.source.task == "segmentation":
@@ -366,8 +517,7 @@ class Samples(torch.utils.data.Dataset):
                 image, label = image.transpose(Image.FLIP_LEFT_RIGHT), label.flip(1)
         image = common.to_tensor(image.resize(self.shape[::-1], Image.BILINEAR))  # 3 x h x w
         if not self.native:
-            label = F.interpolate(label[None, None].float(), size=self.shape, mode="nearest")[0, 0]  # h x w
-        label = label.long() if self.source.task == "segmentation" else label.float()
+            label = resample_label(label, self.shape)  # h x w
         return image, label, index
 
 
@@ -420,6 +570,32 @@ class LinearProbe(nn.Module):
         weight = self.conv.weight / self.std.view(1, -1, 1, 1)  # K x C x 1 x 1
         bias = self.conv.bias - (weight * self.mean.view(1, -1, 1, 1)).sum((1, 2, 3))  # K
         return F.conv2d(features, weight, bias)  # N x K x h x w
+
+
+class ProbeBank(nn.Module):
+    """Every trial's LinearProbe, trained side by side on the same frozen features: one backbone pass per batch
+    feeds them all. `rows` (one index tensor per trial, or None when every trial takes the whole batch) picks each
+    trial's images when the trials' labelled subsets differ."""
+
+    def __init__(self, heads):
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, features, rows=None):  # features: N x C x h x w
+        rows = rows or [None] * len(self.heads)
+        # T x [n x K x h x w]
+        return [head(features if r is None else features[r]) for head, r in zip(self.heads, rows)]
+
+
+class PooledFeatures(nn.Module):
+    """The classification probe's input: a dense feature model's output averaged over all positions, N x C x 1 x 1."""
+
+    def __init__(self, dense):
+        super().__init__()
+        self.dense = dense
+
+    def forward(self, x):
+        return self.dense(x).float().mean((2, 3), keepdim=True)  # N x C x 1 x 1
 
 
 class FinetuneNet(nn.Module):
@@ -484,9 +660,23 @@ def segmentation_scores(confusion):
                 per_class_iou=[float(v) if p else None for v, p in zip(iou, present)])
 
 
-def depth_image_errors(pred, gt):
-    """(RMSE, abs-rel, delta1) of one image over the pixels with ground truth; None when it has none."""
-    valid = gt > 0
+def eigen_crop_mask(shape):
+    """H x W bool mask of the scored region: rows 45:471, columns 41:601 of a 480 x 640 frame (the border of NYU's
+    labelled frames has no valid depth; Eigen et al. 2014 and e.g. BTS's eval_with_pngs.py); other sizes get the same
+    fractions of their rows and columns."""
+    h, w = shape
+    y0, y1, x0, x1 = EIGEN_CROP
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask[round(y0 * h / 480):round(y1 * h / 480), round(x0 * w / 640):round(x1 * w / 640)] = True
+    return mask
+
+
+def depth_image_errors(pred, gt, crop=True):
+    """(RMSE, abs-rel, delta1) of one image over the pixels with ground truth in DEPTH_RANGE (strictly inside, as in
+    BTS) and, with `crop`, inside the Eigen crop; predictions are clamped to DEPTH_RANGE. None when no pixel counts."""
+    valid = (gt > DEPTH_RANGE[0]) & (gt < DEPTH_RANGE[1])
+    if crop:
+        valid &= eigen_crop_mask(gt.shape)
     if not valid.any():
         return None
     p, g = pred[valid].double().clamp(*DEPTH_RANGE), gt[valid].double()
@@ -496,6 +686,24 @@ def depth_image_errors(pred, gt):
     return rmse, abs_rel, delta1
 
 
+def topk_correct(logits, target, ks=(1, 5)):
+    """How many rows of `logits` (N x K) have their `target` among the k highest scores, for each k (capped at K)."""
+    ranked = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # N x k
+    hits = ranked == target[:, None]
+    return [int(hits[:, :k].any(1).sum()) for k in ks]
+
+
+def finite_or_none(value):
+    """`value` with every NaN or infinite float (also inside lists and dicts) replaced by None: JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def all_reduce_sum(tensor):
     if common.distributed():
         dist.all_reduce(tensor)
@@ -503,41 +711,54 @@ def all_reduce_sum(tensor):
 
 
 @torch.no_grad()
-def evaluate(encode, heads, val_loader, task, num_classes, d, precision, desc="val"):
+def evaluate(encode, heads, val_loader, task, num_classes, d, precision, desc="val", depth_crop=True):
     """Scores of every head on the validation set; `encode` (the frozen backbone, or identity) runs once per batch.
 
-    Logits are upsampled bilinearly to each label's native size. Counts are summed over ranks, so the result is
-    the same as one process scoring the whole set.
+    Dense logits are upsampled bilinearly to each label's native size. Counts are summed over ranks, so the result
+    is the same as one process scoring the whole set. A score with nothing to count (no depth pixel in range) is
+    None.
     """
     k = len(heads)
     confusion = torch.zeros(k, num_classes, num_classes, dtype=torch.long)
-    depth_sums = torch.zeros(k, 4, dtype=torch.float64)  # per head: sum of RMSE, abs-rel, delta1, images
+    sums = torch.zeros(k, 4, dtype=torch.float64)  # depth: sum of RMSE, abs-rel, delta1, images; top-1, top-5, images
     for images, labels, _ in common.throughput_bar(val_loader, len(val_loader), d.is_main, desc=desc):
         with common.autocast(d.device, precision):
-            features = encode(images.to(d.device, non_blocking=True))  # N x C x h/4 x w/4
+            features = encode(images.to(d.device, non_blocking=True))  # N x C x h/4 x w/4 (or x 1 x 1)
             outputs = [head(features).float() for head in heads]  # k x [N x K x h/4 x w/4]
+        if task == "classification":
+            target = torch.stack(labels)  # N
+            for h, out in enumerate(outputs):
+                sums[h] += torch.tensor([*topk_correct(out.flatten(1).cpu(), target), len(target), 0.0],
+                                        dtype=torch.float64)
+            continue
         for j, label in enumerate(labels):
             for h, out in enumerate(outputs):
                 up = F.interpolate(out[j:j + 1], size=label.shape, mode="bilinear", align_corners=False)[0]  # K x H x W
                 if task == "segmentation":
                     confusion[h] += confusion_matrix(up.argmax(0).cpu(), label, num_classes)
                 else:
-                    errors = depth_image_errors(up[0].cpu(), label)
+                    errors = depth_image_errors(up[0].cpu(), label, crop=depth_crop)
                     if errors is not None:
-                        depth_sums[h] += torch.tensor([*errors, 1.0], dtype=torch.float64)
+                        sums[h] += torch.tensor([*errors, 1.0], dtype=torch.float64)
     if task == "segmentation":
         return [segmentation_scores(c) for c in all_reduce_sum(confusion.to(d.device)).cpu()]
-    sums = all_reduce_sum(depth_sums.to(d.device)).cpu()
-    return [dict(rmse=float(s[0] / s[3]), abs_rel=float(s[1] / s[3]), delta1=float(s[2] / s[3])) for s in sums]
+    sums = all_reduce_sum(sums.to(d.device)).cpu().tolist()
+    if task == "classification":
+        return [dict(top1=s[0] / s[2], top5=s[1] / s[2]) for s in sums]
+    return [dict(rmse=s[0] / s[3], abs_rel=s[1] / s[3], delta1=s[2] / s[3]) if s[3] else
+            dict(rmse=None, abs_rel=None, delta1=None) for s in sums]
 
 
 # ---- training ----
 def task_loss(outputs, labels, task):
-    """Cross-entropy (ignore 255) or L1 on pixels with depth, after upsampling to the label size (§4.1)."""
+    """Cross-entropy (ignore 255) on class ids, or L1 on the pixels with depth in DEPTH_RANGE, after upsampling the
+    dense outputs to the label size (§4.1); classification: cross-entropy on the pooled logits (N x K x 1 x 1)."""
+    if task == "classification":
+        return F.cross_entropy(outputs.float().flatten(1), labels)
     outputs = F.interpolate(outputs.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)  # N x K x H x W
     if task == "segmentation":
-        return F.cross_entropy(outputs, labels, ignore_index=IGNORE)
-    valid = labels > 0  # N x H x W
+        return F.cross_entropy(outputs, labels.long(), ignore_index=IGNORE)  # uint8 labels become int64 on the device
+    valid = (labels > DEPTH_RANGE[0]) & (labels < DEPTH_RANGE[1])  # N x H x W
     return (outputs[:, 0] - labels).abs()[valid].mean() if valid.any() else outputs.sum() * 0
 
 
@@ -554,30 +775,33 @@ def steps_per_epoch(indices, subset, per_rank):
     return steps
 
 
-def fit(model, optimizer, epoch_batches, steps, task, args, d, log, mode, trial, desc):
-    """SGD with cosine lr over args.epochs epochs of `steps` steps; epoch_batches(epoch) yields (inputs, labels).
-    Used by the probe (cached features -> LinearProbe) and by fine-tuning (images -> FinetuneNet)."""
+def fit(model, optimizer, epoch_batches, steps, losses, args, d, log, mode, trials, desc):
+    """SGD with cosine lr over args.epochs epochs of `steps` steps. epoch_batches(epoch) yields (inputs, labels,
+    rows) on the device; losses(inputs, labels, rows) gives one loss per trial in `trials` (the probe bank: all of
+    them at once; fine-tuning: one). Their sum is minimised: the trials share no parameter, so each trial's
+    parameters get exactly the gradient of its own loss. Used by the probes and by fine-tuning."""
     total, step = args.epochs * steps, 0
     bar = common.throughput_bar(None, total, d.is_main, desc=desc)
     for epoch in range(args.epochs):
-        running = 0.0
-        for inputs, labels in epoch_batches(epoch):
+        running = torch.zeros(len(trials), dtype=torch.float64)
+        for inputs, labels, rows in epoch_batches(epoch):
             lr = set_lr(optimizer, step, total, args.lr)
             with common.autocast(d.device, args.precision):
-                loss = task_loss(model(inputs.to(d.device, non_blocking=True)), labels.to(d.device), task)
+                loss = losses(inputs, labels, rows)  # T
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.sum().backward()
             optimizer.step()
-            value = loss.item()
-            running += value
+            values = loss.detach().double().cpu()
+            running += values
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.1e}")
+            bar.set_postfix(loss=f"{float(values.mean()):.3f}", lr=f"{lr:.1e}")
             step += 1
-        loss_value = common.all_reduce_mean(running / steps)
-        if not math.isfinite(loss_value):
-            name = "probe" if mode == "probe" else "fine-tuning"
-            raise common.UserError(f"non-finite {name} loss at trial {trial} epoch {epoch}; lower --lr")
-        log.write(mode=mode, trial=trial, epoch=epoch, loss=loss_value, lr=lr)
+        means = all_reduce_sum((running / steps).to(d.device)).cpu() / d.world_size
+        for trial, value in zip(trials, means.tolist()):
+            if not math.isfinite(value):
+                name = "probe" if mode == "probe" else "fine-tuning"
+                raise common.UserError(f"non-finite {name} loss at trial {trial} epoch {epoch}; lower --lr")
+            log.write(mode=mode, trial=trial, epoch=epoch, loss=value, lr=lr)
     bar.close()
 
 
@@ -588,15 +812,24 @@ def set_lr(optimizer, step, total, peak):
     return lr
 
 
+@torch.no_grad()
+def frozen_features(backbone, images, d, precision):
+    """The frozen backbone's features of a batch, left on the device. A function, not a `with` block around a
+    `yield`: grad mode and autocast are thread-global, so a generator suspended inside no_grad() switches off the
+    gradients of whatever its consumer runs (the probes' training, which then fails in backward)."""
+    with common.autocast(d.device, precision):
+        return backbone(images.to(d.device, non_blocking=True))  # N x C x h x w
+
+
 class FeatureCache:
-    """The frozen backbone's features of this rank's training images, computed once (fp16), with their labels."""
+    """The frozen backbone's features (fp16) and labels (as the data set gives them: uint8 class ids, float32 metres,
+    int64 classes) of this rank's training images, computed once and kept in host memory."""
 
     def __init__(self, backbone, samples, args, d):
         self.features, self.labels, self.position, filled = None, None, {}, 0
         batches = loader(samples, max(1, args.batch_size // d.world_size), args.workers, d.device)
         for images, labels, indices in common.throughput_bar(batches, len(batches), d.is_main, desc="features"):
-            with torch.no_grad(), common.autocast(d.device, args.precision):
-                f = backbone(images.to(d.device, non_blocking=True)).to("cpu", torch.float16)  # N x C x h x w
+            f = frozen_features(backbone, images, d, args.precision).to("cpu", torch.float16)  # N x C x h x w
             if self.features is None:
                 self.features = torch.empty(len(samples), *f.shape[1:], dtype=torch.float16)
                 self.labels = torch.empty(len(samples), *labels.shape[1:], dtype=labels.dtype)
@@ -604,76 +837,119 @@ class FeatureCache:
             self.position.update({index: filled + i for i, index in enumerate(indices.tolist())})
             filled += len(f)
 
-    def batches(self, indices, batch_size, seed):
-        """Shuffled batches (features, labels) of the cached images `indices` (with repeats, from padding)."""
-        rows = torch.tensor([self.position[i] for i in indices])
-        order = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
-        for b in range(0, len(order) - batch_size + 1, batch_size):
-            yield self.features[order[b:b + batch_size]].float(), self.labels[order[b:b + batch_size]]
+    def batch(self, images, dtype, device):
+        """(features as `dtype`, labels) of the cached images `images` (data set indices), on `device`."""
+        rows = torch.tensor([self.position[i] for i in images])
+        return (self.features[rows].to(device, non_blocking=True).to(dtype),  # fp16 over the bus, cast on the device
+                self.labels[rows].to(device, non_blocking=True))
 
 
-def feature_statistics(batches, task, d):
-    """Per-channel mean and one overall std of the training features (summed over ranks), and the mean depth."""
+def epoch_steps(shards, per_rank, seed):
+    """This rank's steps of one epoch as (images, rows): the data set indices that go through the backbone, and for
+    each trial the positions of its batch among them (None when every trial's batch is the whole `images`).
+
+    `shards` holds each trial's training images on this rank (equal lengths). One permutation of the positions,
+    drawn from `seed`, orders every trial's shard, so the trials share the batch order. When they share the images
+    too (--label-fraction 1), a step's images are exactly one batch; otherwise the union of the trials' batches."""
+    length = len(shards[0])
+    order = torch.randperm(length, generator=torch.Generator().manual_seed(seed)).tolist()
+    same = all(s == shards[0] for s in shards)
+    steps = []
+    for b in range(0, length - per_rank + 1, per_rank):
+        batches = [[s[i] for i in order[b:b + per_rank]] for s in shards]
+        if same:
+            steps.append((batches[0], None))
+        else:
+            images = sorted(set().union(*batches))
+            where = {index: k for k, index in enumerate(images)}
+            steps.append((images, [torch.tensor([where[i] for i in batch]) for batch in batches]))
+    return steps
+
+
+def feature_statistics(batches, trials, task, d):
+    """Per trial: per-channel mean and one overall std of its training features (summed over ranks), and its mean
+    training depth. `batches` yields (features, labels, rows) as the training loop sees them."""
     total = None
-    for features, labels in batches:
-        f = features.double().transpose(0, 1).flatten(1)  # C x (N h w)
-        depth = labels[labels > 0].double() if task == "depth" else torch.zeros(0, dtype=torch.float64)
-        part = torch.cat([f.sum(1), (f ** 2).sum(1), torch.tensor([f.shape[1], depth.sum(), depth.numel()])])
+    for features, labels, rows in batches:
+        parts = {}
+        for t, r in enumerate(rows or [None] * trials):
+            if r is None and None in parts:  # every trial takes the whole batch: count it once
+                continue
+            f, l = (features, labels) if r is None else (features[r], labels[r])
+            depth = l[(l > DEPTH_RANGE[0]) & (l < DEPTH_RANGE[1])] if task == "depth" else l[:0]
+            n = f.shape[0] * f.shape[2] * f.shape[3]
+            parts[r if r is None else t] = torch.cat([
+                f.sum((0, 2, 3), dtype=torch.float64), f.float().square().sum((0, 2, 3), dtype=torch.float64),
+                torch.tensor([n, depth.double().sum(), depth.numel()], dtype=torch.float64, device=f.device)])
+        part = torch.stack([parts[None] if None in parts else parts[t] for t in range(trials)])  # T x (2C + 3)
         total = part if total is None else total + part
-    total = all_reduce_sum(total.to(d.device)).cpu()
-    c = (len(total) - 3) // 2
-    n = total[2 * c]
-    mean = total[:c] / n
-    variance = (total[c:2 * c] / n - mean ** 2).clamp(min=0)  # C
+    total = all_reduce_sum(total).cpu()
+    c = (total.shape[1] - 3) // 2
+    n = total[:, 2 * c:2 * c + 1]  # T x 1
+    mean = total[:, :c] / n  # T x C
+    variance = (total[:, c:2 * c] / n - mean ** 2).clamp(min=0)  # T x C
     # one scale for all channels (their RMS std): per-channel scales would blow up near-constant channels
-    std = variance.mean().sqrt().clamp(min=1e-6).expand(c)  # C
-    return mean.float(), std.float(), float(total[2 * c + 1] / max(float(total[2 * c + 2]), 1.0))
+    std = variance.mean(1, keepdim=True).sqrt().clamp(min=1e-6).expand(-1, c)  # T x C
+    mean_depth = total[:, 2 * c + 1] / total[:, 2 * c + 2].clamp(min=1.0)  # T
+    return mean.float(), std.float().contiguous(), mean_depth.tolist()
 
 
 def train_probes(backbone, train_set, subsets, args, d, log):
-    """One LinearProbe per trial, on frozen features (cached when they fit in --cache-gb)."""
+    """Every trial's LinearProbe, trained side by side (ProbeBank): at each step one backbone pass (or one cache
+    look-up) gives the batch's features, on the device, and every trial's probe takes its step on them. The trials
+    differ in the probe's initialisation (seed + t) and, below --label-fraction 1, in their labelled subset; they
+    share the batch order. Returns (probes in eval mode, a description of the feature path)."""
+    task, trials = train_set.task, len(subsets)
     shape = input_shape(train_set, args.image_size)
     per_rank = max(1, args.batch_size // d.world_size)
-    mine = sorted(set().union(*[shard(s, d.rank, d.world_size) for s in subsets]))  # this rank's images, all trials
-    with torch.no_grad():
-        probe_input = torch.zeros(1, 3, *shape, device=d.device)
-        channels, h, w = backbone(probe_input).shape[1:]
-    cache_gb = len(mine) * channels * h * w * 2 / 1e9
-    cached = cache_gb <= args.cache_gb
+    shards = [shard(s, d.rank, d.world_size) for s in subsets]
+    steps = steps_per_epoch(shards[0], subsets[0], per_rank)
+    mine = sorted(set().union(*shards))  # this rank's images, all trials
     samples = Samples(train_set, mine, shape)
-    if cached:
-        cache = FeatureCache(backbone, samples, args, d)
+    image, label, _ = samples[0]
+    channels, h, w = frozen_features(backbone, image[None], d, args.precision).shape[1:]
+    cache_gb = len(mine) * (channels * h * w * 2 + label.numel() * label.element_size()) / 1e9  # fp16 + labels
+    cached = cache_gb <= args.cache_gb
+    cache = FeatureCache(backbone, samples, args, d) if cached else None
+    dtype = common.autocast_dtype(d.device, args.precision) or torch.float32
+    by_index = Samples(train_set, range(len(train_set)), shape)  # item k is image k
 
-    def batches(indices, seed):
+    def epoch_batches(epoch, limit=None):
+        plan = epoch_steps(shards, per_rank, args.seed * 1000 + epoch)[:limit]
         if cached:
-            yield from cache.batches(indices, per_rank, seed)
+            for images, rows in plan:
+                yield (*cache.batch(images, dtype, d.device), rows)
             return
-        for images, labels, _ in loader(Samples(train_set, indices, shape), per_rank, args.workers, d.device,
-                                        shuffle_seed=seed, drop_last=True):
-            with torch.no_grad(), common.autocast(d.device, args.precision):
-                yield backbone(images.to(d.device, non_blocking=True)).float().cpu(), labels
+        batches = torch.utils.data.DataLoader(by_index, batch_sampler=[images for images, _ in plan],
+                                              num_workers=args.workers, pin_memory=d.device.type == "cuda")
+        for (images, labels, _), (_, rows) in zip(batches, plan):
+            yield frozen_features(backbone, images, d, args.precision), labels.to(d.device, non_blocking=True), rows
 
+    path = (f"cached ({cache_gb:.2f} GB on this rank)" if cached else
+            f"recomputed each epoch (a cache would need {cache_gb:.1f} GB > --cache-gb {args.cache_gb})")
     if d.is_main:
-        print(f"probe: {channels}-d features at {h}x{w} for {shape[0]}x{shape[1]} inputs; "
-              + (f"cached ({cache_gb:.2f} GB on this rank)" if cached else
-                 f"recomputed each epoch (a cache would need {cache_gb:.1f} GB > --cache-gb {args.cache_gb})"))
-    outputs = train_set.num_classes if train_set.task == "segmentation" else 1
+        print(f"probe: {channels}-d features at {h}x{w} for {shape[0]}x{shape[1]} inputs, {path}; one backbone pass "
+              f"per batch feeds all {trials} trial(s), which share the batch order")
+    # the statistics: all cached features, or the first 20 batches of epoch 0 when they are recomputed
+    mean, std, mean_depth = feature_statistics(epoch_batches(0, None if cached else 20), trials, task, d)
+    outputs = 1 if task == "depth" else train_set.num_classes
     heads = []
-    for trial, subset in enumerate(subsets):
-        seed = args.seed + trial
-        indices = shard(subset, d.rank, d.world_size)
-        stats_batches = batches(indices, seed) if cached else (b for b, _ in zip(batches(indices, seed), range(20)))
-        mean, std, mean_depth = feature_statistics(stats_batches, train_set.task, d)
-        torch.manual_seed(seed)  # the head's initialisation: same on every rank, different per trial
-        head = LinearProbe(channels, outputs, mean, std).to(d.device)
-        if train_set.task == "depth":
-            nn.init.constant_(head.conv.bias, mean_depth)
-        model = nn.parallel.DistributedDataParallel(head) if d.world_size > 1 else head
-        steps = steps_per_epoch(indices, subset, per_rank)
-        fit(model, sgd(head, args), lambda epoch: batches(indices, seed * 1000 + epoch), steps, train_set.task,
-            args, d, log, "probe", trial, desc=f"probe {trial + 1}/{len(subsets)}")
-        heads.append(head.eval())
-    return heads
+    for t in range(trials):
+        torch.manual_seed(args.seed + t)  # trial t's initialisation: the same on every rank
+        heads.append(LinearProbe(channels, outputs, mean[t], std[t]))
+        if task == "depth":
+            nn.init.constant_(heads[-1].conv.bias, mean_depth[t])
+    bank = ProbeBank(heads).to(d.device)
+    model = nn.parallel.DistributedDataParallel(bank) if d.world_size > 1 else bank
+
+    def losses(features, labels, rows):
+        out = model(features, rows)  # T x [n x K x h x w]
+        return torch.stack([task_loss(o, labels if r is None else labels[r], task)
+                            for o, r in zip(out, rows or [None] * trials)])  # T
+
+    fit(model, sgd(bank, args), epoch_batches, steps, losses, args, d, log, "probe", list(range(trials)),
+        desc=f"probe x{trials}")
+    return [head.eval() for head in bank.heads], ("cached" if cached else "recomputed")
 
 
 def train_finetune(weights, train_set, subset, trial, args, d, log):
@@ -700,15 +976,45 @@ def train_finetune(weights, train_set, subset, trial, args, d, log):
         samples.set_epoch(epoch)
         for images, labels, _ in loader(samples, per_rank, args.workers, d.device, shuffle_seed=seed * 1000 + epoch,
                                         drop_last=True):
-            yield images, labels
+            yield images.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True), None
 
     model.train()
-    fit(model, sgd(net, args), epoch_batches, steps, train_set.task, args, d, log, "finetune", trial,
-        desc=f"finetune {trial + 1}/{args.trials}")
+    fit(model, sgd(net, args), epoch_batches, steps, lambda x, y, _: task_loss(model(x), y, train_set.task)[None],
+        args, d, log, "finetune", [trial], desc=f"finetune {trial + 1}/{args.trials}")
     return net.eval(), description
 
 
 # ---- export ----
+def to_detectron2(resnet_state):
+    """Rename torchvision ResNet keys to Detectron2's (as MoCo's and CLoVE's converters do), as numpy arrays:
+    layerN -> res{N+1}, bnK -> convK.norm, downsample.0/1 -> shortcut / shortcut.norm, stem keys get `stem.`."""
+    out = {}
+    for k, v in resnet_state.items():
+        if k.startswith("fc."):
+            continue
+        old = k
+        if "layer" not in k:
+            k = "stem." + k
+        for t in (1, 2, 3, 4):
+            k = k.replace(f"layer{t}", f"res{t + 1}")
+        for t in (1, 2, 3):
+            k = k.replace(f"bn{t}", f"conv{t}.norm")
+        k = k.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        out[k] = v.detach().cpu().numpy()
+        assert old == from_detectron2_key(k), (old, k)
+    return {"model": out, "__author__": "dense-ssl", "matching_heuristics": True}
+
+
+def from_detectron2_key(k):
+    """Inverse of to_detectron2's renaming for one key."""
+    k = k.replace("shortcut.norm", "downsample.1").replace("shortcut", "downsample.0")
+    for t in (1, 2, 3):
+        k = k.replace(f"conv{t}.norm", f"bn{t}")
+    for t in (1, 2, 3, 4):
+        k = k.replace(f"res{t + 1}", f"layer{t}")
+    return k[len("stem."):] if k.startswith("stem.") else k
+
+
 def export_detectron2(weights, path):
     """Write the ResNet encoder of `weights` as a Detectron2 .pkl; returns (kind, number of tensors)."""
     if weights == "random":
@@ -716,7 +1022,7 @@ def export_detectron2(weights, path):
     kind, state, _ = common.read_weights(weights)
     if kind in ("vader", "clove"):
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    exported = common.to_detectron2(state)
+    exported = to_detectron2(state)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         pickle.dump(exported, f)
@@ -737,43 +1043,71 @@ def feature_picture(args):
 
 # ---- main ----
 def summarise(per_trial):
-    """Mean and sample std (0 for one trial) of every scalar metric over the trials."""
-    names = [k for k, v in per_trial[0].items() if isinstance(v, float)]
-    values = {k: np.array([t[k] for t in per_trial]) for k in names}
-    return ({k: float(v.mean()) for k, v in values.items()},
-            {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()})
+    """Mean and sample std (0 for one trial) of every scalar metric over the trials; None where a trial has None."""
+    names = [k for k, v in per_trial[0].items() if v is None or isinstance(v, float)]
+    values = {k: [t[k] for t in per_trial] for k in names}
+    mean = {k: None if None in v else float(np.mean(v)) for k, v in values.items()}
+    std = {k: None if None in v else float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}
+    return mean, std
 
 
 def print_table(per_trial, mean, std):
     names = list(mean)
+    cell = lambda v: f"{v:>10.4f}" if v is not None else f"{'-':>10}"  # noqa: E731
     print("trial  " + "  ".join(f"{n:>10}" for n in names))
     for t, scores in enumerate(per_trial):
-        print(f"{t:>5}  " + "  ".join(f"{scores[n]:>10.4f}" for n in names))
-    print(" mean  " + "  ".join(f"{mean[n]:>10.4f}" for n in names))
-    print("  std  " + "  ".join(f"{std[n]:>10.4f}" for n in names))
+        print(f"{t:>5}  " + "  ".join(cell(scores[n]) for n in names))
+    print(" mean  " + "  ".join(cell(mean[n]) for n in names))
+    print("  std  " + "  ".join(cell(std[n]) for n in names))
 
 
-def check_args(args, d):
+def check_paths(args):
+    """The files and folders the run needs, before anything is printed or read."""
+    if args.weights != "random" and not os.path.isfile(args.weights):
+        raise common.UserError(f"--weights {args.weights}: no such file; pass a vader.py/clove.py checkpoint, an "
+                               "official MoCo checkpoint, a torchvision ResNet state dict, or 'random'")
     if args.data is not None and args.dataset is None:
-        raise common.UserError("--data given without --dataset; pass --dataset voc, cityscapes or nyu")
-    if args.image_size % 32:
-        raise common.UserError(f"--image-size {args.image_size}: must be a multiple of 32 (the FPN's coarsest stride)")
-    if args.batch_size % d.world_size:
-        raise common.UserError(f"--batch-size {args.batch_size}: the global batch must split evenly over "
-                               f"{d.world_size} ranks")
-    if args.trials < 1 or args.epochs < 1:
-        raise common.UserError("--trials and --epochs must be at least 1")
+        raise common.UserError("--data given without --dataset; pass --dataset voc, cityscapes, nyu or imagefolder")
+    if args.data is not None and not os.path.isdir(args.data):
+        raise common.UserError(f"--data {args.data}: no such folder")
+    if args.data is None and args.dataset not in (None, "imagefolder"):
+        raise common.UserError(f"--dataset {args.dataset} needs --data (the data set's root folder)")
+
+
+def check_args(args, world_size):
+    """Every number, before any work: one line naming the flag."""
+    if args.image_size < 32 or args.image_size % 32:
+        raise common.UserError(f"--image-size {args.image_size}: must be a positive multiple of 32 (the FPN's "
+                               "coarsest stride), e.g. 224")
+    if args.batch_size < 1 or args.batch_size % world_size:
+        raise common.UserError(f"--batch-size {args.batch_size}: the global batch must be positive and split evenly "
+                               f"over {world_size} rank(s)")
+    for flag in ("trials", "epochs", "synthetic_train", "synthetic_val"):
+        if getattr(args, flag) < 1:
+            raise common.UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if not args.lr > 0 or not args.weight_decay >= 0 or not args.cache_gb >= 0 or args.workers < 0:
+        raise common.UserError("--lr must be positive; --weight-decay, --cache-gb and --workers at least 0")
+    if not 0 < args.label_fraction <= 1:
+        raise common.UserError(f"--label-fraction {args.label_fraction}: must be in (0, 1]")
     if args.train_split not in ("auto", "train_aug", "train"):
         raise common.UserError(f"--train-split {args.train_split}: expected auto, train_aug or train")
+    if args.finetune and args.dataset == "imagefolder":
+        raise common.UserError("--finetune trains the dense network (§4.2); imagefolder classification is a "
+                               "frozen-feature probe only")
 
 
 def run(args):
     d = common.init_distributed()
-    check_args(args, d)
     say = print if d.is_main else (lambda *a, **k: None)
     t_start = time.time()
     common.seed_all(args.seed)  # a 'random' backbone is the same on every rank and in every run with this seed
+    if args.finetune and args.weights != "random":
+        common.read_weights(args.weights)  # an unknown file fails before the data sets are read
+    elif not args.finetune:
+        backbone, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet})
     train_set, val_set = build_datasets(args)
+    if not args.finetune and train_set.task == "classification":
+        backbone, description = PooledFeatures(backbone), f"{description}, averaged over all positions"
     os.makedirs(args.output_dir, exist_ok=True)
     log = common.JsonLog(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
     subsets = [label_subset(len(train_set), args.label_fraction, args.seed + t) for t in range(args.trials)]
@@ -781,38 +1115,56 @@ def run(args):
     val_samples = Samples(val_set, list(range(len(val_set)))[d.rank::d.world_size], shape, native_labels=True)
     val_loader = loader(val_samples, max(1, args.batch_size // d.world_size), args.workers, d.device,
                         collate=collate_native)
-    data_name = args.dataset or "synthetic"
+    data_name = args.dataset if args.data else "synthetic-objects" if args.dataset == "imagefolder" else "synthetic"
+    depth_crop = args.depth_crop == "eigen"
     say(f"{'fine-tuning' if args.finetune else 'frozen probe'} on {data_name} ({train_set.task}): "
         f"{len(subsets[0])} of {len(train_set)} training images (--label-fraction {args.label_fraction}), "
         f"{len(val_set)} validation images, {shape[0]}x{shape[1]} inputs, {args.trials} trial(s) x {args.epochs} "
         f"epochs, {d.world_size} rank(s), device {d.device}")
 
+    t_train, train_seconds = time.time(), 0.0  # training time alone (no validation), for cost comparisons
     if args.finetune:
         per_trial = []
         for trial, subset in enumerate(subsets):
+            t_train = time.time()
             net, description = train_finetune(args.weights, train_set, subset, trial, args, d, log)
+            train_seconds += time.time() - t_train
             per_trial += evaluate(lambda x: x, [net], val_loader, val_set.task, val_set.num_classes, d,
-                                  args.precision, desc=f"val {trial + 1}/{args.trials}")
+                                  args.precision, desc=f"val {trial + 1}/{args.trials}", depth_crop=depth_crop)
+        feature_path = None
+        differ = "network initialisation (FPN, decoder, head), batch order, augmentation{}"
     else:
-        backbone, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet})
         backbone = backbone.to(d.device).eval().requires_grad_(False)
         say(f"features: {description}")
-        heads = train_probes(backbone, train_set, subsets, args, d, log)
-        per_trial = evaluate(backbone, heads, val_loader, val_set.task, val_set.num_classes, d, args.precision)
+        heads, feature_path = train_probes(backbone, train_set, subsets, args, d, log)
+        train_seconds = time.time() - t_train
+        per_trial = evaluate(backbone, heads, val_loader, val_set.task, val_set.num_classes, d, args.precision,
+                             depth_crop=depth_crop)
+        differ = "probe initialisation{} (the batch order is shared: one backbone pass per batch feeds every trial)"
+    differ = differ.format(", labelled subset" if args.label_fraction < 1 else "")
 
     mean, std = summarise(per_trial)
     result = dict(mode="finetune" if args.finetune else "probe", dataset=data_name, task=val_set.task,
                   weights=args.weights, model=description, label_fraction=args.label_fraction, trials=args.trials,
-                  epochs=args.epochs, lr=args.lr, image_size=list(shape), train_images=len(subsets[0]),
-                  val_images=len(val_set), mean=mean, std=std,
-                  per_trial=[{k: v for k, v in t.items() if isinstance(v, float)} for t in per_trial],
-                  seconds=round(time.time() - t_start, 1))
+                  trials_differ_in=differ, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                  image_size=list(shape), train_images=len(subsets[0]), val_images=len(val_set), mean=mean, std=std,
+                  per_trial=[{k: v for k, v in t.items() if v is None or isinstance(v, float)} for t in per_trial])
+    if feature_path:
+        result["probe_features"] = feature_path
     if val_set.task == "segmentation":
         ious = np.array([[np.nan if v is None else v for v in t["per_class_iou"]] for t in per_trial])
         result["per_class_iou"] = [None if np.isnan(c).all() else float(np.nanmean(c)) for c in ious.T]
+    if val_set.task == "depth":
+        result["depth_eval"] = dict(crop=list(EIGEN_CROP) if depth_crop else None, crop_of="480x640" if depth_crop
+                                    else None, range_m=list(DEPTH_RANGE))
+    if val_set.task == "classification":
+        result["classes"] = val_set.num_classes
+        result["top5_k"] = min(5, val_set.num_classes)
+    result.update(train_seconds=round(train_seconds, 2), seconds=round(time.time() - t_start, 1))
+    result = finite_or_none(result)
     log.write(event="end", **{k: v for k, v in result.items() if k != "per_trial"})
     if d.is_main:
-        print_table(result["per_trial"], mean, std)
+        print_table(result["per_trial"], result["mean"], result["std"])
         common.print_result(result, os.path.join(args.output_dir, "metrics.json"))
     common.finish_distributed()
     return result
@@ -821,6 +1173,7 @@ def run(args):
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
+    check_paths(args)
     if args.export_detectron2:
         kind, count = export_detectron2(args.weights, args.export_detectron2)
         print(f"wrote {count} ResNet tensors of the {kind} weights {args.weights} to {args.export_detectron2}; "
@@ -828,17 +1181,27 @@ def main(argv=None):
               "[58.395, 57.120, 57.375], MODEL.RESNETS.STRIDE_IN_1X1 False, MODEL.RESNETS.NORM SyncBN, MODEL.FPN.NORM SyncBN")
         common.print_result(dict(export=args.export_detectron2, kind=kind, tensors=count, weights=args.weights))
         return
-    if args.data is None:
-        if args.dataset is not None:
-            raise common.UserError(f"--dataset {args.dataset} needs --data (the data set's root folder)")
-        common.apply_preset(parser, args, DEMO_PRESET, argv, announce="embedded synthetic segmentation set")
+    classification = args.dataset == "imagefolder"
+    preset = {}
+    if args.data is None:  # the embedded set: its preset fills the flags not given
+        preset = common.apply_preset(parser, args, CLASSIFICATION_DEMO_PRESET if classification else DEMO_PRESET, argv)
     depth = args.dataset == "nyu"  # L1 on metres: the probe's gradients do not shrink as it fits, so a lower lr
-    defaults = dict(epochs=30, lr=0.01) if args.finetune else dict(epochs=20, lr=0.01 if depth else 0.1)
+    defaults = (dict(epochs=30, lr=0.01) if args.finetune else
+                dict(epochs=100 if classification else 20, lr=0.01 if depth else 0.1))
+    defaults.update(batch_size=256 if classification else 16,
+                    image_size=CityscapesSegmentation.default_size if args.dataset == "cityscapes" else 224)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.image_size is None:
-        args.image_size = CityscapesSegmentation.default_size if args.dataset == "cityscapes" else 224
+    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+    if not args.feature_picture:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+        except OSError as e:
+            raise common.UserError(f"--output-dir {args.output_dir}: cannot create it ({e.strerror})") from None
+    if args.data is None and int(os.environ.get("RANK", 0)) == 0:
+        print(f"no --data: the embedded {'classification' if classification else 'segmentation'} set and the CPU "
+              "demo preset " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items()), flush=True)
     if args.feature_picture:
         return feature_picture(args)
     run(args)

@@ -259,7 +259,7 @@ def test_detectron2_export_round_trips(tmp_path, run_script):
     assert not any(k.startswith(("layer", "fc")) or ".bn" in k for k in model)
     for key, array in model.items():
         assert isinstance(array, np.ndarray)
-        assert np.array_equal(array, state[common.from_detectron2_key(key)].numpy()), key
+        assert np.array_equal(array, state[E.from_detectron2_key(key)].numpy()), key
 
 
 # ---- end-to-end runs ----
@@ -348,3 +348,305 @@ def test_unknown_weights_are_a_one_line_error(tmp_path, run_script):
     assert_one_line_error(r, "odd.pth", "not a known weights file")
     r = run_script("evaluate_linear.py", "--weights", tmp_path / "odd.pth", "--export-detectron2", tmp_path / "x.pkl")
     assert_one_line_error(r, "odd.pth")
+
+
+
+# ---- the probe's feature path (issue 13 items 1-2) ----
+class CountingBackbone(torch.nn.Module):
+    """A frozen stand-in for a ResNet: a fixed 4x4 stride-4 convolution (8 channels at 1/4) that counts the images
+    it has seen."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.images = 0
+
+    def forward(self, x):
+        self.images += len(x)
+        return self.conv(x)
+
+
+def probe_args(**changes):
+    args = E.get_parser().parse_args([])
+    args.__dict__.update(dict(epochs=2, lr=0.1, batch_size=4, image_size=32, workers=0, precision="fp32"), **changes)
+    return args
+
+
+def train_tiny_probes(tmp_path, trials, fraction=1.0, **changes):
+    train_set = E.SyntheticSegmentation(8, 32, seed=0)
+    args = probe_args(**changes)
+    subsets = [E.label_subset(len(train_set), fraction, args.seed + t) for t in range(trials)]
+    backbone = CountingBackbone().requires_grad_(False)
+    heads, path = E.train_probes(backbone, train_set, subsets, args, common.Dist(), common.JsonLog(tmp_path / "l", False))
+    return heads, path, backbone.images
+
+
+def test_one_backbone_pass_per_batch_feeds_every_trial_without_a_cache(tmp_path):
+    """--cache-gb 0 (the path of every ResNet-50 baseline) trains, and 3 trials see the backbone as often as 1:
+    8 images in batches of 4 = 2 steps; statistics over those 2 batches, then 2 epochs x 2 steps = 6 batches (and
+    one image to learn the feature shape)."""
+    heads1, path, images1 = train_tiny_probes(tmp_path, trials=1, cache_gb=0)
+    heads3, _, images3 = train_tiny_probes(tmp_path, trials=3, cache_gb=0)
+    assert path == "recomputed" and len(heads3) == 3
+    assert images1 == images3 == 6 * 4 + 1
+    # the trials differ in their initialisation, not in their batches: trial 0 of three is the single trial
+    assert torch.allclose(heads3[0].conv.weight, heads1[0].conv.weight, atol=1e-6)
+    assert not torch.allclose(heads3[0].conv.weight, heads3[1].conv.weight, atol=1e-3)
+
+
+def test_probe_without_a_cache_learns_what_the_cached_probe_learns(tmp_path):
+    """Same batches, same initialisation: only the cache's fp16 rounding of the features separates the two."""
+    cached, path, _ = train_tiny_probes(tmp_path, trials=2, cache_gb=16)
+    recomputed, _, _ = train_tiny_probes(tmp_path, trials=2, cache_gb=0)
+    assert path == "cached"
+    for a, b in zip(cached, recomputed):
+        assert torch.allclose(a.conv.weight, b.conv.weight, rtol=1e-2, atol=1e-4)
+        assert torch.allclose(a.conv.bias, b.conv.bias, rtol=1e-2, atol=1e-4)
+
+
+def test_trials_with_their_own_labelled_subsets_train_on_their_own_images(tmp_path):
+    """Below --label-fraction 1 each trial has its subset: a step's backbone pass covers the union of the trials'
+    batches, and every trial still takes every step."""
+    heads, _, images = train_tiny_probes(tmp_path, trials=2, fraction=0.5, cache_gb=0, batch_size=2)
+    subsets = [E.label_subset(8, 0.5, t) for t in range(2)]
+    steps = E.epoch_steps(subsets, 2, seed=0)
+    assert len(steps) == 2 and images > 6 * 2  # more than one trial's images per step
+    for images_of_step, rows in steps:
+        for subset, r in zip(subsets, rows):
+            assert len(r) == 2 and all(images_of_step[k] in subset for k in r.tolist())
+
+
+def test_labels_are_cached_as_uint8_and_counted_in_the_cache_budget(tmp_path):
+    """8 images: features 8 x (8 ch x 8 x 8) x 2 bytes = 8 KiB, labels 8 x 32 x 32 x 1 byte = 8 KiB. A 12 KB budget
+    holds the features alone but not features and labels."""
+    _, label, _ = E.Samples(E.SyntheticSegmentation(1, 32, seed=0), [0], (32, 32))[0]
+    assert label.dtype == torch.uint8 and label.shape == (32, 32)
+    _, native, _ = E.Samples(E.SyntheticSegmentation(1, 40, seed=0), [0], (32, 32), native_labels=True)[0]
+    assert native.dtype == torch.uint8 and native.shape == (40, 40)  # validation labels travel as uint8 too
+    _, path, _ = train_tiny_probes(tmp_path, trials=1, cache_gb=12e-6)
+    assert path == "recomputed"
+    _, path, _ = train_tiny_probes(tmp_path, trials=1, cache_gb=17e-6)
+    assert path == "cached"
+    samples = E.Samples(E.SyntheticSegmentation(4, 32, seed=0), range(4), (32, 32))
+    cache = E.FeatureCache(CountingBackbone(), samples, probe_args(), common.Dist())
+    assert cache.labels.dtype == torch.uint8 and cache.labels.shape == (4, 32, 32)
+
+
+class CoordinateLabels:
+    """A 'data set' of one image whose labels encode their own coordinates: depth = 1000 y + x (float32, exact),
+    class id = (x + 3 y) % 256 (uint8)."""
+
+    aspect = 70 / 50
+
+    def __init__(self, task):
+        self.task = task
+
+    def read(self, index):
+        y, x = np.mgrid[0:50, 0:70]
+        label = (1000 * y + x).astype(np.float32) if self.task == "depth" else ((x + 3 * y) % 256).astype(np.uint8)
+        return Image.new("RGB", (70, 50)), label
+
+
+def test_training_labels_are_resampled_by_pixel_centres():
+    """Output pixel (i, j) of a 50 x 70 -> 32 x 64 resampling takes the source pixel under its centre: row
+    floor((i + 0.5) 50 / 32), column floor((j + 0.5) 70 / 64) (PIL samples the image so too)."""
+    for task in ("depth", "segmentation"):
+        _, label, _ = E.Samples(CoordinateLabels(task), [0], (32, 64))[0]
+        assert label.shape == (32, 64) and label.dtype == (torch.float32 if task == "depth" else torch.uint8)
+        for i in range(32):
+            for j in range(64):
+                y, x = math.floor((i + 0.5) * 50 / 32), math.floor((j + 0.5) * 70 / 64)
+                assert label[i, j] == (1000 * y + x if task == "depth" else (x + 3 * y) % 256), (task, i, j)
+
+
+def test_probe_without_a_cache_runs_end_to_end(tmp_path):
+    """The issue's failing command, at toy size: --cache-gb 0 through main()."""
+    make_voc(str(tmp_path / "voc"), n_train=4, n_val=2)
+    out = tmp_path / "run"
+    E.main(["--dataset", "voc", "--data", str(tmp_path / "voc"), "--arch", "resnet18", "--image-size", "32",
+            "--epochs", "1", "--batch-size", "2", "--trials", "2", "--workers", "0", "--cache-gb", "0",
+            "--output-dir", str(out)])
+    result = metrics(out)
+    assert result["probe_features"] == "recomputed" and len(result["per_trial"]) == 2
+    assert result["trials_differ_in"].startswith("probe initialisation (the batch order is shared")
+
+
+# ---- NYU-depth v2 as the literature scores it (item 3) ----
+def test_depth_scores_use_the_eigen_crop_and_the_depth_range():
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(0.5, 12.0, (480, 640))
+    gt[rng.random(gt.shape) < 0.1] = 0.0  # no measurement
+    pred = rng.uniform(-1.0, 12.0, (480, 640))
+    for crop in (True, False):
+        keep = np.zeros((480, 640), bool)
+        if crop:
+            keep[45:471, 41:601] = True
+        else:
+            keep[:] = True
+        keep &= (gt > 1e-3) & (gt < 10)
+        p, g = np.clip(pred[keep], 1e-3, 10), gt[keep]
+        expected = (np.sqrt(np.mean((p - g) ** 2)), np.mean(np.abs(p - g) / g),
+                    np.mean(np.maximum(p / g, g / p) < 1.25))
+        got = E.depth_image_errors(torch.from_numpy(pred).float(), torch.from_numpy(gt).float(), crop=crop)
+        assert np.allclose(got, expected, rtol=1e-5), crop
+    assert E.eigen_crop_mask((480, 640)).sum() == (471 - 45) * (601 - 41)
+
+
+def test_depth_run_records_its_protocol_and_writes_null_when_nothing_is_scored(tmp_path):
+    """--depth-crop none is recorded in metrics.json; validation depths that are all missing give null, not NaN."""
+    make_nyu(str(tmp_path / "nyu"), n_train=4, n_val=2)
+    for name in ("00005", "00006"):
+        Image.fromarray(np.zeros((64, 64), np.uint16)).save(tmp_path / "nyu" / "depth" / f"{name}.png")
+    out = tmp_path / "run"
+    E.main(["--dataset", "nyu", "--data", str(tmp_path / "nyu"), "--arch", "resnet18", "--image-size", "32",
+            "--epochs", "1", "--batch-size", "2", "--trials", "2", "--workers", "0", "--depth-crop", "none",
+            "--output-dir", str(out)])
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    with open(out / "metrics.json") as f:
+        result = json.loads(f.read(), parse_constant=refuse)
+    assert result["depth_eval"] == {"crop": None, "crop_of": None, "range_m": [1e-3, 10.0]}
+    assert result["mean"]["rmse"] is None and result["per_trial"][1]["delta1"] is None
+
+
+def test_finite_or_none_replaces_every_nan_and_infinity():
+    value = {"a": float("nan"), "b": [1.0, float("inf"), {"c": -float("inf")}], "d": 2, "e": None}
+    assert E.finite_or_none(value) == {"a": None, "b": [1.0, None, {"c": None}], "d": 2, "e": None}
+
+
+# ---- what users will give (item 6) ----
+@pytest.mark.parametrize("flags, words", [
+    (["--image-size", "0"], ["--image-size 0", "multiple of 32"]),
+    (["--image-size", "48"], ["--image-size 48"]),
+    (["--batch-size", "0"], ["--batch-size 0"]),
+    (["--epochs", "0"], ["--epochs 0"]),
+    (["--label-fraction", "0"], ["--label-fraction 0"]),
+    (["--weights", "no/such/file.pth", "--image-size", "0"], ["--weights no/such/file.pth", "no such file"]),
+    (["--weights", "no/such/file.pth", "--export-detectron2", "x.pkl"], ["--weights no/such/file.pth"]),
+    (["--data", "no/such/folder", "--dataset", "voc"], ["--data no/such/folder"]),
+    (["--dataset", "imagefolder", "--finetune"], ["--finetune"]),
+    (["--output-dir", "/dev/null/run", "--epochs", "1"], ["--output-dir /dev/null/run"]),
+])
+def test_bad_flags_fail_before_any_work(flags, words, capsys, tmp_path):
+    with pytest.raises(common.UserError) as error:
+        E.main(["--output-dir", str(tmp_path / "run")] + flags)
+    assert capsys.readouterr().out == "" and not os.path.exists(tmp_path / "run")  # nothing printed or written
+    for word in words:
+        assert word in str(error.value) and "\n" not in str(error.value)
+
+
+def test_vader_checkpoint_with_another_embedding_dim_is_probed_and_fine_tuned(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "vader32.pth"
+    torch.save({"method": "vader", "model": VADeRNet("resnet18", 32).state_dict(),
+                "args": {"arch": "resnet18", "embedding_dim": 32}}, path)
+    make_voc(str(tmp_path / "voc"), n_train=2, n_val=1)
+    for mode in ([], ["--finetune"]):
+        out = tmp_path / f"run{len(mode)}"
+        E.main(["--dataset", "voc", "--data", str(tmp_path / "voc"), "--weights", str(path), "--image-size", "32",
+                "--epochs", "1", "--batch-size", "2", "--trials", "1", "--workers", "0", "--output-dir", str(out)] + mode)
+        assert 0 <= metrics(out)["mean"]["miou"] <= 1
+    net, _ = E.finetune_network(str(path), "resnet50", 21)
+    assert net.head.in_channels == 32
+
+
+# ---- Detectron2 export (item 8) ----
+def test_detectron2_key_renaming_is_moco_s():
+    """MoCo's convert-pretrain-to-detectron2.py, by hand: stem, resN+1, convK.norm, shortcut(.norm)."""
+    pairs = {"conv1.weight": "stem.conv1.weight", "bn1.running_mean": "stem.conv1.norm.running_mean",
+             "layer1.0.conv3.weight": "res2.0.conv3.weight", "layer1.0.bn3.bias": "res2.0.conv3.norm.bias",
+             "layer3.5.bn2.num_batches_tracked": "res4.5.conv2.norm.num_batches_tracked",
+             "layer4.0.downsample.0.weight": "res5.0.shortcut.weight",
+             "layer2.0.downsample.1.running_var": "res3.0.shortcut.norm.running_var"}
+    state = {k: torch.full((2,), float(i)) for i, k in enumerate(pairs)}
+    state["fc.weight"] = torch.zeros(2)
+    exported = E.to_detectron2(state)["model"]
+    assert set(exported) == set(pairs.values())
+    for k, v in pairs.items():
+        assert np.array_equal(exported[v], state[k].numpy()) and E.from_detectron2_key(v) == k
+    assert not hasattr(common, "to_detectron2") and not hasattr(common, "from_detectron2_key")
+
+
+# ---- pooled classification (issue 11 item 6) ----
+def test_topk_accuracy_matches_a_naive_ranking():
+    rng = np.random.default_rng(0)
+    for k_classes in (7, 3):
+        logits, target = rng.normal(size=(50, k_classes)), rng.integers(0, k_classes, 50)
+        hits = [0, 0]
+        for row, t in zip(logits, target):
+            rank = sorted(range(k_classes), key=lambda c: -row[c]).index(t)  # 0 = the highest score
+            hits[0] += rank < 1
+            hits[1] += rank < 5
+        assert E.topk_correct(torch.from_numpy(logits), torch.from_numpy(target)) == hits
+
+
+def test_classification_scores_of_evaluate_match_an_independent_count():
+    """evaluate() over two batches and two heads: top-1/top-5 against logits computed by hand."""
+    torch.manual_seed(0)
+    heads = [E.LinearProbe(4, 6, torch.zeros(4), torch.ones(4)) for _ in range(2)]
+    for head in heads:
+        torch.nn.init.normal_(head.conv.weight)
+    batches = [(torch.randn(5, 4, 1, 1), list(torch.randint(0, 6, (5,))), None) for _ in range(2)]
+    scores = E.evaluate(lambda x: x, heads, batches, "classification", 6, common.Dist(), "fp32")
+    for head, score in zip(heads, scores):
+        top1 = top5 = 0
+        for features, labels, _ in batches:
+            for f, y in zip(features, labels):
+                logits = (head.conv.weight[:, :, 0, 0] @ f[:, 0, 0] + head.conv.bias).tolist()
+                order = sorted(range(6), key=lambda c: -logits[c])
+                top1 += order[0] == int(y)
+                top5 += int(y) in order[:5]
+        assert score["top1"] == pytest.approx(top1 / 10) and score["top5"] == pytest.approx(top5 / 10)
+
+
+def test_embedded_classification_label_is_the_class_of_the_largest_object():
+    data = E.SyntheticClassification(12, 64, seed=0)
+    for i in range(12):
+        image, label = data.read(i)
+        _, cls, classes, instances = E.object_image(data.leaves, i)
+        assert label == cls == i % 6 and image.size == (64, 64)
+        ids, areas = np.unique(instances[instances > 0], return_counts=True)
+        largest = ids[np.argmax(areas)]
+        assert largest == instances.max()  # the object, painted last, is the largest visible shape
+        assert areas.max() >= 0.1 * 64 * 64 and np.all(classes[instances == largest] == cls + 1)
+
+
+def make_class_folder(root, per_class=(4, 2)):
+    """DIR/{train,val}/<class>/*.png: classes red, green, blue (plain colours with noise); one odd file that is no
+    image, which the reader must skip."""
+    rng = np.random.default_rng(0)
+    for split, n in zip(("train", "val"), per_class):
+        for c, colour in enumerate(((200, 30, 30), (30, 200, 30), (30, 30, 200))):
+            folder = os.path.join(root, split, f"class_{c}")
+            os.makedirs(folder)
+            for i in range(n):
+                rgb = np.clip(np.array(colour) + rng.normal(0, 8, (40, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(rgb).save(os.path.join(folder, f"{i}.png"))
+    open(os.path.join(root, "train", "class_0", "notes.txt"), "w").close()
+
+
+def test_imagefolder_classification_runs_end_to_end(tmp_path, run_script):
+    make_class_folder(str(tmp_path / "data"))
+    out = tmp_path / "run"
+    r = run_script("evaluate_linear.py", "--dataset", "imagefolder", "--data", tmp_path / "data", "--weights",
+                   colour_keeping_weights(tmp_path / "r18.pth"), "--image-size", "32", "--epochs", "30",
+                   "--batch-size", "4", "--trials", "2", "--workers", "0", "--output-dir", out,
+                   env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    result = metrics(out)
+    assert last_json_line(r.stdout) == result
+    assert result["task"] == "classification" and result["train_images"] == 12 and result["val_images"] == 6
+    assert result["classes"] == 3 and result["top5_k"] == 3 and len(result["per_trial"]) == 2
+    assert result["mean"]["top1"] > 0.9 and result["mean"]["top5"] == 1.0
+    assert set(result["std"]) == {"top1", "top5"}
+
+
+def test_embedded_classification_set_runs_without_data(tmp_path):
+    out = tmp_path / "run"
+    E.main(["--dataset", "imagefolder", "--image-size", "32", "--synthetic-train", "12", "--synthetic-val", "6",
+            "--epochs", "1", "--batch-size", "6", "--trials", "1", "--output-dir", str(out)])
+    result = metrics(out)
+    assert result["dataset"] == "synthetic-objects" and result["classes"] == 6 and result["val_images"] == 6
