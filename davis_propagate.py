@@ -15,48 +15,83 @@ Usage
     python davis_propagate.py --data /datasets/DAVIS --weights vader_checkpoint.pth           # Table 2, 320 x 320
     python davis_propagate.py --data /datasets/DAVIS --weights ... --resolution 480           # Table 2, 480 x 480
     python davis_propagate.py --data /datasets/DAVIS --weights ... --protocol crw             # CRW's native-480p knobs
+    python davis_propagate.py --data /datasets/DAVIS --weights ... --protocol dino            # DINO's knobs
     python davis_propagate.py --data /datasets/DAVIS --eval-only results/some_method           # score any results folder
     torchrun --nproc_per_node=4 davis_propagate.py --data ... --weights ...    # sequences split over ranks; rank 0 scores
 --weights / --arch are those of evaluate_linear.py (common.dense_feature_model): 'random', a vader.py / clove.py
-checkpoint, an official MoCo checkpoint or a torchvision ResNet state dict; the features are at 1/4 resolution
-(VADeR's decoder, or a ResNet dilated to stride 4 for every other kind, as §4.1 does for the baselines).
+checkpoint (with its own --embedding-dim), an official MoCo checkpoint or a torchvision ResNet state dict.
+--stride 4: VADeR's decoder output, or a ResNet dilated to 1/4 for every other kind (as §4.1 does for the
+baselines). --stride 8: a ResNet dilated to 1/8 only (layer2 keeps its stride; torchvision's
+replace_stride_with_dilation=[False, True, True]: the baselines of TimeCycle and CRW), and VADeR's 1/4 output
+average-pooled 2 x 2 (each stride-8 cell is the mean of the four stride-4 cells it covers; set_resnet_stride,
+at_stride). Stride 8 makes the affinity 16x cheaper.
 
 What the code implements, and where
-    frame -> square S x S (TimeCycle; --resolution 320 / 480) or native size -> L2-normalised features -> FeatureStream
+    frame -> square S x S (TimeCycle; --resolution 320 / 480) or native size -> L2-normalised features at --stride
+                                                                                                   -> FeatureStream
     first-frame one-hot labels, objects 1..N (N = largest id in frame 0), + background            -> label_grid
-    context = frame 0 (ground truth) + the --n-context previous frames (soft predictions)         -> propagate
-    affinity cos / --temperature, --topk, optional --radius window; queries in chunks             -> propagate_frame
-    soft labels -> bilinear to the frame size -> argmax -> indexed PNG (VOC palette)              -> save_indexed_png
+    context = frame 0 (ground truth) + the --n-context previous frames (soft predictions),
+        optionally filled with copies of frame 0 at the start (--fill-context)                     -> propagate
+    affinity cos / --temperature, --topk per frame or joint, optional --radius window (--window square | disc)
+        computed locally: only the neighbourhood of each tile of queries                          -> propagate_frame,
+                                                                                                     local_topk
+    soft labels -> (--minmax carried: rescaled per channel, then carried) -> bilinear to the frame size
+        -> (--minmax output: rescaled per channel) -> argmax -> indexed PNG (VOC palette)         -> labels_to_ids
     J, F (seg2bmap, disk of ceil(0.008 * diagonal)), Mean / Recall / Decay per object             -> score_sequence
     J&F-Mean = (mean over objects of J-Mean + mean over objects of F-Mean) / 2                    -> summarise
 
-Protocols (--protocol sets the knobs below; any flag you type wins; the knobs used are printed)
-    timecycle (default, the VADeR paper's): 320 x 320, context 1 + 7, per-frame top-5 of a softmax over each context
-        frame with T = 1/sqrt(512) (TimeCycle's `div_num`), no window, the soft prediction of every frame rescaled
-        per channel to [0, 1] (min-max) before it is carried forward, as TimeCycle's test_davis.py does.
-    crw: native 480p, context 1 + 20, joint top-10 over all context pixels, softmax over the kept logits with
-        T = 0.05, window radius on the short-term frames only.
-    dino: native 480p, context 1 + 7, joint top-5, T = 0.1, window radius on all frames.
+Protocols (--protocol sets the knobs below; any flag you type wins; the knobs used are printed). Stride and radius
+are in the published units: feature cells at the published stride. A preset's radius is rescaled to the same
+extent in pixels when --stride differs from the preset's (CRW at --stride 4: 24 cells); a typed --radius is not.
+    timecycle (default, the VADeR paper's): 320 x 320, stride 4 (the paper evaluates every method on VADeR's 1/4
+        grid, §4.1), context 1 + 7, per-frame top-5 of a softmax over each context frame with T = 1/sqrt(512)
+        (TimeCycle's `div_num`), no window, --minmax carried: the soft prediction of every frame rescaled per channel
+        to [0, 1] before it is carried forward, as TimeCycle's test_davis.py does.
+        Left different from TimeCycle's code: its own features are res4 at stride 8 (a 40 x 40 grid at 320:
+        --stride 8); its loader fills the context with copies of frame 0 (--fill-context); it resamples the first
+        frame's labels bilinearly (ours: area average, below).
+    crw (ajabri/videowalk, test.py): native 480p, stride 8, context 1 + 20 filled with copies of frame 0 at the
+        start (its loader prepends 20 copies; a joint top-k then counts a key once per copy), joint top-10 over all
+        context pixels, softmax over the kept logits with T = 0.05, a Euclidean disc window (distance < 12 cells,
+        utils.MaskedAttention) on the short-term frames only, no min-max.
+        Left different: CRW resamples the first frame's labels with cv2's bilinear resize (ours: area average) and
+        resizes the h x w prediction to the whole frame (854 / 107 = 7.98 px a cell across; ours: exactly the
+        stride, the padding cropped); its network is its own ResNet at stride 8 (any --weights here).
+    dino (facebookresearch/dino, eval_video_segmentation.py): native 480p, stride 8 (the grid of DINO's /8 models;
+        ViT-S/16's is 16, which a ResNet here does not offer), context 1 + 7 (what exists: no copies), joint top-5,
+        T = 0.1, a square window |dy|, |dx| <= 12 cells on all frames, the raw soft labels carried forward and only
+        the upsampled prediction min-max normalised before the argmax (--minmax output, DINO's norm_mask).
+        Left different: DINO resizes every frame to 480 x (W * 480 / H rounded down to a multiple of 64), 480 x 832
+        for DAVIS's 854 (ours: the native frame, zero-padded to a multiple of 32), and brings the first frame's
+        labels to the patch grid by nearest-neighbour resizing (PIL NEAREST; ours: area average); it writes the
+        argmax at 480 x 832 and resizes it to the frame by nearest neighbour (ours: bilinear soft labels at native
+        size, then argmax); its top-k keeps every key tied with the k-th; its norm_mask makes a constant positive
+        channel NaN (ours: 0).
 
 Choices of ours (and why)
-    - Features are at stride 4 (VADeR's output), not 8 as in TimeCycle / CRW / DINO. A --radius is in feature cells,
-      so CRW's and DINO's radius 12 at stride 8 is 24 here (the presets use 24).
+    - --stride 4 by default (VADeR's output, the grid the paper evaluates on); 8 is one flag away.
     - Soft labels are brought to the feature grid by area averaging (the fraction of each cell covered by each
-      object); TimeCycle and CRW bilinearly resample. The two agree on cells inside an object.
-    - For the first frames the context holds fewer than --n-context previous frames (what exists); TimeCycle repeats
-      the first frame instead. Only the first few frames of a video see the difference.
+      object); TimeCycle and CRW bilinearly resample, DINO takes the nearest pixel. They agree on cells inside an
+      object.
+    - The first frames: without --fill-context the context holds the previous frames that exist (DINO); TimeCycle
+      and CRW fill it with copies of frame 0 and its labels. Only the first --n-context frames of a video differ.
     - At native size the frame is zero-padded (after normalisation) to a multiple of 32 for the network, and the
-      feature grid is cropped back to ceil(H/4) x ceil(W/4): padding never leaks into the labels.
-    - Memory: the features of each frame are computed once and only the context window is kept; queries go in
-      chunks of --chunk-size and each context frame is scored on its own, so the largest affinity ever held is
-      chunk x (pixels of one frame). A joint top-k is the top-k of the per-frame top-k's, so nothing is lost.
+      feature grid is cropped back to ceil(H/stride) x ceil(W/stride): padding never leaks into the labels.
+    - Windows are computed locally (--affinity local): the query grid is cut into tiles, each tile meets only the
+      box of keys its windows can reach, and the window mask is applied inside the box. The labels equal those of
+      the full affinity followed by the mask (--affinity full, kept for checks and measurements). CRW's code builds
+      the full affinity (with chunks); DINO's a full (n_ctx, HW, HW) one (out of memory on 16 GB GPUs at 480x1152).
+    - Memory: the features of each frame are computed once and only the context window is kept (at 480p, R50,
+      stride 4: 2048 x 120 x 214 floats, 210 MB a frame, 4.4 GB for CRW's 21); queries go in chunks of
+      --chunk-size and each context frame is scored on its own, keeping its top-k per query; a joint top-k is the
+      top-k of these, so nothing is lost.
 
 Output: <output-dir>/<seq>/<frame>.png (indexed, original size: the layout the official evaluator reads),
 <output-dir>/metrics.json (summary, per sequence, per object, settings, speed), optional overlays in
 <output-dir>/overlays/<seq>/<frame>.jpg; the last stdout line is the summary as one JSON object.
 
-Public names: voc_palette, save_indexed_png, read_annotation, FeatureStream, label_grid, propagate_frame,
-propagate, seg2bmap, dilate_disk, region_similarity, boundary_f_measure, mean_recall_decay, score_sequence,
+Public names: voc_palette, save_indexed_png, read_annotation, set_resnet_stride, at_stride, FeatureStream,
+label_grid, labels_to_ids, in_window, full_topk, local_topk, propagate_frame, propagate, seg2bmap, dilate_disk, region_similarity, boundary_f_measure, mean_recall_decay, score_sequence,
 summarise, write_synthetic_davis, main.
 """
 import argparse
