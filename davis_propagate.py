@@ -418,11 +418,11 @@ def at_stride(model, stride):
     a ResNet dilated to 1/4 (common.DilatedResNet). At stride 8 the ResNet is re-dilated to 1/8 (the baselines of
     TimeCycle / CRW), and VADeR's decoder output is average-pooled 2 x 2 (AveragePooled)."""
     if stride == 4:
-        return model, "stride 4"
+        return model, "at stride 4"
     if isinstance(model, common.DilatedResNet):
         set_resnet_stride(model.net, stride)
-        return model, f"stride {stride}: ResNet re-dilated (stages 2.. keep stride 2 up to 1/{stride})"
-    return AveragePooled(model), f"stride {stride}: the 1/4 output average-pooled 2 x 2"
+        return model, f"at stride {stride}: re-dilated to 1/{stride} (layer2 keeps its stride)"
+    return AveragePooled(model), f"at stride {stride}: the 1/4 output average-pooled 2 x 2"
 
 
 class FeatureStream:
@@ -505,17 +505,21 @@ def window_mask(query_index, grid, radius, window="square"):
     return ~in_window(ky[None] - qy[:, None], kx[None] - qx[:, None], radius, window)  # B x h*w
 
 
-def full_topk(q, k, grid, temperature, kk, probabilities, radius=0, window="square", chunk_size=1024):
+def full_topk(q, k, grid, temperature, kk, probabilities, radius=0, window="square", chunk_size=1024, masks=None):
     """The k best keys of one context frame for every query, from the whole affinity (a radius masks it).
 
     q: C x Q, k: C x P (unit vectors). Returns (Q x kk scores, Q x kk key indices); scores are the softmax over the
-    frame's (windowed) keys when `probabilities` (TimeCycle), the logits cos / T otherwise. Memory: chunk x P."""
+    frame's (windowed) keys when `probabilities` (TimeCycle), the logits cos / T otherwise. Memory: chunk x P, and
+    the window masks kept in `masks` (a dict) for the next context frame, as a plain implementation would."""
     values, indices = [], []
     for start in range(0, q.shape[1], chunk_size):
         index = torch.arange(start, min(start + chunk_size, q.shape[1]), device=q.device)  # B
         logits = q[:, index].t() @ k / temperature  # B x P: the only affinity block held
         if radius > 0:
-            logits = logits.masked_fill(window_mask(index, grid, radius, window), float("-inf"))
+            masks = {} if masks is None else masks
+            if (start, radius) not in masks:
+                masks[start, radius] = window_mask(index, grid, radius, window)
+            logits = logits.masked_fill(masks[start, radius], float("-inf"))
         if probabilities:
             logits = logits.softmax(dim=1)
         value, idx = logits.topk(kk, dim=1)  # B x kk
@@ -600,10 +604,14 @@ def propagate_frame(query, keys, labels, grid, topk, topk_mode, temperature, rad
     L = labels[0].shape[0]
     out = torch.zeros(L, q.shape[1], device=query.device)  # L x Q
     best_value = best_labels = None
+    masks = {}  # the full path's window masks, computed once for all context frames
     for t, (k, y) in enumerate(zip(keys, labels)):
         r = radius if (t > 0 or radius_first_frame) else 0
-        score = local_topk if r > 0 and affinity == "local" else full_topk
-        value, idx = score(q, k.reshape(C, -1), grid, temperature, kk, per_frame, r, window, chunk_size)  # Q x kk
+        if r > 0 and affinity == "local":
+            value, idx = local_topk(q, k.reshape(C, -1), grid, temperature, kk, per_frame, r, window, chunk_size)
+        else:
+            value, idx = full_topk(q, k.reshape(C, -1), grid, temperature, kk, per_frame, r, window, chunk_size,
+                                   masks)  # Q x kk
         chosen = y.reshape(L, -1)[:, idx]  # L x Q x kk
         if per_frame:  # TimeCycle: probabilities over this frame, the k largest kept
             out += (chosen * value[None]).sum(-1)
@@ -850,18 +858,15 @@ def run_propagation(args, root, sequences, checked, d, model):
                 peak_memory_mb=round(peak_memory_mb(d.device), 1), device=str(d.device))
 
 
-def run(args, settings, root, model=None):
+def run(args, settings, root, built=None):
     d = common.init_distributed()
     sequences = list_sequences(root, args.split, args.sequences)
     checked = {s: check_sequence(root, s, need_all_annotations=True) for s in sequences}  # fail before any work
     metrics_path = os.path.join(args.eval_only or args.output_dir, "metrics.json")
     speed = {}
     if args.eval_only is None:
-        if model is None:
-            model, description = build_model(args, d.device)
-        else:
-            model, description = model
-            model = model.to(d.device)
+        model, description = built or build_model(args, d.device)
+        model = model.to(d.device)
         os.makedirs(args.output_dir, exist_ok=True)
         if d.is_main:
             if os.path.exists(metrics_path):
