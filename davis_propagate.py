@@ -169,7 +169,8 @@ def get_parser():
                    "only each query's neighbourhood; 'full' the whole affinity, then masks it (same labels, slower: "
                    "for checks and measurements)")
     p.add_argument("--chunk-size", type=int, default=1024, help="queries per affinity block: memory is chunk x "
-                   "pixels-of-one-frame floats; lower it if memory runs out (results do not change)")
+                   "pixels-of-one-frame floats (in a window: at least one row of tiles, each with its box of keys); "
+                   "lower it if memory runs out (results do not change)")
     p.add_argument("--batch-size", type=int, default=1, help="frames per forward pass of the network (more is "
                    "faster on a GPU at 320/480 square; at native 480p ResNet-50 activations are ~1 GB per frame)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="network autocast on GPU "
