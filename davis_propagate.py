@@ -557,10 +557,9 @@ def local_topk(q, k, grid, temperature, kk, probabilities, radius, window="squar
     b = torch.arange(B, device=dev)
     dy = (b[None, :] - r - a[:, None])  # t x B: box row - query row
     seen = in_window(dy[:, None, :, None], dy[None, :, None, :], r, window).reshape(t * t, B * B)  # query x box
-    rows_ok = ((torch.arange(nty, device=dev)[:, None] * t - r + b[None]) >= 0) & \
-              ((torch.arange(nty, device=dev)[:, None] * t - r + b[None]) < h)  # nty x B: box row inside the frame
-    cols_ok = ((torch.arange(ntx, device=dev)[:, None] * t - r + b[None]) >= 0) & \
-              ((torch.arange(ntx, device=dev)[:, None] * t - r + b[None]) < w)  # ntx x B
+    box_start = lambda tiles: torch.arange(tiles, device=dev)[:, None] * t - r  # noqa: E731 - per tile: first box cell
+    rows_ok = ((box_start(nty) + b) >= 0) & ((box_start(nty) + b) < h)  # nty x B: the box row lies in the frame
+    cols_ok = ((box_start(ntx) + b) >= 0) & ((box_start(ntx) + b) < w)  # ntx x B
     out_v = torch.empty(nty * t, ntx * t, kk, device=dev)
     out_i = torch.empty(nty * t, ntx * t, kk, dtype=torch.long, device=dev)
     rows_per_block = max(1, chunk_size // (t * t * ntx))
