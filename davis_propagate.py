@@ -15,48 +15,85 @@ Usage
     python davis_propagate.py --data /datasets/DAVIS --weights vader_checkpoint.pth           # Table 2, 320 x 320
     python davis_propagate.py --data /datasets/DAVIS --weights ... --resolution 480           # Table 2, 480 x 480
     python davis_propagate.py --data /datasets/DAVIS --weights ... --protocol crw             # CRW's native-480p knobs
+    python davis_propagate.py --data /datasets/DAVIS --weights ... --protocol dino            # DINO's knobs
     python davis_propagate.py --data /datasets/DAVIS --eval-only results/some_method           # score any results folder
     torchrun --nproc_per_node=4 davis_propagate.py --data ... --weights ...    # sequences split over ranks; rank 0 scores
 --weights / --arch are those of evaluate_linear.py (common.dense_feature_model): 'random', a vader.py / clove.py
-checkpoint, an official MoCo checkpoint or a torchvision ResNet state dict; the features are at 1/4 resolution
-(VADeR's decoder, or a ResNet dilated to stride 4 for every other kind, as §4.1 does for the baselines).
+checkpoint (with its own --embedding-dim), an official MoCo checkpoint or a torchvision ResNet state dict.
+--stride 4: VADeR's decoder output, or a ResNet dilated to 1/4 for every other kind (as §4.1 does for the
+baselines). --stride 8: a ResNet dilated to 1/8 only (layer2 keeps its stride; torchvision's
+replace_stride_with_dilation=[False, True, True]: the baselines of TimeCycle and CRW), and VADeR's 1/4 output
+average-pooled 2 x 2 (each stride-8 cell is the mean of the four stride-4 cells it covers; set_resnet_stride,
+at_stride). Stride 8 makes the affinity 16x cheaper.
 
 What the code implements, and where
-    frame -> square S x S (TimeCycle; --resolution 320 / 480) or native size -> L2-normalised features -> FeatureStream
+    frame -> square S x S (TimeCycle; --resolution 320 / 480) or native size -> L2-normalised features at --stride
+                                                                                                   -> FeatureStream
     first-frame one-hot labels, objects 1..N (N = largest id in frame 0), + background            -> label_grid
-    context = frame 0 (ground truth) + the --n-context previous frames (soft predictions)         -> propagate
-    affinity cos / --temperature, --topk, optional --radius window; queries in chunks             -> propagate_frame
-    soft labels -> bilinear to the frame size -> argmax -> indexed PNG (VOC palette)              -> save_indexed_png
+    context = frame 0 (ground truth) + the --n-context previous frames (soft predictions),
+        optionally filled with copies of frame 0 at the start (--fill-context)                     -> propagate
+    affinity cos / --temperature, --topk per frame or joint, optional --radius window (--window square | disc)
+        computed locally: only the neighbourhood of each tile of queries                          -> propagate_frame,
+                                                                                                     local_topk
+    soft labels -> (--minmax carried: rescaled per channel, then carried) -> bilinear to the frame size
+        -> (--minmax output: rescaled per channel) -> argmax -> indexed PNG (VOC palette)         -> labels_to_ids
     J, F (seg2bmap, disk of ceil(0.008 * diagonal)), Mean / Recall / Decay per object             -> score_sequence
     J&F-Mean = (mean over objects of J-Mean + mean over objects of F-Mean) / 2                    -> summarise
 
-Protocols (--protocol sets the knobs below; any flag you type wins; the knobs used are printed)
-    timecycle (default, the VADeR paper's): 320 x 320, context 1 + 7, per-frame top-5 of a softmax over each context
-        frame with T = 1/sqrt(512) (TimeCycle's `div_num`), no window, the soft prediction of every frame rescaled
-        per channel to [0, 1] (min-max) before it is carried forward, as TimeCycle's test_davis.py does.
-    crw: native 480p, context 1 + 20, joint top-10 over all context pixels, softmax over the kept logits with
-        T = 0.05, window radius on the short-term frames only.
-    dino: native 480p, context 1 + 7, joint top-5, T = 0.1, window radius on all frames.
+Protocols (--protocol sets the knobs below; any flag you type wins; the knobs used are printed). Stride and radius
+are in the published units: feature cells at the published stride. A preset's radius is rescaled to the same
+extent in pixels when --stride differs from the preset's (CRW at --stride 4: 24 cells); a typed --radius is not.
+    timecycle (default, the VADeR paper's): 320 x 320, stride 4 (the paper evaluates every method on VADeR's 1/4
+        grid, §4.1), context 1 + 7, per-frame top-5 of a softmax over each context frame with T = 1/sqrt(512)
+        (TimeCycle's `div_num`), no window, --minmax carried: the soft prediction of every frame rescaled per channel
+        to [0, 1] before it is carried forward, as TimeCycle's test_davis.py does.
+        Left different from TimeCycle's code: its own features are res4 at stride 8 (a 40 x 40 grid at 320:
+        --stride 8); its loader fills the context with copies of frame 0 (--fill-context); it resamples the first
+        frame's labels bilinearly (ours: area average, below).
+    crw (ajabri/videowalk, test.py): native 480p, stride 8, context 1 + 20 filled with copies of frame 0 at the
+        start (its loader prepends 20 copies; a joint top-k then counts a key once per copy), joint top-10 over all
+        context pixels, softmax over the kept logits with T = 0.05, a Euclidean disc window (distance < 12 cells,
+        utils.MaskedAttention) on the short-term frames only, no min-max.
+        Left different: CRW resamples the first frame's labels with cv2's bilinear resize (ours: area average) and
+        resizes the h x w prediction to the whole frame (854 / 107 = 7.98 px a cell across; ours: exactly the
+        stride, the padding cropped); its network is its own ResNet at stride 8 (any --weights here).
+    dino (facebookresearch/dino, eval_video_segmentation.py): native 480p, stride 8 (the grid of DINO's /8 models;
+        ViT-S/16's is 16, which a ResNet here does not offer), context 1 + 7 (what exists: no copies), joint top-5,
+        T = 0.1, a square window |dy|, |dx| <= 12 cells on all frames, the raw soft labels carried forward and only
+        the upsampled prediction min-max normalised before the argmax (--minmax output, DINO's norm_mask).
+        Left different: DINO resizes every frame to 480 x (W * 480 / H rounded down to a multiple of 64), 480 x 832
+        for DAVIS's 854 (ours: the native frame, zero-padded to a multiple of 32), and brings the first frame's
+        labels to the patch grid by nearest-neighbour resizing (PIL NEAREST; ours: area average); it writes the
+        argmax at 480 x 832 and resizes it to the frame by nearest neighbour (ours: bilinear soft labels at native
+        size, then argmax); its top-k keeps every key tied with the k-th; its norm_mask makes a constant positive
+        channel NaN (ours: 0).
 
 Choices of ours (and why)
-    - Features are at stride 4 (VADeR's output), not 8 as in TimeCycle / CRW / DINO. A --radius is in feature cells,
-      so CRW's and DINO's radius 12 at stride 8 is 24 here (the presets use 24).
+    - --stride 4 by default (VADeR's output, the grid the paper evaluates on); 8 is one flag away.
     - Soft labels are brought to the feature grid by area averaging (the fraction of each cell covered by each
-      object); TimeCycle and CRW bilinearly resample. The two agree on cells inside an object.
-    - For the first frames the context holds fewer than --n-context previous frames (what exists); TimeCycle repeats
-      the first frame instead. Only the first few frames of a video see the difference.
+      object); TimeCycle and CRW bilinearly resample, DINO takes the nearest pixel. They agree on cells inside an
+      object.
+    - The first frames: without --fill-context the context holds the previous frames that exist (DINO); TimeCycle
+      and CRW fill it with copies of frame 0 and its labels. Only the first --n-context frames of a video differ.
     - At native size the frame is zero-padded (after normalisation) to a multiple of 32 for the network, and the
-      feature grid is cropped back to ceil(H/4) x ceil(W/4): padding never leaks into the labels.
-    - Memory: the features of each frame are computed once and only the context window is kept; queries go in
-      chunks of --chunk-size and each context frame is scored on its own, so the largest affinity ever held is
-      chunk x (pixels of one frame). A joint top-k is the top-k of the per-frame top-k's, so nothing is lost.
+      feature grid is cropped back to ceil(H/stride) x ceil(W/stride): padding never leaks into the labels.
+    - Windows are computed locally (--affinity local): the query grid is cut into tiles, each tile meets only the
+      box of keys its windows can reach, and the window mask is applied inside the box. The labels equal those of
+      the full affinity followed by the mask (--affinity full, kept for checks and measurements). Measured on a
+      shared 2-core CPU, 480 x 854, random ResNet-50 at stride 8, CRW's knobs, 21 distinct context frames: 85 s vs
+      166 s to propagate a frame (1.9x; 1.7x in frames/s with the network's 30 s), peak RSS 2.4 GB. CRW's code builds
+      the full affinity (with chunks); DINO's a full (n_ctx, HW, HW) one (out of memory on 16 GB GPUs at 480x1152).
+    - Memory: the features of each frame are computed once and only the context window is kept (at 480p, R50,
+      stride 4: 2048 x 120 x 214 floats, 210 MB a frame, 4.4 GB for CRW's 21); queries go in chunks of
+      --chunk-size and each context frame is scored on its own, keeping its top-k per query; a joint top-k is the
+      top-k of these, so nothing is lost.
 
 Output: <output-dir>/<seq>/<frame>.png (indexed, original size: the layout the official evaluator reads),
 <output-dir>/metrics.json (summary, per sequence, per object, settings, speed), optional overlays in
 <output-dir>/overlays/<seq>/<frame>.jpg; the last stdout line is the summary as one JSON object.
 
-Public names: voc_palette, save_indexed_png, read_annotation, FeatureStream, label_grid, propagate_frame,
-propagate, seg2bmap, dilate_disk, region_similarity, boundary_f_measure, mean_recall_decay, score_sequence,
+Public names: voc_palette, save_indexed_png, read_annotation, set_resnet_stride, at_stride, FeatureStream,
+label_grid, labels_to_ids, in_window, full_topk, local_topk, propagate_frame, propagate, seg2bmap, dilate_disk, region_similarity, boundary_f_measure, mean_recall_decay, score_sequence,
 summarise, write_synthetic_davis, main.
 """
 import argparse
@@ -72,6 +109,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
@@ -79,13 +117,14 @@ import common
 from vader import VADeRNet  # VADeR checkpoints carry their own dense head
 
 # ---- arguments ----
-PROTOCOLS = {
-    "timecycle": dict(resolution="320", n_context=7, topk=5, topk_mode="per-frame", temperature=512 ** -0.5,
-                      radius=0, radius_first_frame=False, minmax=True),
-    "crw": dict(resolution="native", n_context=20, topk=10, topk_mode="joint", temperature=0.05,
-                radius=24, radius_first_frame=False, minmax=False),
-    "dino": dict(resolution="native", n_context=7, topk=5, topk_mode="joint", temperature=0.1,
-                 radius=24, radius_first_frame=True, minmax=False),
+PROTOCOLS = {  # stride and radius in the published units: feature cells at the published stride
+    "timecycle": dict(resolution="320", stride=4, n_context=7, topk=5, topk_mode="per-frame",
+                      temperature=512 ** -0.5, radius=0, window="square", radius_first_frame=False,
+                      minmax="carried", fill_context=False),
+    "crw": dict(resolution="native", stride=8, n_context=20, topk=10, topk_mode="joint", temperature=0.05,
+                radius=12, window="disc", radius_first_frame=False, minmax="none", fill_context=True),
+    "dino": dict(resolution="native", stride=8, n_context=7, topk=5, topk_mode="joint", temperature=0.1,
+                 radius=12, window="square", radius_first_frame=True, minmax="output", fill_context=False),
 }
 DEMO_PRESET = dict(arch="resnet18", resolution="native", output_dir="runs/davis-demo")  # no --data: CPU-sized
 
@@ -104,7 +143,10 @@ def get_parser():
     p.add_argument("--protocol", default="timecycle", choices=sorted(PROTOCOLS),
                    help="preset of the propagation knobs below (timecycle = the VADeR paper's); typed flags win")
     p.add_argument("--resolution", default=None, help="'320' or '480': square S x S input (TimeCycle, VADeR Table 2); "
-                   "'native': the frame as it is (480p); any other integer is also taken as a square size")
+                   "'native': the frame as it is (480p); any other integer >= 32 is also taken as a square size")
+    p.add_argument("--stride", type=int, default=None, choices=[4, 8], help="feature stride: 4 = VADeR's decoder "
+                   "output and ResNets dilated to 1/4 (VADeR §4.1); 8 = ResNets dilated to 1/8 (TimeCycle, CRW, DINO's "
+                   "/8 models) and VADeR's 1/4 output average-pooled 2 x 2; 16x cheaper affinity than 4")
     p.add_argument("--n-context", type=int, default=None, help="previous predicted frames in the context (besides "
                    "the first frame); more helps slow videos and costs time linearly")
     p.add_argument("--topk", type=int, default=None, help="neighbours whose labels are mixed; 5-20 is the usual range")
@@ -112,14 +154,25 @@ def get_parser():
                    "context frame, top-k in each (TimeCycle); joint: top-k over all context pixels, softmax over "
                    "the kept ones (CRW, DINO)")
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature on the cosine similarity")
-    p.add_argument("--radius", type=int, default=None, help="only keys within this many feature cells (square "
-                   "window) of the query; 0: the whole frame")
+    p.add_argument("--radius", type=int, default=None, help="only keys within this many feature cells (at --stride) "
+                   "of the query; 0: the whole frame. A preset's radius (12 cells at stride 8) is rescaled to the same "
+                   "pixel extent when --stride differs; a typed --radius is taken as it is")
+    p.add_argument("--window", default=None, choices=["square", "disc"], help="shape of the --radius window: square "
+                   "|dy|, |dx| <= r (DINO) or Euclidean disc, distance < r (CRW)")
     p.add_argument("--radius-first-frame", action=argparse.BooleanOptionalAction, default=None,
                    help="apply --radius to the first frame too (DINO) or to the previous frames only (CRW)")
-    p.add_argument("--minmax", action=argparse.BooleanOptionalAction, default=None, help="rescale each channel of "
-                   "a frame's soft prediction to [0, 1] before it is carried forward (TimeCycle's test code)")
+    p.add_argument("--minmax", default=None, choices=["none", "carried", "output"], help="rescale each channel of "
+                   "the soft prediction to [0, 1]: 'carried' before it is carried forward (TimeCycle's test code), "
+                   "'output' only the upsampled prediction before the argmax, the raw labels carried (DINO)")
+    p.add_argument("--fill-context", action=argparse.BooleanOptionalAction, default=None, help="start the context "
+                   "full of --n-context copies of frame 0 and its labels (TimeCycle's and CRW's data loaders) instead "
+                   "of the frames that exist (DINO); changes the first frames of a video only")
+    p.add_argument("--affinity", default="local", choices=["local", "full"], help="with a --radius, 'local' computes "
+                   "only each query's neighbourhood; 'full' the whole affinity, then masks it (same labels, slower: "
+                   "for checks and measurements)")
     p.add_argument("--chunk-size", type=int, default=1024, help="queries per affinity block: memory is chunk x "
-                   "pixels-of-one-frame floats; lower it if memory runs out (results do not change)")
+                   "pixels-of-one-frame floats (in a window: at least one row of tiles, each with its box of keys); "
+                   "lower it if memory runs out (results do not change)")
     p.add_argument("--batch-size", type=int, default=1, help="frames per forward pass of the network (more is "
                    "faster on a GPU at 320/480 square; at native 480p ResNet-50 activations are ~1 GB per frame)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="network autocast on GPU "
@@ -138,24 +191,50 @@ def get_parser():
 
 
 def resolve_settings(parser, args, argv):
-    """Fill the knobs left unset from --protocol (and the demo preset); returns the settings to print."""
-    for k, v in PROTOCOLS[args.protocol].items():
+    """Fill the knobs left unset from --protocol (and the demo preset), check every size and path before any work;
+    returns the settings to print."""
+    preset = PROTOCOLS[args.protocol]
+    radius_typed = args.radius is not None
+    for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if not radius_typed and args.stride != preset["stride"]:  # the same window in pixels at another stride
+        args.radius = round(preset["radius"] * preset["stride"] / args.stride)
     if args.data is None and args.eval_only is None:
         common.apply_preset(parser, args, DEMO_PRESET, argv)
-    if args.resolution != "native" and not str(args.resolution).isdigit():
-        raise common.UserError(f"--resolution {args.resolution}: expected 320, 480 (square) or native")
+    if args.resolution != "native" and not (str(args.resolution).isdigit() and int(args.resolution) >= 32):
+        raise common.UserError(f"--resolution {args.resolution}: expected a square size >= 32 (320 and 480 are "
+                               "TimeCycle's) or native")
     for flag, value, low in (("--n-context", args.n_context, 0), ("--topk", args.topk, 1),
                              ("--radius", args.radius, 0), ("--chunk-size", args.chunk_size, 1),
-                             ("--batch-size", args.batch_size, 1)):
+                             ("--batch-size", args.batch_size, 1), ("--synthetic-sequences", args.synthetic_sequences, 1),
+                             ("--synthetic-frames", args.synthetic_frames, 3),
+                             ("--synthetic-size", min(args.synthetic_size), 16)):
         if value < low:
             raise common.UserError(f"{flag} {value}: must be >= {low}")
-    if args.temperature <= 0:
+    if not args.temperature > 0:
         raise common.UserError(f"--temperature {args.temperature}: must be > 0")
-    return dict(protocol=args.protocol, resolution=args.resolution, n_context=args.n_context, topk=args.topk,
-                topk_mode=args.topk_mode, temperature=args.temperature, radius=args.radius,
-                radius_first_frame=args.radius_first_frame, minmax=args.minmax, chunk_size=args.chunk_size)
+    check_paths(args)
+    return dict(protocol=args.protocol, resolution=args.resolution, stride=args.stride, n_context=args.n_context,
+                topk=args.topk, topk_mode=args.topk_mode, temperature=args.temperature, radius=args.radius,
+                window=args.window, radius_first_frame=args.radius_first_frame, minmax=args.minmax,
+                fill_context=args.fill_context, affinity=args.affinity, chunk_size=args.chunk_size)
+
+
+def check_paths(args):
+    """Every path the run reads or writes, checked before anything is printed or computed (one-line errors)."""
+    if args.data is not None and not os.path.isdir(args.data):
+        raise common.UserError(f"--data {args.data}: no such folder")
+    if args.eval_only is not None:
+        if not os.path.isdir(args.eval_only):
+            raise common.UserError(f"--eval-only {args.eval_only}: no such results folder")
+        if args.data is None:
+            raise common.UserError(f"--eval-only {args.eval_only}: needs --data, the DAVIS root with the ground truth")
+        return
+    if args.weights != "random" and not os.path.isfile(args.weights):
+        raise common.UserError(f"--weights {args.weights}: no such file ('random', or a checkpoint / state dict file)")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise common.UserError(f"--output-dir {args.output_dir}: exists and is not a folder")
 
 
 # ---- data: DAVIS layout, palette PNGs ----
@@ -281,134 +360,298 @@ def write_synthetic_davis(root, num_sequences, num_frames, height, width, seed=0
 
 
 # ---- features ----
-def network_input(frame, resolution):
-    """PIL frame -> normalised 3 x h x w tensor for the network, and the feature grid size (h/4, w/4 rounded up)."""
+def network_input(frame, resolution, stride=4):
+    """PIL frame -> normalised 3 x h x w tensor for the network, and the feature grid size (h/stride, w/stride
+    rounded up)."""
     if resolution == "native":
         x = common.to_tensor(frame)  # 3 x H x W
         h, w = x.shape[1:]
         x = F.pad(x, (0, -w % 32, 0, -h % 32))  # 3 x H' x W', multiples of 32 (zero = the mean colour)
-        return x, (math.ceil(h / 4), math.ceil(w / 4))
+        return x, (math.ceil(h / stride), math.ceil(w / stride))
     s = int(resolution)
-    return common.to_tensor(frame.resize((s, s), Image.BILINEAR)), (math.ceil(s / 4), math.ceil(s / 4))
+    return common.to_tensor(frame.resize((s, s), Image.BILINEAR)), (math.ceil(s / stride), math.ceil(s / stride))
+
+
+def set_resnet_stride(net, stride):
+    """Make a torchvision ResNet (plain or dilated) output C5 at 1/stride (4, 8, 16 or 32), in place.
+
+    Going down the stages, a stage keeps its stride 2 while the output is still finer than 1/stride; after that
+    it trades the stride for dilation (DeepLab's "large field of view", VADeR §4.1): torchvision's
+    replace_stride_with_dilation, e.g. [False, True, True] for stride 8, and common.dilated_resnet's convention for
+    BasicBlocks (first block: the previous dilation in conv1; conv2 and later blocks: the new one). Parameter
+    names and shapes do not change, so the loaded weights stay.
+    """
+    current, dilation = 4, 1
+    for layer in (net.layer2, net.layer3, net.layer4):
+        if current < stride:
+            s, previous, current = 2, dilation, current * 2
+        else:
+            s, previous, dilation = 1, dilation, dilation * 2
+        for i, block in enumerate(layer):
+            bottleneck = hasattr(block, "conv3")
+            strided = block.conv2 if bottleneck else block.conv1  # torchvision puts the stride in the 3x3 conv
+            if i == 0:
+                strided.stride = (s, s)
+                if block.downsample is not None:
+                    block.downsample[0].stride = (s, s)
+            first = previous if i == 0 else dilation
+            if bottleneck:
+                block.conv2.dilation = block.conv2.padding = (first, first)
+            else:
+                block.conv1.dilation = block.conv1.padding = (first, first)
+                block.conv2.dilation = block.conv2.padding = (dilation, dilation)
+    return net
+
+
+class AveragePooled(nn.Module):
+    """A network with output at 1/4 seen at 1/8: each stride-8 cell is the mean of the 2 x 2 stride-4 cells it
+    covers (a partial cell at an odd edge: of those that exist), i.e. the area average of the features."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.out_channels = getattr(model, "out_channels", None)
+
+    def forward(self, x):
+        return F.avg_pool2d(self.model(x), 2, ceil_mode=True)
+
+
+def at_stride(model, stride):
+    """The frozen network, with its features at 1/stride. common.dense_feature_model gives 1/4: VADeR's decoder, or
+    a ResNet dilated to 1/4 (common.DilatedResNet). At stride 8 the ResNet is re-dilated to 1/8 (the baselines of
+    TimeCycle / CRW), and VADeR's decoder output is average-pooled 2 x 2 (AveragePooled)."""
+    if stride == 4:
+        return model, "at stride 4"
+    if isinstance(model, common.DilatedResNet):
+        set_resnet_stride(model.net, stride)
+        return model, f"at stride {stride}: re-dilated to 1/{stride} (layer2 keeps its stride)"
+    return AveragePooled(model), f"at stride {stride}: the 1/4 output average-pooled 2 x 2"
 
 
 class FeatureStream:
-    """Yields the L2-normalised features (C x h x w) of a sequence's frames in order, each computed once, in batches."""
+    """Yields the L2-normalised features (C x h x w) of a sequence's frames in order, each computed once, in batches.
+    `seconds` accumulates the time spent reading frames and running the network."""
 
-    def __init__(self, model, paths, resolution, device, batch_size, precision):
-        self.model, self.paths, self.resolution = model, paths, resolution
+    def __init__(self, model, paths, resolution, device, batch_size, precision, stride=4):
+        self.model, self.paths, self.resolution, self.stride = model, paths, resolution, stride
         self.device, self.batch_size, self.precision = device, batch_size, precision
+        self.seconds = 0.0
 
     @torch.no_grad()
     def __iter__(self):
         for start in range(0, len(self.paths), self.batch_size):
-            inputs, grids = zip(*(network_input(common.load_image(p), self.resolution)
+            begin = time.perf_counter()
+            inputs, grids = zip(*(network_input(common.load_image(p), self.resolution, self.stride)
                                   for p in self.paths[start:start + self.batch_size]))
             x = torch.stack(inputs).to(self.device)  # B x 3 x H' x W'
             with common.autocast(self.device, self.precision):
-                feats = self.model(x)  # B x C x H'/4 x W'/4
+                feats = self.model(x)  # B x C x H'/stride x W'/stride
             gh, gw = grids[0]
             feats = F.normalize(feats[:, :, :gh, :gw].float(), dim=1)  # B x C x h x w, unit vectors
-            yield from (f.clone() for f in feats)  # own storage: the batch is freed once the window moves on
+            feats = [f.clone() for f in feats]  # own storage: the batch is freed once the window moves on
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds += time.perf_counter() - begin
+            yield from feats
 
 
 # ---- propagation ----
-def label_grid(ids, num_objects, grid, resolution):
+def label_grid(ids, num_objects, grid, resolution, stride=4):
     """H x W ids -> (N+1) x h x w soft labels: the fraction of each feature cell covered by each object.
 
-    In square mode the grid spans the whole (stretched) frame; at native size cell j covers pixels [4j, 4j+4), so
-    the mask is edge-padded to 4h x 4w first."""
+    In square mode the grid spans the whole (stretched) frame; at native size cell j covers pixels
+    [stride*j, stride*(j+1)), so the mask is edge-padded to stride*h x stride*w first."""
     ids = torch.as_tensor(ids).long()
     ids = torch.where(ids > num_objects, torch.zeros_like(ids), ids)  # void (255) and ids unknown at frame 0 -> bg
     onehot = F.one_hot(ids, num_objects + 1).permute(2, 0, 1).float()  # (N+1) x H x W
     if resolution == "native":
         h, w = onehot.shape[1:]
-        onehot = F.pad(onehot[None], (0, 4 * grid[1] - w, 0, 4 * grid[0] - h), mode="replicate")[0]
+        onehot = F.pad(onehot[None], (0, stride * grid[1] - w, 0, stride * grid[0] - h), mode="replicate")[0]
     return F.interpolate(onehot[None], size=grid, mode="area")[0]  # (N+1) x h x w
 
 
-def labels_to_ids(soft, size, resolution):
-    """(N+1) x h x w soft labels -> H x W uint8 ids: bilinear to the frame (or 4h x 4w, cropped) then argmax."""
-    h, w = soft.shape[1:]
-    canvas = size if resolution != "native" else (4 * h, 4 * w)
-    up = F.interpolate(soft[None], size=canvas, mode="bilinear", align_corners=False)[0]  # (N+1) x H x W
-    return up[:, :size[0], :size[1]].argmax(0).to(torch.uint8).cpu().numpy()
-
-
-def window_mask(query_index, grid, radius):
-    """Chunk x (h*w) bool: True where the key lies more than `radius` cells (square window) from the query."""
-    h, w = grid
-    qy, qx = query_index // w, query_index % w  # B, B
-    ky = torch.arange(h, device=query_index.device).repeat_interleave(w)  # h*w
-    kx = torch.arange(w, device=query_index.device).repeat(h)  # h*w
-    return ((qy[:, None] - ky[None]).abs() > radius) | ((qx[:, None] - kx[None]).abs() > radius)  # B x h*w
-
-
-def propagate_frame(query, keys, labels, grid, topk, topk_mode, temperature, radius=0, radius_first_frame=False,
-                    chunk_size=1024):
-    """Soft labels of one frame from its context.
-
-    query: C x h x w; keys: list of C x h x w (keys[0] = the first frame); labels: list of L x h x w.
-    Returns L x h x w. Each chunk of queries meets one context frame at a time, so the largest affinity held is
-    chunk x (h*w); a joint top-k is taken over the per-frame top-k's, which contain it.
-    """
-    C = query.shape[0]
-    q_all = query.reshape(C, -1)  # C x Q
-    k_all = [k.reshape(C, -1) for k in keys]  # each C x P
-    y_all = [y.reshape(y.shape[0], -1) for y in labels]  # each L x P
-    out = torch.zeros(y_all[0].shape[0], q_all.shape[1], device=query.device)  # L x Q
-    k_per_frame = min(topk, k_all[0].shape[1])
-    for start in range(0, q_all.shape[1], chunk_size):
-        index = torch.arange(start, min(start + chunk_size, q_all.shape[1]), device=query.device)  # B
-        q = q_all[:, index]  # C x B
-        far = window_mask(index, grid, radius) if radius > 0 else None  # B x P
-        kept_logits, kept_labels = [], []
-        for t, (k, y) in enumerate(zip(k_all, y_all)):
-            logits = q.t() @ k / temperature  # B x P: the only affinity block held
-            if far is not None and (t > 0 or radius_first_frame):
-                logits = logits.masked_fill(far, float("-inf"))
-            if topk_mode == "per-frame":  # TimeCycle: probabilities over this frame, keep the k largest
-                weight, idx = logits.softmax(dim=1).topk(k_per_frame, dim=1)  # B x k, B x k
-                out[:, index] += (y[:, idx] * weight[None]).sum(-1)  # L x B
-            else:
-                value, idx = logits.topk(k_per_frame, dim=1)  # B x k
-                kept_logits.append(value)
-                kept_labels.append(y[:, idx])  # L x B x k
-        if topk_mode == "joint":  # CRW / DINO: the k best over all frames, softmax over what is kept
-            value, pick = torch.cat(kept_logits, 1).topk(k_per_frame, dim=1)  # B x k
-            cand = torch.cat(kept_labels, 2)  # L x B x (n_frames*k)
-            chosen = cand.gather(2, pick[None].expand(cand.shape[0], -1, -1))  # L x B x k
-            out[:, index] = (chosen * value.softmax(dim=1)[None]).sum(-1)  # L x B
-    if topk_mode == "per-frame":
-        out /= len(k_all)
-    return out.reshape(-1, *grid)  # L x h x w
-
-
 def minmax_rescale(soft):
-    """TimeCycle: each channel of a frame's prediction rescaled to [0, 1] (a constant channel becomes 0)."""
+    """Each channel of a prediction rescaled to [0, 1] (a constant channel becomes 0): TimeCycle's carried
+    predictions, DINO's norm_mask of the upsampled one."""
     flat = soft.reshape(soft.shape[0], -1)  # L x P
     low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
     span = high - low
     return torch.where(span > 0, (flat - low) / span.clamp_min(1e-12), torch.zeros_like(flat)).reshape(soft.shape)
 
 
+def labels_to_ids(soft, size, resolution, stride=4, minmax_output=False):
+    """(N+1) x h x w soft labels -> H x W uint8 ids: bilinear to the frame (or stride*h x stride*w, cropped), then
+    (DINO, `minmax_output`) each channel rescaled to [0, 1], then argmax."""
+    h, w = soft.shape[1:]
+    canvas = size if resolution != "native" else (stride * h, stride * w)
+    up = F.interpolate(soft[None], size=canvas, mode="bilinear", align_corners=False)[0]  # (N+1) x H' x W'
+    up = up[:, :size[0], :size[1]]
+    if minmax_output:
+        up = minmax_rescale(up)
+    return up.argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def in_window(dy, dx, radius, window):
+    """Whether a key at offset (dy, dx) cells from its query is seen: square |dy|, |dx| <= r (DINO's
+    restrict_neighborhood), disc sqrt(dy^2 + dx^2) < r (CRW's MaskedAttention: distance < radius)."""
+    if window == "disc":
+        return dy * dy + dx * dx < radius * radius
+    return (dy.abs() <= radius) & (dx.abs() <= radius)
+
+
+def window_mask(query_index, grid, radius, window="square"):
+    """Chunk x (h*w) bool: True where the key lies outside the query's window (the full-affinity path)."""
+    h, w = grid
+    qy, qx = query_index // w, query_index % w  # B, B
+    ky = torch.arange(h, device=query_index.device).repeat_interleave(w)  # h*w
+    kx = torch.arange(w, device=query_index.device).repeat(h)  # h*w
+    return ~in_window(ky[None] - qy[:, None], kx[None] - qx[:, None], radius, window)  # B x h*w
+
+
+def full_topk(q, k, grid, temperature, kk, probabilities, radius=0, window="square", chunk_size=1024, masks=None):
+    """The k best keys of one context frame for every query, from the whole affinity (a radius masks it).
+
+    q: C x Q, k: C x P (unit vectors). Returns (Q x kk scores, Q x kk key indices); scores are the softmax over the
+    frame's (windowed) keys when `probabilities` (TimeCycle), the logits cos / T otherwise. Memory: chunk x P, and
+    the window masks kept in `masks` (a dict) for the next context frame, as a plain implementation would."""
+    values, indices = [], []
+    for start in range(0, q.shape[1], chunk_size):
+        index = torch.arange(start, min(start + chunk_size, q.shape[1]), device=q.device)  # B
+        logits = q[:, index].t() @ k / temperature  # B x P: the only affinity block held
+        if radius > 0:
+            masks = {} if masks is None else masks
+            if (start, radius) not in masks:
+                masks[start, radius] = window_mask(index, grid, radius, window)
+            logits = logits.masked_fill(masks[start, radius], float("-inf"))
+        if probabilities:
+            logits = logits.softmax(dim=1)
+        value, idx = logits.topk(kk, dim=1)  # B x kk
+        values.append(value)
+        indices.append(idx)
+    return torch.cat(values), torch.cat(indices)
+
+
+def window_tile(radius):
+    """Side t of the query tiles of local_topk. A tile of t x t queries meets the (t + 2r)^2 keys around it: a
+    smaller tile wastes fewer dot products, a larger one makes a more efficient matrix product and copies fewer keys.
+    Measured on a CPU at 480p, stride 8, r = 12, C = 2048 (one context frame): t = 4, 6, 8, 12, 16, 24, 32 took
+    7.2, 5.0, 3.8, 2.4, 3.3, 3.9, 5.6 s (the full affinity 11.3 s); t = r, within [8, 16]."""
+    return min(max(radius, 8), 16)
+
+
+def local_topk(q, k, grid, temperature, kk, probabilities, radius, window="square", chunk_size=1024):
+    """What full_topk returns with a radius, computing only the neighbourhood of each tile of queries.
+
+    The query grid is cut into t x t tiles; each tile is a matrix product with the (t + 2r) x (t + 2r) box of keys
+    around it (unfold of the key map, zero-padded by r), then the keys outside each query's own window, or outside
+    the frame, are set to -inf, exactly as the full affinity's mask does. At 480p, stride 8, r = 12 (t = 12) this
+    computes 20% of the full affinity (the exact windows are 7% (disc) and 10% (square) of it).
+    """
+    C = q.shape[0]
+    h, w = grid
+    r, t = radius, window_tile(radius)
+    B = t + 2 * r  # box side
+    nty, ntx = -(-h // t), -(-w // t)
+    dev = q.device
+    qg = F.pad(q.reshape(C, h, w), (0, ntx * t - w, 0, nty * t - h))  # C x (nty t) x (ntx t)
+    kg = F.pad(k.reshape(C, h, w), (r, r + ntx * t - w, r, r + nty * t - h))  # C x (nty t + 2r) x (ntx t + 2r)
+    a = torch.arange(t, device=dev)
+    b = torch.arange(B, device=dev)
+    dy = (b[None, :] - r - a[:, None])  # t x B: box row - query row
+    seen = in_window(dy[:, None, :, None], dy[None, :, None, :], r, window).reshape(t * t, B * B)  # query x box
+    box_start = lambda tiles: torch.arange(tiles, device=dev)[:, None] * t - r  # noqa: E731 - per tile: first box cell
+    rows_ok = ((box_start(nty) + b) >= 0) & ((box_start(nty) + b) < h)  # nty x B: the box row lies in the frame
+    cols_ok = ((box_start(ntx) + b) >= 0) & ((box_start(ntx) + b) < w)  # ntx x B
+    out_v = torch.empty(nty * t, ntx * t, kk, device=dev)
+    out_i = torch.empty(nty * t, ntx * t, kk, dtype=torch.long, device=dev)
+    rows_per_block = max(1, chunk_size // (t * t * ntx))
+    for ty0 in range(0, nty, rows_per_block):
+        ty1 = min(nty, ty0 + rows_per_block)
+        n = ty1 - ty0
+        qs = qg[:, ty0 * t:ty1 * t].reshape(C, n, t, ntx, t).permute(1, 3, 2, 4, 0).reshape(n * ntx, t * t, C)
+        ks = kg[:, ty0 * t:ty1 * t + 2 * r].unfold(1, B, t).unfold(2, B, t)  # C x n x ntx x B x B (a view)
+        ks = ks.permute(1, 2, 0, 3, 4).reshape(n * ntx, C, B * B)  # the boxes' keys (a copy)
+        logits = torch.bmm(qs, ks) / temperature  # tiles x t*t x B*B
+        ok = (rows_ok[ty0:ty1, None, :, None] & cols_ok[None, :, None, :]).reshape(n * ntx, 1, B * B) & seen[None]
+        logits = logits.masked_fill(~ok, float("-inf"))
+        if B * B < kk:  # fewer keys in a box than k: the full affinity's top-k would also pick -inf entries
+            logits = F.pad(logits, (0, kk - B * B), value=float("-inf"))
+        if probabilities:
+            logits = logits.softmax(dim=-1)
+        value, idx = logits.topk(kk, dim=-1)  # tiles x t*t x kk, index into the box
+        tile_y = torch.arange(ty0, ty1, device=dev).repeat_interleave(ntx)[:, None, None] * t
+        tile_x = torch.arange(ntx, device=dev).repeat(n)[:, None, None] * t
+        key_y = (tile_y - r + idx.div(B, rounding_mode="floor")).clamp(0, h - 1)  # -inf picks: any valid index
+        key_x = (tile_x - r + idx % B).clamp(0, w - 1)
+        out_v[ty0 * t:ty1 * t] = value.reshape(n, ntx, t, t, kk).permute(0, 2, 1, 3, 4).reshape(n * t, ntx * t, kk)
+        out_i[ty0 * t:ty1 * t] = (key_y * w + key_x).reshape(n, ntx, t, t, kk).permute(0, 2, 1, 3, 4) \
+            .reshape(n * t, ntx * t, kk)
+    return out_v[:h, :w].reshape(h * w, kk), out_i[:h, :w].reshape(h * w, kk)
+
+
+def propagate_frame(query, keys, labels, grid, topk, topk_mode, temperature, radius=0, radius_first_frame=False,
+                    window="square", chunk_size=1024, affinity="local"):
+    """Soft labels of one frame from its context.
+
+    query: C x h x w; keys: list of C x h x w (keys[0] = the first frame); labels: list of L x h x w.
+    Returns L x h x w. Each context frame is scored on its own and keeps its top-k per query; a joint top-k (CRW,
+    DINO) is the top-k of these, which contain it. With a radius, `affinity` 'local' computes only the
+    neighbourhood of the queries (local_topk); 'full' computes the whole affinity and masks it (the plain way,
+    kept as the reference and for measurements). Both give the same labels.
+    """
+    C = query.shape[0]
+    q = query.reshape(C, -1)  # C x Q
+    kk = min(topk, q.shape[1])
+    per_frame = topk_mode == "per-frame"
+    L = labels[0].shape[0]
+    out = torch.zeros(L, q.shape[1], device=query.device)  # L x Q
+    best_value = best_labels = None
+    masks = {}  # the full path's window masks, computed once for all context frames
+    for t, (k, y) in enumerate(zip(keys, labels)):
+        r = radius if (t > 0 or radius_first_frame) else 0
+        if r > 0 and affinity == "local":
+            value, idx = local_topk(q, k.reshape(C, -1), grid, temperature, kk, per_frame, r, window, chunk_size)
+        else:
+            value, idx = full_topk(q, k.reshape(C, -1), grid, temperature, kk, per_frame, r, window, chunk_size,
+                                   masks)  # Q x kk
+        chosen = y.reshape(L, -1)[:, idx]  # L x Q x kk
+        if per_frame:  # TimeCycle: probabilities over this frame, the k largest kept
+            out += (chosen * value[None]).sum(-1)
+        elif best_value is None:
+            best_value, best_labels = value, chosen
+        else:  # CRW / DINO: the k best logits over all frames so far
+            value, pick = torch.cat([best_value, value], 1).topk(kk, dim=1)  # Q x kk
+            both = torch.cat([best_labels, chosen], 2)  # L x Q x 2kk
+            best_value, best_labels = value, both.gather(2, pick[None].expand(L, -1, -1))
+    if per_frame:
+        out /= len(keys)
+    else:  # softmax over the kept logits
+        out = (best_labels * best_value.softmax(dim=1)[None]).sum(-1)
+    return out.reshape(-1, *grid)  # L x h x w
+
+
 def propagate(features, first_labels, n_context, topk, topk_mode, temperature, radius=0, radius_first_frame=False,
-              minmax=False, chunk_size=1024):
+              minmax="none", chunk_size=1024, window="square", fill_context=False, affinity="local"):
     """Carry `first_labels` (L x h x w) through a video; `features` yields C x h x w per frame (frame 0 first).
 
     Yields the soft labels (L x h x w) of frames 1, 2, ...: context = frame 0 + the `n_context` previous frames.
-    Only the context window's features and labels are kept in memory.
+    `fill_context` (TimeCycle, CRW) starts that window full of copies of frame 0 and its labels; otherwise it holds
+    the frames that exist. `minmax` 'carried' (TimeCycle) rescales each frame's prediction per channel before it
+    is carried forward (and output); 'output' (DINO) leaves the carried labels raw (labels_to_ids rescales the
+    upsampled prediction). Only the context window's features and labels are kept in memory.
     """
     stream = iter(features)
     first = next(stream)  # C x h x w
     grid = tuple(first.shape[1:])
     recent = collections.deque(maxlen=n_context)  # (features, soft labels) of the previous frames
+    if fill_context:
+        recent.extend([(first, first_labels)] * n_context)
     for feat in stream:
         keys = [first] + [f for f, _ in recent]
         labels = [first_labels] + [y for _, y in recent]
         soft = propagate_frame(feat, keys, labels, grid, topk, topk_mode, temperature, radius, radius_first_frame,
-                               chunk_size)  # L x h x w
-        if minmax:
+                               window, chunk_size, affinity)  # L x h x w
+        if minmax is True or minmax == "carried":
             soft = minmax_rescale(soft)
         if n_context > 0:
             recent.append((feat, soft))
@@ -557,16 +800,31 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB: peak resident set
 
 
-def run_propagation(args, root, sequences, checked, d):
-    """Propagate every sequence of this rank and write the PNGs; returns (frames, seconds, peak memory MiB)."""
+def json_safe(value):
+    """NaN and infinities (a sequence without objects has no J-Mean) become None: metrics.json is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def build_model(args, device):
+    """The frozen network at --stride (a bad weights file fails here, before anything is written)."""
+    common.autocast_dtype(device, args.precision)  # e.g. fp16 without a GPU: one-line error now, not mid-run
     model, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet})
-    model = model.to(d.device).eval()
-    if d.is_main:
-        print(f"features: {description}", flush=True)
+    model, strided = at_stride(model, args.stride)
+    return model.to(device).eval(), f"{description}; {strided}"
+
+
+def run_propagation(args, root, sequences, checked, d, model):
+    """Propagate every sequence of this rank and write the PNGs; returns a dict of speed figures."""
     mine = sequences[d.rank::d.world_size]
     total = sum(len(checked[s][0]) for s in mine)
     bar = common.throughput_bar(None, total, d.is_main, desc="propagate")
-    frames_done, start = 0, time.perf_counter()
+    frames_done, network_s, start = 0, 0.0, time.perf_counter()
     for seq in mine:
         frame_paths, _, num_objects = checked[seq]
         out_dir = os.path.join(args.output_dir, seq)
@@ -576,14 +834,16 @@ def run_propagation(args, root, sequences, checked, d):
         first_ids[first_ids == VOID] = 0
         size = first_ids.shape
         save_indexed_png(os.path.join(out_dir, stem(frame_paths[0]) + ".png"), first_ids.astype(np.uint8))
-        grid = network_input(Image.new("RGB", (size[1], size[0])), args.resolution)[1]
-        first_labels = label_grid(first_ids, num_objects, grid, args.resolution).to(d.device)  # (N+1) x h x w
-        stream = FeatureStream(model, frame_paths, args.resolution, d.device, args.batch_size, args.precision)
+        grid = network_input(Image.new("RGB", (size[1], size[0])), args.resolution, args.stride)[1]
+        first_labels = label_grid(first_ids, num_objects, grid, args.resolution, args.stride).to(d.device)
+        stream = FeatureStream(model, frame_paths, args.resolution, d.device, args.batch_size, args.precision,
+                               args.stride)
         predictions = propagate(stream, first_labels, args.n_context, args.topk, args.topk_mode, args.temperature,
-                                args.radius, args.radius_first_frame, args.minmax, args.chunk_size)
+                                args.radius, args.radius_first_frame, args.minmax, args.chunk_size, args.window,
+                                args.fill_context, args.affinity)
         bar.update(1)
         for path, soft in zip(frame_paths[1:], predictions):
-            ids = labels_to_ids(soft, size, args.resolution)  # H x W uint8
+            ids = labels_to_ids(soft, size, args.resolution, args.stride, args.minmax == "output")  # H x W uint8
             save_indexed_png(os.path.join(out_dir, stem(path) + ".png"), ids)
             if args.save_overlays:
                 os.makedirs(os.path.join(args.output_dir, "overlays", seq), exist_ok=True)
@@ -591,41 +851,45 @@ def run_propagation(args, root, sequences, checked, d):
                                                                         stem(path) + ".jpg"), quality=90)
             bar.update(1)
         frames_done += len(frame_paths)
+        network_s += stream.seconds
         bar.set_postfix(seq=seq, fps=f"{frames_done / (time.perf_counter() - start):.2f}")
     bar.close()
-    return frames_done, time.perf_counter() - start, peak_memory_mb(d.device)
+    seconds = time.perf_counter() - start
+    return dict(frames=frames_done, seconds=round(seconds, 2), frames_per_s=round(frames_done / max(seconds, 1e-9), 4),
+                network_seconds=round(network_s, 2), propagation_seconds=round(seconds - network_s, 2),
+                peak_memory_mb=round(peak_memory_mb(d.device), 1), device=str(d.device))
 
 
-def run(args, settings, root):
+def run(args, settings, root, built=None):
     d = common.init_distributed()
     sequences = list_sequences(root, args.split, args.sequences)
     checked = {s: check_sequence(root, s, need_all_annotations=True) for s in sequences}  # fail before any work
     metrics_path = os.path.join(args.eval_only or args.output_dir, "metrics.json")
     speed = {}
     if args.eval_only is None:
+        model, description = built or build_model(args, d.device)
+        model = model.to(d.device)
         os.makedirs(args.output_dir, exist_ok=True)
         if d.is_main:
             if os.path.exists(metrics_path):
                 os.remove(metrics_path)  # a stale score must never sit next to new masks
             print("settings: " + " ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
-        frames, seconds, memory = run_propagation(args, root, sequences, checked, d)
-        speed = dict(frames=frames, seconds=round(seconds, 2), frames_per_s=round(frames / max(seconds, 1e-9), 3),
-                     peak_memory_mb=round(memory, 1), device=str(d.device))
+            print(f"features: {description}", flush=True)
+        speed = run_propagation(args, root, sequences, checked, d, model)
         if d.is_main:
-            print(f"propagation: {frames} frames in {seconds:.1f} s ({speed['frames_per_s']} frames/s, rank 0), "
-                  f"peak memory {memory:.0f} MiB ({'max allocated' if d.device.type == 'cuda' else 'peak RSS'})",
-                  flush=True)
+            print(f"propagation: {speed['frames']} frames in {speed['seconds']:.1f} s ({speed['frames_per_s']} "
+                  f"frames/s, rank 0; network {speed['network_seconds']:.1f} s, propagation "
+                  f"{speed['propagation_seconds']:.1f} s), peak memory {speed['peak_memory_mb']:.0f} MiB "
+                  f"({'max allocated' if d.device.type == 'cuda' else 'peak RSS'})", flush=True)
         if common.distributed():
             dist.barrier()
-    elif not os.path.isdir(args.eval_only):
-        raise common.UserError(f"--eval-only {args.eval_only}: no such results folder")
     if d.is_main:
         summary, table = evaluate(root, sequences, args.eval_only or args.output_dir)
         record = dict(summary, per_sequence=table, settings=settings if args.eval_only is None else {},
                       speed=speed, data=args.data or "embedded synthetic", split=args.split)
         tmp = metrics_path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
+            json.dump(json_safe(record), f, indent=2, allow_nan=False)
         os.replace(tmp, metrics_path)
         common.print_result(summary)
     common.finish_distributed()
@@ -634,12 +898,11 @@ def run(args, settings, root):
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    settings = resolve_settings(parser, args, argv)
+    settings = resolve_settings(parser, args, argv)  # every size and path checked here
     torch.manual_seed(args.seed)  # random weights are the same on every rank and every run
     if args.data is not None:
-        if not os.path.isdir(args.data):
-            raise common.UserError(f"--data {args.data}: no such folder")
         return run(args, settings, args.data)
+    model = build_model(args, torch.device("cpu"))  # a bad weights file fails before the videos are written
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"no --data: {args.synthetic_sequences} embedded synthetic videos of {args.synthetic_frames} frames "
               f"({args.synthetic_size[0]}x{args.synthetic_size[1]}); demo preset "
@@ -648,7 +911,7 @@ def main(argv=None):
     try:
         write_synthetic_davis(root, args.synthetic_sequences, args.synthetic_frames, *args.synthetic_size,
                               seed=args.seed)
-        run(args, settings, root)
+        run(args, settings, root, model)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

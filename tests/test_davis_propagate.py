@@ -1,15 +1,19 @@
 """davis_propagate.py: propagation with oracle features, the official J&F against independent computations,
 chunking, PNG output, --eval-only and one-line errors on bad input. CPU, about a minute."""
 import json
+import math
 import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
+import common
 import davis_propagate as dp
+from vader import VADeRNet
 
 torch.set_num_threads(1)  # the in-process tensors are tiny: thread start-up on a shared CPU costs more than it gains
 
@@ -136,6 +140,175 @@ def test_chunked_and_unchunked_propagation_agree(mode):
     assert runs[0].shape == (frames - 1, 4, *grid)
     assert torch.allclose(runs[0], runs[1], atol=1e-6)
     assert torch.equal(runs[0].argmax(1), runs[1].argmax(1))
+
+
+def naive_propagate(feats, first, n_context, topk, topk_mode, temperature, radius, window, radius_first_frame,
+                    minmax, fill_context):
+    """The protocols written plainly: the whole affinity of every context frame at once, the window as an explicit
+    distance test per (query, key) pair, a joint top-k over the concatenation of all context keys (no chunks, no
+    per-frame shortlists), the context as a list of frame numbers (frame 0 repeated when filled)."""
+    h, w = first.shape[1:]
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ys, xs = ys.flatten().double(), xs.flatten().double()
+    dy, dx = ys[None] - ys[:, None], xs[None] - xs[:, None]  # query x key
+    inside = torch.sqrt(dy ** 2 + dx ** 2) < radius if window == "disc" else \
+        torch.maximum(dy.abs(), dx.abs()) <= radius
+    labels, outputs = {0: first.flatten(1)}, []
+    for t in range(1, len(feats)):
+        previous = list(range(max(1, t - n_context), t))
+        if fill_context:
+            previous = [0] * (n_context - len(previous)) + previous
+        context = [0] + previous
+        q = feats[t].flatten(1)
+        logits = []
+        for j, c in enumerate(context):
+            a = q.t() @ feats[c].flatten(1) / temperature  # query x key
+            if radius > 0 and (j > 0 or radius_first_frame):
+                a = a.masked_fill(~inside, float("-inf"))
+            logits.append(a)
+        if topk_mode == "per-frame":
+            soft = sum((labels[c][:, i] * p[None]).sum(-1) for c, (p, i) in
+                       zip(context, (a.softmax(1).topk(topk, dim=1) for a in logits))) / len(context)
+        else:
+            value, pick = torch.cat(logits, 1).topk(topk, dim=1)
+            every = torch.cat([labels[c] for c in context], 1)  # L x (frames * keys)
+            soft = (every[:, pick] * value.softmax(1)[None]).sum(-1)
+        if minmax == "carried":
+            low, high = soft.min(1, keepdim=True).values, soft.max(1, keepdim=True).values
+            soft = (soft - low) / (high - low)
+        labels[t] = soft
+        outputs.append(soft.reshape(-1, h, w))
+    return outputs
+
+
+@pytest.mark.parametrize("window,topk_mode,radius_first_frame,fill", [
+    ("disc", "joint", False, True), ("square", "joint", True, False), ("disc", "per-frame", True, False),
+    ("square", "per-frame", False, True)])
+def test_local_window_gives_the_labels_of_the_full_affinity(window, topk_mode, radius_first_frame, fill):
+    """Local (tiled) windows against the plain full affinity and against the naive implementation above: the same
+    labels on every cell of a small clip (grid 13 x 17, radius 3: tiles, frame edges and windows cut by them)."""
+    g = torch.Generator().manual_seed(1)
+    grid, frames = (13, 17), 6
+    feats = [torch.nn.functional.normalize(torch.randn(16, *grid, generator=g), dim=0) for _ in range(frames)]
+    first = torch.softmax(torch.randn(3, *grid, generator=g) * 3, dim=0)
+    knobs = dict(n_context=2, topk=5, topk_mode=topk_mode, temperature=0.1, radius=3, window=window,
+                 radius_first_frame=radius_first_frame, minmax="carried" if topk_mode == "per-frame" else "none",
+                 fill_context=fill)
+    runs = {a: torch.stack(list(dp.propagate(iter(feats), first, chunk_size=40, affinity=a, **knobs)))
+            for a in ("local", "full")}
+    naive = torch.stack(naive_propagate(feats, first, **knobs))
+    for a, soft in runs.items():
+        assert torch.equal(soft.argmax(1), naive.argmax(1)), a
+        assert torch.allclose(soft, naive, atol=1e-5), a
+        ids = [dp.labels_to_ids(s, (52, 68), "native") for s in soft]
+        assert all(np.array_equal(i, dp.labels_to_ids(s, (52, 68), "native")) for i, s in zip(ids, naive))
+
+
+def test_windows_by_hand():
+    """Radius 2: CRW's disc keeps distance < 2 (the 3 x 3 block, not (0, 2)); DINO's square keeps |dy|, |dx| <= 2."""
+    d = torch.arange(-2, 3)
+    disc = dp.in_window(d[:, None], d[None, :], 2, "disc")
+    square = dp.in_window(d[:, None], d[None, :], 2, "square")
+    assert torch.equal(disc, torch.tensor([[0, 0, 0, 0, 0],
+                                           [0, 1, 1, 1, 0],
+                                           [0, 1, 1, 1, 0],
+                                           [0, 1, 1, 1, 0],
+                                           [0, 0, 0, 0, 0]], dtype=torch.bool))
+    assert square.all()
+    mask = dp.window_mask(torch.tensor([2 * 5 + 2]), (5, 5), 2, "disc")  # the query at the centre of a 5 x 5 grid
+    assert torch.equal(~mask.reshape(5, 5), disc)
+
+
+def test_minmax_output_rescales_only_the_upsampled_prediction():
+    """DINO: the raw soft labels are carried; only the argmax sees each channel rescaled to [0, 1]. Background 0.6
+    everywhere but for one cell, the object at most 0.4 there: raw argmax says background, rescaled says object."""
+    soft = torch.zeros(2, 4, 4)
+    soft[0], soft[1] = 0.6, 0.1
+    soft[0, 1, 1], soft[1, 1, 1] = 0.5, 0.4
+    raw = dp.labels_to_ids(soft, (16, 16), "native")
+    rescaled = dp.labels_to_ids(soft, (16, 16), "native", minmax_output=True)
+    assert raw.max() == 0
+    assert rescaled[4:8, 4:8].all() and rescaled.sum() < 16 * 3  # around the cell (1, 1), bilinear spread
+    feats = [torch.nn.functional.normalize(torch.randn(8, 4, 4), dim=0) for _ in range(3)]
+    first = torch.softmax(torch.randn(2, 4, 4), 0)
+    kwargs = dict(n_context=1, topk=3, topk_mode="joint", temperature=0.1)
+    carried = list(dp.propagate(iter(feats), first, minmax="carried", **kwargs))
+    output = list(dp.propagate(iter(feats), first, minmax="output", **kwargs))
+    plain = list(dp.propagate(iter(feats), first, minmax="none", **kwargs))
+    assert all(torch.equal(a, b) for a, b in zip(output, plain))  # 'output' carries the raw labels
+    assert torch.allclose(carried[0], dp.minmax_rescale(plain[0]))
+    assert all(torch.allclose(s.amax((1, 2)), torch.ones(2)) for s in carried)
+
+
+def test_fill_context_with_copies_of_frame_zero():
+    """TimeCycle / CRW: at frame 1 the context is frame 0 plus n copies of it. With a joint top-2 and one key that
+    matches far better than the rest, the copies make both picks that key: the prediction is its label alone."""
+    grid = (1, 3)
+    f0 = torch.tensor([[[1.0, 0.0, 0.6]], [[0.0, 1.0, 0.8]]])  # keys: the query's match (x=0), others
+    f1 = torch.tensor([[[1.0, 1.0, 1.0]], [[0.0, 0.0, 0.0]]])
+    first = torch.tensor([[[0.0, 1.0, 1.0]], [[1.0, 0.0, 0.0]]])  # object at x = 0 only
+    kwargs = dict(n_context=2, topk=2, topk_mode="joint", temperature=0.1)
+    filled = next(dp.propagate(iter([f0, f1]), first, fill_context=True, **kwargs))
+    bare = next(dp.propagate(iter([f0, f1]), first, fill_context=False, **kwargs))
+    assert torch.allclose(filled[1], torch.ones(grid))  # both picks are the x = 0 key (two copies of it)
+    by_hand = 1 / (1 + math.exp((0.6 - 1.0) / 0.1))  # frame 0 alone: the x = 0 key and the x = 2 key
+    assert torch.allclose(bare[1], torch.full(grid, by_hand))
+
+
+def test_resnet_strides_match_torchvision_and_the_shared_dilation():
+    """Stride 8 on a ResNet-50 is torchvision's replace_stride_with_dilation=[False, True, True] with the same
+    weights; stride 4 on a ResNet-18 reproduces common.dilated_resnet; the grids are 1/8 and 1/4."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 96)
+    ref = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True]).eval()
+    net = dp.set_resnet_stride(torchvision.models.resnet50(weights=None), 8).eval()
+    net.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        out = common.resnet_stages(net, x)[-1]
+        assert out.shape == (1, 2048, 8, 12)
+        assert torch.allclose(out, common.resnet_stages(ref, x)[-1], atol=1e-5)
+        shared = common.dilated_resnet("resnet18").eval()
+        mine = dp.set_resnet_stride(common.resnet("resnet18"), 8).eval()
+        mine.load_state_dict(shared.state_dict())
+        assert common.resnet_stages(mine, x)[-1].shape == (1, 512, 8, 12)
+        dp.set_resnet_stride(mine, 4)  # and back: the shared stride-4 network
+        assert torch.equal(common.resnet_stages(mine, x)[-1], common.resnet_stages(shared, x)[-1])
+
+
+def test_vader_output_at_stride_8_is_the_2x2_mean():
+    torch.manual_seed(0)
+    vader = VADeRNet("resnet18", dim=16).eval()
+    model, description = dp.at_stride(vader, 8)
+    x = torch.randn(1, 3, 40, 72)  # 1/4: 10 x 18, 1/8: 5 x 9
+    with torch.no_grad():
+        fine, coarse = vader(x), model(x)
+    assert coarse.shape == (1, 16, 5, 9) and "average-pooled" in description
+    assert torch.allclose(coarse[0, :, 2, 3], fine[0, :, 4:6, 6:8].mean((1, 2)), atol=1e-6)
+    x = torch.randn(1, 3, 36, 36)  # 1/4: 9 x 9 -> the last row and column of 1/8 average what exists
+    with torch.no_grad():
+        fine, coarse = vader(x), model(x)
+    assert coarse.shape[-2:] == (5, 5) and dp.network_input(Image.new("RGB", (36, 36)), "native", 8)[1] == (5, 5)
+    assert torch.allclose(coarse[0, :, 4, 4], fine[0, :, 8, 8], atol=1e-6)
+
+
+def test_label_grid_at_stride_8_covers_8x8_cells():
+    ids = np.zeros((20, 20), np.uint8)
+    ids[:8, :8] = 1  # exactly cell (0, 0)
+    ids[8:12, 16:20] = 2  # a quarter of cell (1, 2), which is cut by the frame edge at x = 20 (edge-padded)
+    soft = dp.label_grid(ids, 2, (3, 3), "native", stride=8)
+    assert soft[1, 0, 0] == 1 and soft[1].sum() == 1
+    assert soft[2, 1, 2] == pytest.approx(0.5)  # rows 8..11 x columns 16..19, edge-padded to 16..23: 32 of 64
+
+
+def test_preset_radius_keeps_its_pixel_extent_at_another_stride():
+    p = dp.get_parser()
+    for argv, radius, window in ((["--protocol", "crw"], 12, "disc"), (["--protocol", "crw", "--stride", "4"], 24, "disc"),
+                                 (["--protocol", "dino", "--stride", "4", "--radius", "5"], 5, "square")):
+        args = p.parse_args(["--data", ".", *argv])
+        settings = dp.resolve_settings(p, args, ["--data", ".", *argv])
+        assert (settings["radius"], settings["window"]) == (radius, window)
+    args = p.parse_args(["--data", "."])
+    assert dp.resolve_settings(p, args, ["--data", "."])["stride"] == 4  # the VADeR paper's grid
 
 
 # ---- metrics, against hand-computed values and a brute-force implementation ----
@@ -355,3 +528,52 @@ def test_result_with_an_unknown_object_id(run_script, small_davis, tmp_path):
     dp.save_indexed_png(str(results / "seqb" / "00002.png"), ids)
     r = run_script("davis_propagate.py", "--data", small_davis, "--eval-only", results)
     assert_one_line_error(r, os.path.join("seqb", "00002.png"), results)
+
+
+def test_sizes_are_checked_before_any_work(run_script, tmp_path):
+    p = dp.get_parser()
+    for flags, name in ((["--resolution", "0"], "--resolution 0"), (["--resolution", "16"], "--resolution 16"),
+                        (["--synthetic-size", "0", "0"], "--synthetic-size 0"),
+                        (["--synthetic-frames", "2"], "--synthetic-frames 2")):
+        with pytest.raises(common.UserError, match=name):
+            dp.resolve_settings(p, p.parse_args(flags), flags)
+    r = run_script("davis_propagate.py", "--output-dir", tmp_path / "o", "--resolution", "0")
+    assert_one_line_error(r, "--resolution 0", tmp_path / "o")
+    assert not os.path.exists(tmp_path / "o") and "settings:" not in r.stdout
+
+
+def test_missing_weights_file_is_reported_before_the_plan(run_script, small_davis, tmp_path):
+    for data in ([], ["--data", small_davis]):
+        r = run_script("davis_propagate.py", "--weights", tmp_path / "nope.pth", "--output-dir", tmp_path / "o", *data)
+        assert_one_line_error(r, "nope.pth", tmp_path / "o")
+        assert r.stdout.strip() == "" and not os.path.exists(tmp_path / "o")
+
+
+def test_metrics_json_holds_null_not_nan(run_script, tmp_path):
+    """A sequence whose first frame has no object has no J-Mean: null in metrics.json, which stays strict JSON."""
+    a = box_masks(5, 40, 40, [(1, 10, 10, 15, 15, 1, 1)])
+    empty = [np.zeros((40, 40), np.uint8) for _ in range(5)]
+    root = write_davis(tmp_path / "davis", {"seqa": (grey_frames(5, 40, 40), a), "empty": (grey_frames(5, 40, 40), empty)})
+    results = tmp_path / "results"
+    shutil.copytree(os.path.join(root, "Annotations", "480p"), results)
+    r = run_script("davis_propagate.py", "--data", root, "--eval-only", results)
+    assert r.returncode == 0, r.stderr
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in metrics.json")
+    metrics = json.loads((results / "metrics.json").read_text(), parse_constant=refuse)
+    assert metrics["per_sequence"]["empty"]["J_mean"] is None and metrics["per_sequence"]["seqa"]["J_mean"] == 1.0
+
+
+def test_vader_checkpoint_with_its_own_embedding_dim(run_script, tmp_path):
+    """A vader.py run with --embedding-dim 32 (not the default 128) is read with its own decoder, at both strides."""
+    torch.manual_seed(0)
+    path = tmp_path / "vader32.pth"
+    torch.save({"method": "vader", "model": VADeRNet("resnet18", dim=32).state_dict(),
+                "args": {"arch": "resnet18", "embedding_dim": 32}}, path)
+    for stride in ("4", "8"):
+        r = run_script("davis_propagate.py", "--weights", path, "--stride", stride, "--output-dir", tmp_path / stride,
+                       "--synthetic-sequences", "1", "--synthetic-frames", "3", "--synthetic-size", "32", "48")
+        assert r.returncode == 0, r.stderr
+        assert "vader checkpoint" in r.stdout and f"stride={stride}" in r.stdout
+        assert 0 <= json.loads(r.stdout.strip().splitlines()[-1])["J&F-Mean"] <= 1
