@@ -2,7 +2,7 @@
 
 Nothing here knows about a particular method: distributed setup, seeding, image loading and the embedded
 procedural data set, crop-box geometry, appearance augmentations, samplers, schedules, LARS, EMA, checkpoints,
-logging, ResNet weights (loading, dilation, Detectron2 export). Read the method files first; come here for details.
+logging, ResNet weights (loading, dilation). Read the method files first; come here for details.
 """
 import collections
 import colorsys
