@@ -3,6 +3,7 @@ and the uint8 data path. The rehearsal launches two `torchrun --nnodes=2` launch
 working directory, as two nodes with node-local disks would be."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -130,23 +131,36 @@ SINGLE = {  # one process, a few steps
 }
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """trained(script, out): out/ holds a checkpoint of one step of SINGLE[script] (trained once per module)."""
+    cache = {}
+
+    def copy(script, out):
+        if script not in cache:
+            cache[script] = tmp_path_factory.mktemp(script.split(".")[0])
+            r = run(script, *SINGLE[script], "--max-steps", "1", "--log-every", "5", "--output-dir", cache[script])
+            assert r.returncode == 0, r.stderr[-2000:]
+        shutil.copytree(cache[script], out)
+        return out
+
+    return copy
+
+
 @pytest.mark.parametrize("script, flag, value", [
     ("vader.py", "--queue-size", "64"), ("vader.py", "--num-matches", "2"), ("vader.py", "--arch", "resnet34"),
     ("clove.py", "--accum-steps", "2"), ("clove.py", "--embedding-dim", "128"), ("clove.py", "--image-size", "96"),
 ])
-def test_resume_with_a_changed_setting_is_a_one_line_error_naming_both_values(tmp_path, script, flag, value):
-    out = tmp_path / "out"
-    assert run(script, *SINGLE[script], "--max-steps", "1", "--output-dir", out).returncode == 0
+def test_resume_with_a_changed_setting_is_a_one_line_error_naming_both_values(tmp_path, trained, script, flag, value):
+    out = trained(script, tmp_path / "out")
     r = run(script, *SINGLE[script], flag, value, "--output-dir", out)
     saved = checkpoint(out / "checkpoint.pth")["args"][flag[2:].replace("-", "_")]
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().count("\n") == 0 and f"{flag} {saved} -> {value}" in r.stderr, r.stderr
 
 
-def test_resume_refuses_another_world_size_and_another_data_set(tmp_path):
-    out = tmp_path / "out"
-    args = SINGLE["vader.py"]
-    assert run("vader.py", *args, "--max-steps", "1", "--output-dir", out).returncode == 0
+def test_resume_refuses_another_world_size_and_another_data_set(tmp_path, trained):
+    out, args = trained("vader.py", tmp_path / "out"), SINGLE["vader.py"]
     r = run("vader.py", *args, "--synthetic-images", "20", "--output-dir", out)
     assert r.returncode == 2 and "images 16 -> 20" in r.stderr and "Traceback" not in r.stderr, r.stderr
     ckpt = checkpoint(out / "checkpoint.pth")
@@ -156,21 +170,19 @@ def test_resume_refuses_another_world_size_and_another_data_set(tmp_path):
     assert r.returncode == 2 and "world size 4 -> 1" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-def test_harmless_changes_resume_and_are_logged(tmp_path):
-    out = tmp_path / "out"
-    args = SINGLE["vader.py"]
-    assert run("vader.py", *args, "--max-steps", "1", "--log-every", "5", "--output-dir", out).returncode == 0
+def test_harmless_changes_resume_and_are_logged(tmp_path, trained):
+    out, args = trained("vader.py", tmp_path / "out"), SINGLE["vader.py"]
     r = run("vader.py", *args, "--max-steps", "2", "--log-every", "7", "--output-dir", out)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "changed flags: --log-every 5 -> 7, --max-steps 1 -> 2" in r.stdout
     events = [json.loads(line) for line in open(out / "log.jsonl")]
     resume = [e for e in events if e.get("event") == "resume"]
-    assert resume and resume[0]["changed"] == ["--log-every 5 -> 7", "--max-steps 1 -> 2"]
+    assert resume and resume[0]["changed"][:2] == ["--log-every 5 -> 7", "--max-steps 1 -> 2"]
+    assert resume[0]["changed"][2].startswith("--output-dir ")  # the checkpoint was copied from another folder
 
 
-def test_a_checkpoint_of_the_other_method_is_refused(tmp_path):
-    out = tmp_path / "out"
-    assert run("vader.py", *SINGLE["vader.py"], "--max-steps", "1", "--output-dir", out).returncode == 0
+def test_a_checkpoint_of_the_other_method_is_refused(tmp_path, trained):
+    out = trained("vader.py", tmp_path / "out")
     r = run("clove.py", *SINGLE["clove.py"], "--output-dir", out)
     assert r.returncode == 2 and "not a clove.py checkpoint (method vader)" in r.stderr and "Traceback" not in r.stderr
 
