@@ -23,10 +23,18 @@ What the code implements, and where
     Eq. 2 with c(x1, x2) = cos(x1, x2) / tau, negatives from a queue                  -> vader_loss, PixelQueue
     g <- 0.999 g + 0.001 f (parameters; g keeps its own BN statistics, as MoCo)      -> common.ema_update
     loss x 10, SGD(0.9), wd 1e-4, lr 3e-7 (encoder) / 3e-3 (decoder), batch 128     -> train
-    shuffle BN for g under DDP (MoCo)                                                -> key_embeddings
+    shuffle BN for g under DDP (MoCo); one process: --shuffle-bn-splits sub-batches   -> key_embeddings
     Table 3 ablation: --matching diff-view (paper) | same-view | unmatch
+    the reviewers' questions, each one switch away (defaults = the paper):
+      --in-image-negatives --negative-radius R (Reviewers 1, 3: same-image negatives)  -> in_image_negatives
+      --key-encoder shared (Reviewer 1: SimCLR-style, no momentum encoder, no queue)   -> shared_loss
+      --objective global (Reviewer 2, footnote 1: MoCo v2 in this script)              -> GlobalNet, global_loss
+      --objective crops (Reviewer 3: regions of an image as instances)                 -> PairedViews.region
+      --keys-per-image K, --queue-size (Reviewer 1: size of the negative memory bank)  -> dense_momentum_loss
+      --lr-schedule cosine (MoCo v2's; the paper names none)                           -> set_learning_rates
 
-Public names: PairedViews, SemanticFPNDecoder, VADeRNet, PixelQueue, vader_loss, key_embeddings, train, main.
+Public names: PairedViews, SemanticFPNDecoder, VADeRNet, GlobalNet, PixelQueue, vader_loss, in_image_negatives,
+shared_loss, key_embeddings, train, main.
 
 Choices the paper leaves open (our defaults, and why)
     - Correspondence is computed at the output resolution: cell (i, j) of view 1's (S/4)x(S/4) grid is matched to
@@ -38,7 +46,11 @@ Choices the paper leaves open (our defaults, and why)
       is enqueued (global batch 128 -> 4096 keys per step; the queue size must be a multiple of that).
     - The learning rates are constant (the paper names no schedule). The default --epochs 600 is the paper's ~6M
       iterations at batch 128 (1.28M / 128 = 10k steps an epoch).
-    - Shuffle BN needs several ranks; one process uses plain BN for g, as MoCo's single-GPU code does.
+    - Shuffle BN (MoCo) keeps BN statistics from leaking between a query and its key. Under DDP the global batch
+      is shuffled over the ranks. In one process, g runs a random permutation of the batch as --shuffle-bn-splits
+      sub-batches (default 4: the paper's 4 GPUs x 32 images), each with its own BN statistics, as MoCo's single-GPU
+      SplitBatchNorm demo does; a batch that does not split evenly gets sub-batches whose sizes differ by one
+      (torch.tensor_split), never more sub-batches than images. --shuffle-bn-splits 1 is plain BN.
     - The decoder is ~5.0M parameters for ResNet-50 (FPN 3.3M + merge head 1.6M) with torchvision's FPN (the paper quotes "around 2M extra"; it counts fewer
       FPN convolutions than torchvision's default has).
     - From scratch (no --init) the paper's encoder lr 3e-7 would leave the encoder random: use
@@ -47,7 +59,32 @@ Choices the paper leaves open (our defaults, and why)
     - The decoder's final 1x1 conv keeps PyTorch's default initialisation, not Detectron2's N(0, 0.001): the embedding
       is L2-normalised, and a tiny output norm multiplied the first gradients by 1/||z|| and collapsed training.
     - --in-image-negatives (off, as the paper's final model) adds the other matched pixels of the same image as
-      negatives: the reviewers' question; the paper reports it did not work.
+      negatives: the reviewers' question; the paper reports it did not work. --negative-radius R (Reviewers 1 and
+      3) keeps only those whose original-image positions (the view-1 cell centres, carried in `matches`) lie farther
+      than R pixels from the positive's. At any R, a key of the positive's own view-2 cell is no negative: it is a
+      copy of the positive (two of the 32 view-1 cells fall in one view-2 cell in ~10% of ImageNet-sized images).
+    - --key-encoder shared (Reviewer 1): one network, both views with gradients (one forward over the 2N views, so
+      BN sees both), SimCLR's symmetric NT-Xent: each matched pixel of either view is an anchor, its match in the
+      other view the positive, and the other matched pixels of both views of the whole global batch (all-gathered
+      with gradients to the local part, SimCLR's GatherLayer) the negatives; same-image pixels only with
+      --in-image-negatives, by the same radius rule. tau and the loss weight stay the dense ones (0.07, x 10).
+    - --objective global is MoCo v2 (Chen et al. 2020) on the same data, views and budget: two independent MoCo v2
+      crops (no overlap required), C5 average-pooled, MLP head C5-C5-128 (2048-2048-128 for ResNet-50), InfoNCE over
+      an image-level queue (one key per image), tau 0.2. The loss weight 10 is kept, so lr x weight is MoCo's
+      lr (0.03 from scratch at --lr-encoder 0.003). The ResNet stays under encoder.* with torchvision names, so the
+      checkpoint evaluates like any other (VADeRNet.from_args returns None: the encoder is probed, dilated to 1/4).
+    - --objective crops is Reviewer 3's baseline, built from the review's words ("taking different crops from the
+      same image to get an expanded dataset, where crops from different locations of an image now become
+      non-corresponding images"): each image is cut into --crop-regions x --crop-regions non-overlapping regions
+      (default 2 x 2), each a separate instance of an expanded data set. A sample draws one region; both views are
+      MoCo v2 crops of that region alone, and training is --objective global's: the other regions of the same image
+      are negatives like any other image. The per-epoch budget is unchanged (one region per image per epoch).
+    - --keys-per-image K enqueues the first K of each image's matches (they are in random order): the queue then
+      spans 65536 / (128 K) steps (16 at K = 32, MoCo's 65536 / 256 = 256 at K = 2).
+    - --lr-schedule cosine is MoCo v2's half-cosine, per step over --epochs (the paper names no schedule; default
+      constant).
+    - With --data, no --init and --lr-encoder below 1e-4, the run stops with an error: the paper's 3e-7 fine-tunes a
+      MoCo v2 encoder and would leave a random one random for days (the embedded demo trains from scratch at 0.003).
 """
 import argparse
 import copy

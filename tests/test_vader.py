@@ -552,3 +552,47 @@ def test_global_objective_resumes_exactly_and_evaluates_its_encoder(tmp_path, ru
     assert isinstance(model, common.DilatedResNet)
     assert torch.equal(model.net.conv1.weight, ca["model"]["encoder.conv1.weight"])
     assert torch.equal(model.net.layer4[1].conv2.weight, ca["model"]["encoder.layer4.1.conv2.weight"])
+
+
+SHARED_CHECK = r'''
+import sys
+import torch
+import torch.nn.functional as F
+sys.path.insert(0, sys.argv[1])
+import common, vader
+d = common.init_distributed()
+torch.manual_seed(0)  # the same global batch on both ranks; each rank holds its half
+n, m, tau = 4, 3, 0.5
+z1, z2 = F.normalize(torch.randn(n * m, 8), dim=1), F.normalize(torch.randn(n * m, 8), dim=1)
+matches = torch.zeros(n, m, 4, dtype=torch.long)
+mine = slice(6 * d.rank, 6 * d.rank + 6)  # 2 images x 3 pixels per rank
+local1, local2 = z1[mine].clone().requires_grad_(), z2[mine].clone().requires_grad_()
+loss = vader.shared_loss(local1, local2, matches[2 * d.rank:2 * d.rank + 2], tau)
+loss.backward()
+# reference by hand, one process: NT-Xent over the whole batch, other images' pixels of both views as negatives
+ref1, ref2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+image = torch.arange(n).repeat_interleave(m)
+other = image[:, None] != image[None, :]
+total = 0
+for a, b in ((ref1, ref2), (ref2, ref1)):
+    neg = torch.cat([(a @ b.t()).masked_fill(~other, float("-inf")), (a @ a.t()).masked_fill(~other, float("-inf"))], 1)
+    pos = (a * b).sum(1, keepdim=True)
+    total = total + F.cross_entropy(torch.cat([pos, neg], 1) / tau, torch.zeros(n * m, dtype=torch.long)) / 2
+total.backward()
+losses = common.all_gather_cat(loss.detach()[None])
+assert torch.allclose(losses.mean(), total.detach(), atol=1e-5), (losses, total)
+# DDP averages gradients over the 2 ranks: each rank's local gradient must be 2 x the full-batch gradient
+assert torch.allclose(local1.grad, 2 * ref1.grad[mine], atol=1e-5), (local1.grad - 2 * ref1.grad[mine]).abs().max()
+assert torch.allclose(local2.grad, 2 * ref2.grad[mine], atol=1e-5)
+open(f"{sys.argv[2]}/rank{d.rank}.ok", "w").close()
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+'''
+
+
+def test_shared_key_encoder_gathers_every_ranks_pixels_with_gradients(tmp_path, run_script):
+    script = tmp_path / "check.py"
+    script.write_text(SHARED_CHECK)
+    r = run_script(str(script), os.path.dirname(os.path.dirname(os.path.abspath(__file__))), tmp_path, torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
