@@ -147,7 +147,8 @@ def get_parser():
                    "pixels of the same image (reviewers' question; the paper reports it failed)")
     p.add_argument("--negative-radius", type=float, default=0.0, help="with --in-image-negatives: only cells whose "
                    "original-image positions lie farther than R pixels from the positive's are negatives (Reviewers "
-                   "1, 3: 'how spatially close can those negatives be'); a key of the positive's own view-2 cell never is")
+                   "1, 3: 'how spatially close can those negatives be'); a key of the positive's own view-2 cell "
+                   "never is")
     p.add_argument("--key-encoder", default="momentum", choices=["momentum", "shared"], help="momentum: g is f's "
                    "momentum copy, negatives from the queue (paper); shared: no g and no queue, both views through f "
                    "with gradients, negatives are the other matched pixels of the global batch, symmetric loss "
@@ -523,10 +524,16 @@ def keys_per_image(args):
     return args.num_matches if args.keys_per_image is None else args.keys_per_image
 
 
+def temperature(args):
+    """--temperature, or its default for --objective: 0.07 (VADeR §3.2) for dense, 0.2 (MoCo v2) for global, crops."""
+    if args.temperature is not None:
+        return args.temperature
+    return 0.07 if args.objective == "dense" else 0.2
+
+
 def resolve_defaults(args):
-    """Defaults that depend on --objective: tau 0.07 (VADeR §3.2) for dense, 0.2 (MoCo v2) for global and crops."""
-    if args.temperature is None:
-        args.temperature = 0.07 if args.objective == "dense" else 0.2
+    """Fill the defaults that depend on other flags, so that the checkpoint's args record the values used."""
+    args.temperature = temperature(args)
 
 
 def check_switches(args):
@@ -558,7 +565,8 @@ def check_switches(args):
 def build_networks(args, say=print):
     """f (with --init loaded), its momentum copy g and the queue; for --key-encoder shared, g and the queue are empty
     modules (nothing to update, save or resume)."""
-    f = VADeRNet(args.arch, args.embedding_dim) if args.objective == "dense" else GlobalNet(args.arch, args.embedding_dim)
+    net = VADeRNet if args.objective == "dense" else GlobalNet
+    f = net(args.arch, args.embedding_dim)
     if args.init:
         say(f"init: encoder from {load_init(f, args.init, args.objective)} weights {args.init}")
     if args.key_encoder == "shared":
@@ -594,7 +602,7 @@ def dense_momentum_loss(model, f, g, queue, view1, view2, matches, args):
         common.ema_update(g, f, args.momentum, copy_buffers=False)  # MoCo: update g before computing keys
         k = key_embeddings(g, view2, matches[:, :, 1], args.shuffle_bn_splits)  # N x M x d
     in_image = in_image_negatives(matches, args.negative_radius) if args.in_image_negatives else None
-    loss = args.loss_weight * vader_loss(q.reshape(n * m, -1), k.reshape(n * m, -1), queue.keys, args.temperature,
+    loss = args.loss_weight * vader_loss(q.reshape(n * m, -1), k.reshape(n * m, -1), queue.keys, temperature(args),
                                          in_image)
     return loss, k[:, :keys_per_image(args)].reshape(-1, k.shape[-1])  # matches are in random order: a random K
 
@@ -605,7 +613,7 @@ def dense_shared_loss(model, f, g, queue, view1, view2, matches, args):
     with common.autocast(view1.device, args.precision):
         z = model(torch.cat([view1, view2]))  # 2N x d x S/4 x S/4
         z1, z2 = gather_cells(z[:n], matches[:, :, 0]), gather_cells(z[n:], matches[:, :, 1])  # N x M x d
-    loss = shared_loss(z1.flatten(0, 1), z2.flatten(0, 1), matches, args.temperature, args.in_image_negatives,
+    loss = shared_loss(z1.flatten(0, 1), z2.flatten(0, 1), matches, temperature(args), args.in_image_negatives,
                        args.negative_radius)
     return args.loss_weight * loss, None
 
@@ -617,7 +625,7 @@ def global_loss(model, f, g, queue, view1, view2, matches, args):
         q = F.normalize(model(view1).float(), dim=1)  # N x d
         common.ema_update(g, f, args.momentum, copy_buffers=False)
         k = key_embeddings(g, view2, None, args.shuffle_bn_splits)  # N x d
-    return args.loss_weight * vader_loss(q, k, queue.keys, args.temperature), k
+    return args.loss_weight * vader_loss(q, k, queue.keys, temperature(args)), k
 
 
 def forward_loss(model, f, g, queue, view1, view2, matches, args):

@@ -575,7 +575,8 @@ image = torch.arange(n).repeat_interleave(m)
 other = image[:, None] != image[None, :]
 total = 0
 for a, b in ((ref1, ref2), (ref2, ref1)):
-    neg = torch.cat([(a @ b.t()).masked_fill(~other, float("-inf")), (a @ a.t()).masked_fill(~other, float("-inf"))], 1)
+    neg = torch.cat([(a @ b.t()).masked_fill(~other, float("-inf")),
+                     (a @ a.t()).masked_fill(~other, float("-inf"))], 1)
     pos = (a * b).sum(1, keepdim=True)
     total = total + F.cross_entropy(torch.cat([pos, neg], 1) / tau, torch.zeros(n * m, dtype=torch.long)) / 2
 total.backward()
