@@ -23,10 +23,18 @@ What the code implements, and where
     Eq. 2 with c(x1, x2) = cos(x1, x2) / tau, negatives from a queue                  -> vader_loss, PixelQueue
     g <- 0.999 g + 0.001 f (parameters; g keeps its own BN statistics, as MoCo)      -> common.ema_update
     loss x 10, SGD(0.9), wd 1e-4, lr 3e-7 (encoder) / 3e-3 (decoder), batch 128     -> train
-    shuffle BN for g under DDP (MoCo)                                                -> key_embeddings
+    shuffle BN for g under DDP (MoCo); one process: --shuffle-bn-splits sub-batches   -> key_embeddings
     Table 3 ablation: --matching diff-view (paper) | same-view | unmatch
+    the reviewers' questions, each one switch away (defaults = the paper):
+      --in-image-negatives --negative-radius R (Reviewers 1, 3: same-image negatives)  -> in_image_negatives
+      --key-encoder shared (Reviewer 1: SimCLR-style, no momentum encoder, no queue)   -> shared_loss
+      --objective global (Reviewer 2, footnote 1: MoCo v2 in this script)              -> GlobalNet, global_loss
+      --objective crops (Reviewer 3: regions of an image as instances)                 -> PairedViews.region
+      --keys-per-image K, --queue-size (Reviewer 1: size of the negative memory bank)  -> dense_momentum_loss
+      --lr-schedule cosine (MoCo v2's; the paper names none)                           -> set_learning_rates
 
-Public names: PairedViews, SemanticFPNDecoder, VADeRNet, PixelQueue, vader_loss, key_embeddings, train, main.
+Public names: PairedViews, SemanticFPNDecoder, VADeRNet, GlobalNet, PixelQueue, vader_loss, in_image_negatives,
+shared_loss, key_embeddings, train, main.
 
 Choices the paper leaves open (our defaults, and why)
     - Correspondence is computed at the output resolution: cell (i, j) of view 1's (S/4)x(S/4) grid is matched to
@@ -38,7 +46,11 @@ Choices the paper leaves open (our defaults, and why)
       is enqueued (global batch 128 -> 4096 keys per step; the queue size must be a multiple of that).
     - The learning rates are constant (the paper names no schedule). The default --epochs 600 is the paper's ~6M
       iterations at batch 128 (1.28M / 128 = 10k steps an epoch).
-    - Shuffle BN needs several ranks; one process uses plain BN for g, as MoCo's single-GPU code does.
+    - Shuffle BN (MoCo) keeps BN statistics from leaking between a query and its key. Under DDP the global batch
+      is shuffled over the ranks. In one process, g runs a random permutation of the batch as --shuffle-bn-splits
+      sub-batches (default 4: the paper's 4 GPUs x 32 images), each with its own BN statistics, as MoCo's single-GPU
+      SplitBatchNorm demo does; a batch that does not split evenly gets sub-batches whose sizes differ by one
+      (torch.tensor_split), never more sub-batches than images. --shuffle-bn-splits 1 is plain BN.
     - The decoder is ~5.0M parameters for ResNet-50 (FPN 3.3M + merge head 1.6M) with torchvision's FPN (the paper quotes "around 2M extra"; it counts fewer
       FPN convolutions than torchvision's default has).
     - From scratch (no --init) the paper's encoder lr 3e-7 would leave the encoder random: use
@@ -47,7 +59,32 @@ Choices the paper leaves open (our defaults, and why)
     - The decoder's final 1x1 conv keeps PyTorch's default initialisation, not Detectron2's N(0, 0.001): the embedding
       is L2-normalised, and a tiny output norm multiplied the first gradients by 1/||z|| and collapsed training.
     - --in-image-negatives (off, as the paper's final model) adds the other matched pixels of the same image as
-      negatives: the reviewers' question; the paper reports it did not work.
+      negatives: the reviewers' question; the paper reports it did not work. --negative-radius R (Reviewers 1 and
+      3) keeps only those whose original-image positions (the view-1 cell centres, carried in `matches`) lie farther
+      than R pixels from the positive's. At any R, a key of the positive's own view-2 cell is no negative: it is a
+      copy of the positive (two of the 32 view-1 cells fall in one view-2 cell in ~10% of ImageNet-sized images).
+    - --key-encoder shared (Reviewer 1): one network, both views with gradients (one forward over the 2N views, so
+      BN sees both), SimCLR's symmetric NT-Xent: each matched pixel of either view is an anchor, its match in the
+      other view the positive, and the other matched pixels of both views of the whole global batch (all-gathered
+      with gradients to the local part, SimCLR's GatherLayer) the negatives; same-image pixels only with
+      --in-image-negatives, by the same radius rule. tau and the loss weight stay the dense ones (0.07, x 10).
+    - --objective global is MoCo v2 (Chen et al. 2020) on the same data, views and budget: two independent MoCo v2
+      crops (no overlap required), C5 average-pooled, MLP head C5-C5-128 (2048-2048-128 for ResNet-50), InfoNCE over
+      an image-level queue (one key per image), tau 0.2. The loss weight 10 is kept, so lr x weight is MoCo's
+      lr (0.03 from scratch at --lr-encoder 0.003). The ResNet stays under encoder.* with torchvision names, so the
+      checkpoint evaluates like any other (VADeRNet.from_args returns None: the encoder is probed, dilated to 1/4).
+    - --objective crops is Reviewer 3's baseline, built from the review's words ("taking different crops from the
+      same image to get an expanded dataset, where crops from different locations of an image now become
+      non-corresponding images"): each image is cut into --crop-regions x --crop-regions non-overlapping regions
+      (default 2 x 2), each a separate instance of an expanded data set. A sample draws one region; both views are
+      MoCo v2 crops of that region alone, and training is --objective global's: the other regions of the same image
+      are negatives like any other image. The per-epoch budget is unchanged (one region per image per epoch).
+    - --keys-per-image K enqueues the first K of each image's matches (they are in random order): the queue then
+      spans 65536 / (128 K) steps (16 at K = 32, MoCo's 65536 / 256 = 256 at K = 2).
+    - --lr-schedule cosine is MoCo v2's half-cosine, per step over --epochs (the paper names no schedule; default
+      constant).
+    - With --data, no --init and --lr-encoder below 1e-4, the run stops with an error: the paper's 3e-7 fine-tunes a
+      MoCo v2 encoder and would leave a random one random for days (the embedded demo trains from scratch at 0.003).
 """
 import argparse
 import copy
@@ -96,7 +133,8 @@ def get_parser():
     p.add_argument("--num-matches", type=int, default=32, help="matched cell pairs (positives) per image")
     p.add_argument("--matching", default="diff-view", choices=["diff-view", "same-view", "unmatch"],
                    help="Table 3: different crops (paper), the identical crop for both views, or random pairs")
-    p.add_argument("--temperature", type=float, default=0.07, help="tau of c(x1, x2) = cos(x1, x2) / tau")
+    p.add_argument("--temperature", type=float, default=None, help="tau of c(x1, x2) = cos(x1, x2) / tau "
+                   "(default: 0.07, the paper's, for --objective dense; 0.2, MoCo v2's, for global and crops)")
     p.add_argument("--momentum", type=float, default=0.999, help="momentum of g (MoCo)")
     p.add_argument("--lr-encoder", type=float, default=3e-7, help="SGD lr of the ResNet (paper, MoCo-initialised); "
                    "0.03 from scratch")
@@ -107,6 +145,28 @@ def get_parser():
     p.add_argument("--embedding-dim", type=int, default=128, help="d, the per-pixel embedding size")
     p.add_argument("--in-image-negatives", action="store_true", help="also contrast against the other matched "
                    "pixels of the same image (reviewers' question; the paper reports it failed)")
+    p.add_argument("--negative-radius", type=float, default=0.0, help="with --in-image-negatives: only cells whose "
+                   "original-image positions lie farther than R pixels from the positive's are negatives (Reviewers "
+                   "1, 3: 'how spatially close can those negatives be'); a key of the positive's own view-2 cell "
+                   "never is")
+    p.add_argument("--key-encoder", default="momentum", choices=["momentum", "shared"], help="momentum: g is f's "
+                   "momentum copy, negatives from the queue (paper); shared: no g and no queue, both views through f "
+                   "with gradients, negatives are the other matched pixels of the global batch, symmetric loss "
+                   "(SimCLR-style; Reviewer 1: 'is momentum contrast even needed')")
+    p.add_argument("--objective", default="dense", choices=["dense", "global", "crops"], help="dense: VADeR's Eq. 2 "
+                   "(paper); global: MoCo v2 itself (C5 avg-pool, MLP head, image-level queue; Reviewer 2, footnote "
+                   "1: 'MoCo trained longer'); crops: MoCo v2 where each of --crop-regions^2 non-overlapping regions "
+                   "of an image is its own instance (Reviewer 3's baseline)")
+    p.add_argument("--crop-regions", type=int, default=2, help="--objective crops: each image is cut into R x R "
+                   "non-overlapping regions, each a separate instance (2: four instances per image)")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="constant (the paper "
+                   "names no schedule) or MoCo v2's half-cosine to 0 over --epochs")
+    p.add_argument("--keys-per-image", type=int, default=None, help="enqueue K of the --num-matches keys of each "
+                   "image (default: all); fewer keys per step make the queue span more steps (queue staleness: "
+                   "65536 / 4096 keys = 16 steps against MoCo's 256)")
+    p.add_argument("--shuffle-bn-splits", type=int, default=4, help="one process: g runs a permuted batch in this "
+                   "many sub-batches with their own BN statistics (MoCo's single-GPU SplitBatchNorm), emulating "
+                   "shuffle BN over the paper's 4 GPUs; 1 = plain BN. Ignored under DDP (real shuffle BN)")
     p.add_argument("--precision", default="auto", choices=common.PRECISIONS, help=common.PRECISION_HELP)
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                    help="channels-last memory format for the convolutions ('auto': on a GPU)")
@@ -121,21 +181,30 @@ class PairedViews:
 
     Geometry (RandomResizedCrop box + horizontal flip) is drawn first and kept; appearance ops (MoCo v2: colour
     jitter 0.4/0.4/0.4/0.1 with p=0.8, grayscale p=0.2, Gaussian blur sigma 0.1-2 with p=0.5) never move pixels.
-    `matches` is a LongTensor [num_matches, 2] of row-major indices into the (S/4)x(S/4) grids of view 1 and view 2.
+    `matches` is a LongTensor [num_matches, 4]: row-major indices into the (S/4)x(S/4) grids of view 1 and view 2,
+    then the original-image pixel (x, y), rounded, of the scene point (view-1 cell centre) that the pair sees.
+
+    `independent=True` draws the two crops independently, with no overlap required (MoCo v2's views, for the
+    image-level objectives; `matches` is then zeros). `regions=R` (the crops objective) first cuts the image into
+    R x R non-overlapping regions and keeps one at random: both views are crops of that region alone.
     """
 
     def __init__(self, image_size=224, color=True, matching="diff-view", num_matches=32, scale=(0.2, 1.0),
-                 stride=4, max_tries=10):
+                 stride=4, max_tries=10, independent=False, regions=1):
         if matching not in ("diff-view", "same-view", "unmatch"):
             raise ValueError(f"matching must be diff-view, same-view or unmatch, not {matching}")
         self.size, self.color, self.matching, self.num_matches = image_size, color, matching, num_matches
         self.scale, self.grid, self.max_tries = scale, image_size // stride, max_tries
+        self.independent, self.regions = independent, regions
         if num_matches > self.grid**2:
             raise ValueError(f"num_matches {num_matches} > {self.grid}x{self.grid} cells")
 
     def match(self, rng, width, height):
-        """Draw both views' geometry; returns (box1, flip1, box2, flip2, matches [M, 2])."""
+        """Draw both views' geometry; returns (box1, flip1, box2, flip2, matches [M, 4])."""
         box1, flip1 = common.sample_crop_box(rng, width, height, self.scale), rng.random() < 0.5
+        if self.independent:  # MoCo v2: two independent crops
+            box2, flip2 = common.sample_crop_box(rng, width, height, self.scale), rng.random() < 0.5
+            return box1, flip1, box2, flip2, torch.zeros(self.num_matches, 4, dtype=torch.long)
         centres = common.cell_centres(box1, flip1, self.grid)  # G*G x 2, original-image (x, y) of view-1 cells
         if self.matching == "same-view":
             box2, flip2 = box1, flip1
@@ -156,7 +225,16 @@ class PairedViews:
                                   for _ in range(self.num_matches)])
         else:
             pairs = torch.stack([cells1, cells2[cells1]], 1)
-        return box1, flip1, box2, flip2, pairs
+        position = centres[pairs[:, 0]].round().long()  # M x 2, original-image (x, y) of the view-1 cell
+        return box1, flip1, box2, flip2, torch.cat([pairs, position], 1)
+
+    def region(self, img, rng):
+        """One of the R x R non-overlapping regions of `img` (the crops objective's instance)."""
+        r = rng.randrange(self.regions**2)
+        row, col = divmod(r, self.regions)
+        xs = [round(i * img.width / self.regions) for i in range(self.regions + 1)]
+        ys = [round(i * img.height / self.regions) for i in range(self.regions + 1)]
+        return img.crop((xs[col], ys[row], xs[col + 1], ys[row + 1]))
 
     def appearance(self, img, rng):
         if rng.random() < 0.8:
@@ -169,6 +247,8 @@ class PairedViews:
 
     def __call__(self, img, rng=None):
         rng = rng or random.Random()
+        if self.regions > 1:
+            img = self.region(img, rng)
         box1, flip1, box2, flip2, matches = self.match(rng, *img.size)
         views = []
         for box, flip in ((box1, flip1), (box2, flip2)):
@@ -221,7 +301,10 @@ class VADeRNet(nn.Module):
 
     @classmethod
     def from_args(cls, args):
-        """The f that a vader.py run with these saved arguments (a checkpoint's `args`) trained."""
+        """The f that a vader.py run with these saved arguments (a checkpoint's `args`) trained, or None for the
+        image-level objectives (global, crops): they train no dense head, so evaluation probes their `encoder.*`."""
+        if args.get("objective", "dense") != "dense":
+            return None
         return cls(args["arch"], args.get("embedding_dim", 128))
 
     def forward(self, x):  # x: N x 3 x H x W
@@ -233,6 +316,27 @@ class VADeRNet(nn.Module):
         pyramid = self.fpn(OrderedDict(c2=c2, c3=c3, c4=c4, c5=c5))
         out = self.decoder(list(pyramid.values()))  # N x dim x (H+pad)/4 x (W+pad)/4
         return out[:, :, : -(-h // 4), : -(-w // 4)]  # N x dim x ceil(H/4) x ceil(W/4)
+
+
+class GlobalNet(nn.Module):
+    """MoCo v2's f for --objective global and crops: ResNet -> C5 average-pooled -> MLP head (Linear C-C, ReLU,
+    Linear C-dim; 2048-2048-128 for ResNet-50, the hidden width follows C5) -> N x dim.
+
+    `encoder` keeps torchvision's ResNet names, so the checkpoint evaluates like any other (its encoder is probed).
+    """
+
+    def __init__(self, arch="resnet50", dim=128):
+        super().__init__()
+        self.encoder = common.resnet(arch)
+        width = common.resnet_channels(arch)[-1]
+        self.head = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, dim))
+        self.out_channels = dim
+
+    def dense(self, x):  # N x C x H/32 x W/32: the C5 map (feature pictures)
+        return common.resnet_stages(self.encoder, x)[-1]
+
+    def forward(self, x):  # x: N x 3 x H x W -> N x dim
+        return self.head(self.dense(x).mean((2, 3)))
 
 
 # ---- loss and queue ----
@@ -263,19 +367,86 @@ def vader_loss(q, k, queue, temperature, in_image=None):
     """Eq. 2, averaged over the positives: -log exp(c(q, k)) / (exp(c(q, k)) + sum_{u' in queue} exp(c(q, u'))).
 
     q: P x d, f's embeddings at the matched cells of view 1; k: P x d, g's embeddings at their matches in view 2
-    (both L2-normalised, so the dot product is the cosine); queue: K x d. With `in_image` = (images, matches) the
-    keys of the other matched cells of the same image are added as negatives.
+    (both L2-normalised, so the dot product is the cosine); queue: K x d. `in_image` (N x M x M bool, from
+    in_image_negatives; P = N * M) adds the keys of the same image that it marks as further negatives.
+    With P = N image embeddings this is MoCo's InfoNCE (--objective global, crops).
     """
     l_pos = (q * k).sum(1, keepdim=True)  # P x 1
     l_neg = q @ queue.t()  # P x K
     logits = [l_pos, l_neg]
     if in_image is not None:
-        n, m = in_image
+        n, m = in_image.shape[:2]
         same = torch.bmm(q.view(n, m, -1), k.view(n, m, -1).transpose(1, 2))  # N x M x M
-        same = same.masked_fill(torch.eye(m, dtype=torch.bool, device=q.device), float("-inf"))
-        logits.append(same.reshape(n * m, m))  # the own key (the positive) excluded
+        logits.append(same.masked_fill(~in_image, float("-inf")).reshape(n * m, m))
     logits = torch.cat(logits, 1) / temperature  # P x (1 + K [+ M])
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def in_image_negatives(matches, radius=0.0):
+    """Which keys of the same image are negatives for each positive: N x M x M bool, [i, a, b] for query a, key b.
+
+    matches: N x M x 4 (cell 1, cell 2, x, y). Key b is a negative for positive a when it comes from another view-2
+    cell (a key of the positive's own view-2 cell is a copy of the positive, never a negative: with 32 random cells
+    per image two of them often share a view-2 cell) and, for radius R > 0, when the original-image positions of
+    the two pairs lie farther than R pixels apart (Reviewers 1 and 3).
+    """
+    cells2, position = matches[..., 1], matches[..., 2:].double()
+    negative = cells2[:, :, None] != cells2[:, None, :]  # N x M x M, False on the diagonal too
+    if radius > 0:
+        negative &= torch.cdist(position, position) > radius
+    return negative
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the summed gradient of its own part (SimCLR's GatherLayer)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):  # every rank's loss depends on every part: sum the gradients, keep my slice
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def all_gather_with_grad(x):
+    """Concatenate `x` over ranks (rank order); gradients flow back to each rank's own part."""
+    return _GatherWithGrad.apply(x) if common.distributed() else x
+
+
+def shared_loss(z1, z2, matches, temperature, in_image=False, radius=0.0):
+    """--key-encoder shared: SimCLR's symmetric NT-Xent over matched pixels, with no momentum encoder and no queue.
+
+    z1, z2: P x d, f's normalised embeddings of this rank's matched cells in view 1 and view 2 (P = N * M);
+    matches: N x M x 4. Every pixel of both views of the global batch is gathered (gradients flow to the local
+    part). Anchor z1_a's positive is z2_a; its negatives are the other 2G - 2 gathered pixels (G = global P),
+    except the other pairs of its own image, which count only with `in_image` and then by in_image_negatives'
+    rule (radius, no copy of the positive's view-2 cell). Symmetric: z2_a is an anchor too, with positive z1_a.
+    """
+    n, m = matches.shape[:2]
+    p = n * m
+    all1, all2 = all_gather_with_grad(z1), all_gather_with_grad(z2)  # G x d
+    all_matches = common.all_gather_cat(matches)  # N_g x M x 4
+    start = (dist.get_rank() if common.distributed() else 0) * p
+    mine = torch.arange(start, start + p, device=z1.device)  # global indices of the local pairs
+    image = torch.arange(len(all_matches), device=z1.device).repeat_interleave(m)  # G: image of each pair
+    allowed = image[mine][:, None] != image[None, :]  # P x G: other images' pairs are negatives
+    if in_image:
+        same = in_image_negatives(all_matches, radius)[image[mine], (mine % m)]  # P x M: same-image rule
+        rows = torch.arange(p, device=z1.device)[:, None]
+        allowed[rows, image[mine][:, None] * m + torch.arange(m, device=z1.device)] = same
+    losses = []
+    for anchor, positive_side, same_side in ((z1, all2, all1), (z2, all1, all2)):
+        to_positive_side = (anchor @ positive_side.t()).masked_fill(~allowed, float("-inf"))  # P x G
+        to_positive_side[torch.arange(p), mine] = (anchor * positive_side[mine]).sum(1)  # the positive
+        to_same_side = (anchor @ same_side.t()).masked_fill(~allowed, float("-inf"))  # P x G (self: own image)
+        logits = torch.cat([to_positive_side, to_same_side], 1) / temperature  # P x 2G
+        losses.append(F.cross_entropy(logits, mine))
+    return (losses[0] + losses[1]) / 2
 
 
 def gather_cells(z, cells):
@@ -285,29 +456,44 @@ def gather_cells(z, cells):
     return F.normalize(picked.transpose(1, 2).float(), dim=2)
 
 
+def embed(net, x, cells=None):
+    """Normalised embeddings: at `cells` (N x M) of a dense net's maps -> N x M x d, or a global net's N x d."""
+    return F.normalize(net(x).float(), dim=1) if cells is None else gather_cells(net(x), cells)
+
+
 @torch.no_grad()
-def key_embeddings(g, view2, cells2):
-    """g's normalised embeddings at `cells2` (N x M) of view 2: N x M x d.
+def key_embeddings(g, view2, cells2=None, splits=1):
+    """g's normalised embeddings at `cells2` (N x M) of view 2: N x M x d (or N x d for a global g, cells2=None).
 
     Under DDP this is MoCo's shuffle BN: the global batch is permuted (permutation from rank 0), each rank runs g
     on a random shard, so BN statistics never pair a key with its own query's batch; only the M gathered keys per
-    image travel back, not the full maps.
+    image travel back, not the full maps. In one process, `splits` > 1 emulates it as MoCo's single-GPU
+    SplitBatchNorm demo does: g runs a random permutation of the batch in `splits` sub-batches, each normalised
+    with its own BN statistics (torch.tensor_split: sizes differ by at most one; never more splits than images).
     """
     if not common.distributed():
-        return gather_cells(g(view2), cells2)
+        if splits <= 1:
+            return embed(g, view2, cells2)
+        perm = torch.randperm(len(view2), device=view2.device)
+        parts = [embed(g, view2[idx], None if cells2 is None else cells2[idx])
+                 for idx in torch.tensor_split(perm, min(splits, len(view2)))]
+        return torch.cat(parts)[torch.argsort(perm)]  # back to the original order
     world, rank = dist.get_world_size(), dist.get_rank()
-    images, cells = common.all_gather_cat(view2), common.all_gather_cat(cells2)
+    images = common.all_gather_cat(view2)
+    cells = None if cells2 is None else common.all_gather_cat(cells2)
     perm = torch.randperm(len(images), device=images.device)
     dist.broadcast(perm, 0)
     mine = perm.view(world, -1)[rank]
-    keys = common.all_gather_cat(gather_cells(g(images[mine]), cells[mine]))  # in permuted order
+    keys = common.all_gather_cat(embed(g, images[mine], None if cells is None else cells[mine]))  # permuted order
     keys = keys[torch.argsort(perm)]  # back to the original order
     return keys.view(world, -1, *keys.shape[1:])[rank]
 
 
 # ---- training ----
 def build_data(args, d):
-    views = PairedViews(args.image_size, color=True, matching=args.matching, num_matches=args.num_matches)
+    views = PairedViews(args.image_size, color=True, matching=args.matching, num_matches=args.num_matches,
+                        independent=args.objective != "dense",
+                        regions=args.crop_regions if args.objective == "crops" else 1)
     if args.data is None:
         return common.SyntheticDataset(views, length=args.synthetic_images, size=160, seed=args.seed)
     return common.ImageFolderDataset(args.data, views, seed=args.seed)
@@ -320,37 +506,136 @@ def check_args(args, d):
     if args.batch_size % d.world_size:
         raise common.UserError(f"--batch-size {args.batch_size}: the global batch must split evenly over "
                                f"{d.world_size} ranks")
-    keys_per_step = args.batch_size * args.num_matches
-    if args.queue_size % keys_per_step:
-        raise common.UserError(f"--queue-size {args.queue_size}: must be a multiple of --batch-size x --num-matches "
-                               f"= {keys_per_step} keys enqueued per step")
+    keys_per_step = args.batch_size * keys_per_image(args)
+    if args.key_encoder == "momentum" and args.queue_size % keys_per_step:
+        raise common.UserError(f"--queue-size {args.queue_size}: must be a multiple of the {keys_per_step} keys "
+                               "enqueued per step (--batch-size x --keys-per-image; x 1 for --objective global/crops)")
     if args.num_matches > (args.image_size // 4) ** 2:
         raise common.UserError(f"--num-matches {args.num_matches}: more than the {(args.image_size // 4) ** 2} cells")
 
 
-def load_init(f, path):
-    kind, state, _ = common.read_weights(path)
-    if kind == "vader":
+MIN_SCRATCH_LR = 1e-4  # an encoder lr below this leaves a random encoder random (the paper's 3e-7 is for MoCo v2's)
+
+
+def keys_per_image(args):
+    """Keys each image adds to the queue per step: --keys-per-image of its matches (dense), its one embedding (else)."""
+    if args.objective != "dense":
+        return 1
+    return args.num_matches if args.keys_per_image is None else args.keys_per_image
+
+
+def temperature(args):
+    """--temperature, or its default for --objective: 0.07 (VADeR §3.2) for dense, 0.2 (MoCo v2) for global, crops."""
+    if args.temperature is not None:
+        return args.temperature
+    return 0.07 if args.objective == "dense" else 0.2
+
+
+def resolve_defaults(args):
+    """Fill the defaults that depend on other flags, so that the checkpoint's args record the values used."""
+    args.temperature = temperature(args)
+
+
+def check_switches(args):
+    """One-line errors for the reviewers' switches and the frozen-random-encoder trap (before any work)."""
+    if args.data is not None and not args.init and args.lr_encoder < MIN_SCRATCH_LR:
+        raise common.UserError(
+            f"--lr-encoder {args.lr_encoder:g} with --data and no --init: the encoder starts random and this lr "
+            "leaves it random (the paper's 3e-7 fine-tunes a MoCo v2 encoder); pass --init "
+            "moco_v2_800ep_pretrain.pth.tar (the paper's start) or train from scratch with e.g. --lr-encoder 0.003 "
+            "--lr-decoder 0.003")
+    if args.negative_radius and not args.in_image_negatives:
+        raise common.UserError(f"--negative-radius {args.negative_radius:g}: applies to in-image negatives; "
+                               "add --in-image-negatives")
+    if args.negative_radius < 0:
+        raise common.UserError(f"--negative-radius {args.negative_radius:g}: must be >= 0 (original-image pixels)")
+    if args.objective != "dense" and (args.key_encoder != "momentum" or args.in_image_negatives
+                                      or args.matching != "diff-view" or args.keys_per_image is not None):
+        raise common.UserError(f"--objective {args.objective}: image-level MoCo v2; --key-encoder shared, "
+                               "--in-image-negatives, --matching and --keys-per-image apply to --objective dense")
+    if args.keys_per_image is not None and not 1 <= args.keys_per_image <= args.num_matches:
+        raise common.UserError(f"--keys-per-image {args.keys_per_image}: must be 1 .. --num-matches "
+                               f"({args.num_matches})")
+    if args.key_encoder == "shared" and args.keys_per_image is not None:
+        raise common.UserError("--keys-per-image: --key-encoder shared has no queue")
+    if args.crop_regions < 1 or args.shuffle_bn_splits < 1:
+        raise common.UserError("--crop-regions and --shuffle-bn-splits must be >= 1")
+
+
+def build_networks(args, say=print):
+    """f (with --init loaded), its momentum copy g and the queue; for --key-encoder shared, g and the queue are empty
+    modules (nothing to update, save or resume)."""
+    net = VADeRNet if args.objective == "dense" else GlobalNet
+    f = net(args.arch, args.embedding_dim)
+    if args.init:
+        say(f"init: encoder from {load_init(f, args.init, args.objective)} weights {args.init}")
+    if args.key_encoder == "shared":
+        return f, nn.Module(), nn.Module()
+    return f, copy.deepcopy(f).requires_grad_(False), PixelQueue(args.queue_size, args.embedding_dim)
+
+
+def load_init(f, path, objective="dense"):
+    kind, state, meta = common.read_weights(path)
+    if kind == "vader" and meta["args"].get("objective", "dense") == objective:
         f.load_state_dict(state)
     else:
-        if kind == "clove":
+        if kind in ("vader", "clove"):
             state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
         common.load_resnet_state(f.encoder, state, path)
     return kind
 
 
-def forward_loss(model, f, g, queue, view1, view2, matches, args):
-    """One step's forward: f on view 1, momentum update, g on view 2 (shuffle BN), Eq. 2 x loss weight.
-    `model` is f itself or its DDP wrapper. Returns (loss, keys P x d to enqueue after the optimiser step)."""
+def set_learning_rates(optimizer, args, step, steps_per_epoch):
+    """--lr-schedule cosine: MoCo v2's lr x 0.5 (1 + cos(pi t / T)) at step t of T = --epochs x steps per epoch
+    (per step, not per epoch; --max-steps does not change it, so a run cut short resumes on the same curve)."""
+    factor = 1.0 if args.lr_schedule == "constant" else common.cosine(step, args.epochs * steps_per_epoch, 1.0, 0.0)
+    for group, base in zip(optimizer.param_groups, (args.lr_encoder, args.lr_decoder)):
+        group["lr"] = base * factor
+
+
+def dense_momentum_loss(model, f, g, queue, view1, view2, matches, args):
+    """VADeR (§3.2): f on view 1, momentum update, g on view 2 (shuffle BN), Eq. 2 x loss weight.
+    Returns (loss, keys to enqueue: --keys-per-image of each image's M, K' x d)."""
     n, m = matches.shape[:2]
     with common.autocast(view1.device, args.precision):
         q = gather_cells(model(view1), matches[:, :, 0])  # N x M x d
         common.ema_update(g, f, args.momentum, copy_buffers=False)  # MoCo: update g before computing keys
-        k = key_embeddings(g, view2, matches[:, :, 1])  # N x M x d
-    q, k = q.reshape(n * m, -1), k.reshape(n * m, -1)  # P x d, P = N * M
-    loss = args.loss_weight * vader_loss(q, k, queue.keys, args.temperature,
-                                         (n, m) if args.in_image_negatives else None)
-    return loss, k
+        k = key_embeddings(g, view2, matches[:, :, 1], args.shuffle_bn_splits)  # N x M x d
+    in_image = in_image_negatives(matches, args.negative_radius) if args.in_image_negatives else None
+    loss = args.loss_weight * vader_loss(q.reshape(n * m, -1), k.reshape(n * m, -1), queue.keys, temperature(args),
+                                         in_image)
+    return loss, k[:, :keys_per_image(args)].reshape(-1, k.shape[-1])  # matches are in random order: a random K
+
+
+def dense_shared_loss(model, f, g, queue, view1, view2, matches, args):
+    """--key-encoder shared: both views through f in one batch, symmetric NT-Xent (shared_loss) x loss weight."""
+    n = len(view1)
+    with common.autocast(view1.device, args.precision):
+        z = model(torch.cat([view1, view2]))  # 2N x d x S/4 x S/4
+        z1, z2 = gather_cells(z[:n], matches[:, :, 0]), gather_cells(z[n:], matches[:, :, 1])  # N x M x d
+    loss = shared_loss(z1.flatten(0, 1), z2.flatten(0, 1), matches, temperature(args), args.in_image_negatives,
+                       args.negative_radius)
+    return args.loss_weight * loss, None
+
+
+def global_loss(model, f, g, queue, view1, view2, matches, args):
+    """--objective global / crops: MoCo v2, f and g pooled to one embedding per view, InfoNCE over the image-level
+    queue, x loss weight (so that lr x weight matches MoCo's lr, as for Eq. 2). Returns (loss, keys N x d)."""
+    with common.autocast(view1.device, args.precision):
+        q = F.normalize(model(view1).float(), dim=1)  # N x d
+        common.ema_update(g, f, args.momentum, copy_buffers=False)
+        k = key_embeddings(g, view2, None, args.shuffle_bn_splits)  # N x d
+    return args.loss_weight * vader_loss(q, k, queue.keys, temperature(args)), k
+
+
+def forward_loss(model, f, g, queue, view1, view2, matches, args):
+    """One step's forward for the chosen --objective / --key-encoder. `model` is f itself or its DDP wrapper.
+    Returns (loss, keys P x d to enqueue after the optimiser step, or None without a queue)."""
+    if args.objective != "dense":
+        return global_loss(model, f, g, queue, view1, view2, matches, args)
+    if args.key_encoder == "shared":
+        return dense_shared_loss(model, f, g, queue, view1, view2, matches, args)
+    return dense_momentum_loss(model, f, g, queue, view1, view2, matches, args)
 
 
 def train(args):
@@ -374,16 +659,13 @@ def train(args):
         total_steps = min(total_steps, args.max_steps)
 
     # ---- model: f, its momentum copy g, the queue ----
-    f = VADeRNet(args.arch, args.embedding_dim)
-    if args.init:
-        say(f"init: encoder from {load_init(f, args.init)} weights {args.init}")
-    g = copy.deepcopy(f).requires_grad_(False)
-    queue = PixelQueue(args.queue_size, args.embedding_dim)
+    f, g, queue = build_networks(args, say)
     cuda = d.device.type == "cuda"
     memory_format = common.memory_format(d.device, args.channels_last)
     f, g, queue = f.to(d.device, memory_format=memory_format), g.to(d.device, memory_format=memory_format), queue.to(d.device)
-    groups = [dict(params=f.encoder.parameters(), lr=args.lr_encoder),
-              dict(params=list(f.fpn.parameters()) + list(f.decoder.parameters()), lr=args.lr_decoder)]
+    groups = [dict(params=f.encoder.parameters(), lr=args.lr_encoder),  # the rest: FPN + decoder, or MoCo's head
+              dict(params=[p for name, p in f.named_parameters() if not name.startswith("encoder.")],
+                   lr=args.lr_decoder)]
     optimizer = torch.optim.SGD(groups, lr=args.lr_decoder, momentum=args.sgd_momentum, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and args.precision == "fp16")
 
@@ -414,7 +696,8 @@ def train(args):
 
     def picture():  # VADeR Figures 2 and 5 for a few fixed images: watch the features form
         if d.is_main:
-            common.feature_picture(f, picture_images, os.path.join(args.output_dir, "features.png"))
+            common.feature_picture(f, picture_images, os.path.join(args.output_dir, "features.png"),
+                                   forward=f.dense if isinstance(f, GlobalNet) else None)
 
     say(f"VADeR: {args.arch}, {len(dataset)} images ({args.data or 'embedded synthetic dead leaves'}), "
         f"{d.world_size} rank(s) x {per_rank} images, {steps_per_epoch} steps/epoch, {total_steps} steps in all, "
@@ -442,6 +725,7 @@ def train(args):
             skipped += int(n_skipped.sum())
 
             loss, k = forward_loss(model, f, g, queue, view1, view2, matches, args)
+            set_learning_rates(optimizer, args, step, steps_per_epoch)
 
             loss_value = common.all_reduce_mean(loss.item())
             if not math.isfinite(loss_value):
@@ -453,17 +737,19 @@ def train(args):
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            queue.enqueue(k.detach())
+            if k is not None:
+                queue.enqueue(k.detach())
             step += 1
 
             first_loss = loss_value if first_loss is None else first_loss
             last_loss = loss_value
             rate = meter.rate(args.batch_size)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{args.lr_decoder:.1e}", img_s=f"{rate:.1f}")
+            lr_encoder, lr_decoder = (group["lr"] for group in optimizer.param_groups)
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr_decoder:.1e}", img_s=f"{rate:.1f}")
             if step % args.log_every == 0 or step == total_steps:
-                log.write(step=step, epoch=epoch, loss=loss_value, lr_encoder=args.lr_encoder,
-                          lr_decoder=args.lr_decoder, images_per_s=rate, skipped_files=skipped,
+                log.write(step=step, epoch=epoch, loss=loss_value, lr_encoder=lr_encoder,
+                          lr_decoder=lr_decoder, images_per_s=rate, skipped_files=skipped,
                           elapsed_s=round(time.time() - t_start, 1))
             if args.save_every and step % args.save_every == 0:
                 save(epoch)
@@ -495,6 +781,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.data is None:
         common.apply_preset(parser, args, DEMO_PRESET, argv, announce="embedded synthetic data")
+    resolve_defaults(args)
+    check_switches(args)
     train(args)
 
 

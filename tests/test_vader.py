@@ -37,8 +37,11 @@ def test_matched_cells_see_the_same_original_pixel(scale):
     grid, flips = 16, 0
     for seed in range(25):
         v1, v2, matches = views(img, random.Random(seed))
-        assert matches.shape == (32, 2) and matches.dtype == torch.long
+        assert matches.shape == (32, 4) and matches.dtype == torch.long
         xy1, xy2 = original_coordinates(v1, grid), original_coordinates(v2, grid)
+        # columns 2, 3: the original-image pixel of the pair's scene point (--negative-radius measures with it)
+        # (a pixel value k covers [k, k + 1): centre k + 0.5, then rounding: within 1 px, plus resampling slack)
+        assert ((xy1[matches[:, 0]] + 0.5 - matches[:, 2:].float()).abs() <= 1.01).all(), seed
         # size of a view-2 cell in original pixels, read off the ramp itself (flip-proof: absolute values)
         cell2_w = abs(xy2[grid - 1, 0] - xy2[0, 0]) / (grid - 1)
         cell2_h = abs(xy2[-1, 1] - xy2[0, 1]) / (grid - 1)
@@ -83,23 +86,75 @@ def test_views_are_uint8_pixels_and_colour_ops_change_appearance_only():
     assert not torch.equal(plain[0], coloured[0]) or not torch.equal(plain[1], coloured[1])
 
 
-def test_loss_equals_a_naive_loop_over_eq2():
+def random_matches(n, m, grid=4, seed=0):
+    """N x M x 4 matches on a small grid, so that view-2 cells repeat (duplicate keys), with original positions."""
+    g = torch.Generator().manual_seed(seed)
+    cells1 = torch.stack([torch.randperm(grid * grid, generator=g)[:m] for _ in range(n)])
+    cells2 = torch.randint(0, grid * grid, (n, m), generator=g)
+    position = torch.stack([cells1 % grid * 10 + 5, cells1 // grid * 10 + 5], 2)  # cell centres, 10 px cells
+    return torch.cat([cells1[..., None], cells2[..., None], position], 2)
+
+
+def test_loss_equals_a_naive_loop_over_eq2_with_in_image_negatives_by_radius():
     torch.manual_seed(0)
-    n, m, d, k, tau = 3, 4, 8, 10, 0.2
+    n, m, d, k, tau = 3, 6, 8, 10, 0.2
     q = torch.nn.functional.normalize(torch.randn(n * m, d), dim=1)
     key = torch.nn.functional.normalize(torch.randn(n * m, d), dim=1)
     queue = torch.nn.functional.normalize(torch.randn(k, d), dim=1)
-    for in_image in (False, True):
-        total = 0.0
+    matches = random_matches(n, m)
+    cells2, xy = matches[..., 1].flatten().tolist(), matches[..., 2:].reshape(-1, 2).tolist()
+    assert any(cells2[i] == cells2[j] for i in range(n * m) for j in range(n * m) if i != j and i // m == j // m)
+    for in_image, radius in ((False, 0), (True, 0), (True, 12), (True, 1000)):
+        total, counted = 0.0, 0
         for i in range(n * m):
             pos = math.exp(float(q[i] @ key[i]) / tau)
             neg = sum(math.exp(float(q[i] @ queue[j]) / tau) for j in range(k))
             if in_image:
-                img = i // m
-                neg += sum(math.exp(float(q[i] @ key[j]) / tau) for j in range(img * m, img * m + m) if j != i)
+                for j in range(i // m * m, i // m * m + m):
+                    far = math.hypot(xy[i][0] - xy[j][0], xy[i][1] - xy[j][1]) > radius or radius == 0
+                    if j != i and cells2[j] != cells2[i] and far:  # never a copy of the positive's view-2 cell
+                        neg += math.exp(float(q[i] @ key[j]) / tau)
+                        counted += 1
             total += -math.log(pos / (pos + neg))
-        got = vader.vader_loss(q, key, queue, tau, (n, m) if in_image else None)
-        assert got.item() == pytest.approx(total / (n * m), rel=1e-5)
+        mask = vader.in_image_negatives(matches, radius) if in_image else None
+        got = vader.vader_loss(q, key, queue, tau, mask)
+        assert got.item() == pytest.approx(total / (n * m), rel=1e-5), (in_image, radius)
+        if in_image:
+            assert int(mask.sum()) == counted
+            assert (radius < 1000) == (counted > 0)  # radius 1000 px leaves no in-image negative
+
+
+def naive_nt_xent(z1, z2, matches, tau, in_image, radius):
+    """SimCLR's symmetric loss by hand: anchor a of view v, positive = a of the other view, negatives = every other
+    pixel of both views whose pair is from another image (or, with in_image, another view-2 cell farther than R)."""
+    n, m = matches.shape[:2]
+    cells2, xy = matches[..., 1].flatten().tolist(), matches[..., 2:].reshape(-1, 2).tolist()
+    p, total = n * m, 0.0
+    views = (z1, z2)
+    for v in (0, 1):
+        for a in range(p):
+            anchor = views[v][a]
+            pos = math.exp(float(anchor @ views[1 - v][a]) / tau)
+            neg = 0.0
+            for b in range(p):
+                if a // m == b // m:
+                    far = radius == 0 or math.hypot(xy[a][0] - xy[b][0], xy[a][1] - xy[b][1]) > radius
+                    if not (in_image and cells2[a] != cells2[b] and far):
+                        continue
+                neg += math.exp(float(anchor @ views[1 - v][b]) / tau) + math.exp(float(anchor @ views[v][b]) / tau)
+            total += -math.log(pos / (pos + neg))
+    return total / (2 * p)
+
+
+def test_shared_key_encoder_loss_equals_a_naive_symmetric_nt_xent():
+    torch.manual_seed(1)
+    n, m, d, tau = 3, 5, 8, 0.3
+    z1 = torch.nn.functional.normalize(torch.randn(n * m, d), dim=1)
+    z2 = torch.nn.functional.normalize(torch.randn(n * m, d), dim=1)
+    matches = random_matches(n, m, seed=2)
+    for in_image, radius in ((False, 0), (True, 0), (True, 15)):
+        got = vader.shared_loss(z1, z2, matches, tau, in_image, radius)
+        assert got.item() == pytest.approx(naive_nt_xent(z1, z2, matches, tau, in_image, radius), rel=1e-5)
 
 
 def test_queue_wraps_around_and_keeps_the_newest_keys():
@@ -324,3 +379,219 @@ def test_feature_picture_from_a_tiny_checkpoint(tmp_path, run_script):
     sim = np.asarray(pic)[80:, :40].astype(int)  # similarity row of image 0
     assert sim[22, 22].tolist() == [255, 0, 0]  # the query pixel (centre cell) is marked in red
     assert sim[0, 0, 0] == sim[0, 0, 1] == sim[0, 0, 2]  # the rest is a grey similarity map
+
+
+# ---- the reviewers' switches (issue 11) and one-process shuffle BN (issue 10) ----
+def test_one_process_shuffle_bn_normalises_keys_over_random_sub_batches():
+    torch.manual_seed(0)
+    g = vader.VADeRNet("resnet18").train()  # train-mode BN: the statistics depend on the sub-batch
+    images, cells = torch.randn(8, 3, 64, 64), torch.randint(0, 256, (8, 5))
+    torch.manual_seed(7)
+    keys = vader.key_embeddings(g, images, cells, splits=4)
+    torch.manual_seed(7)  # the same permutation, by hand: MoCo's SplitBatchNorm = g on each sub-batch alone
+    perm = torch.randperm(8)
+    expected = torch.empty(8, 5, 128)
+    with torch.no_grad():
+        for part in perm.view(4, 2):
+            z = torch.nn.functional.normalize(g(images[part]).flatten(2), dim=1)  # 2 x 128 x HW
+            for row, i in enumerate(part.tolist()):
+                expected[i] = z[row][:, cells[i]].t()
+        plain = vader.gather_cells(g(images), cells)  # one BN over the whole batch (the old behaviour)
+    assert torch.allclose(keys, expected, atol=1e-5)
+    assert (keys - plain).abs().max() > 1e-2  # not plain BN: the query's batch statistics are not reused
+    g.eval()  # with fixed statistics the shuffle must hand each image its own keys back, in order
+    with torch.no_grad():
+        assert torch.allclose(vader.key_embeddings(g, images, cells, splits=3), vader.gather_cells(g(images), cells),
+                              atol=1e-5)  # 8 images in 3 splits: sizes 3, 3, 2
+
+
+def test_data_without_init_and_a_tiny_encoder_lr_is_refused(tmp_path, run_script):
+    data = make_folder(tmp_path / "data", bad=False)
+    args = [a for a in TINY]
+    args[args.index("--lr-encoder") + 1] = "3e-7"  # the paper's lr, meant for a MoCo v2 start
+    r = run_script("vader.py", "--data", data, "--output-dir", tmp_path / "x", "--max-steps", "1", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "--init" in r.stderr and "--lr-encoder 0.003" in r.stderr
+    assert not (tmp_path / "x" / "checkpoint.pth").exists()
+    # the embedded demo (no --data) is unaffected by the rule
+    r = run_script("vader.py", "--output-dir", tmp_path / "demo", "--max-steps", "1", "--synthetic-images", "8",
+                   *args)
+    assert r.returncode == 0, r.stderr
+
+
+def test_global_net_is_avg_pooled_c5_through_moco_v2s_mlp_head():
+    head = vader.GlobalNet("resnet50").head
+    assert [(m.in_features, m.out_features) for m in head if isinstance(m, nn.Linear)] == [(2048, 2048), (2048, 128)]
+    torch.manual_seed(0)
+    net = vader.GlobalNet("resnet18").eval()
+    reference = torchvision.models.resnet18()
+    reference.fc = nn.Identity()  # torchvision's own forward: avgpool(C5), flattened
+    reference.load_state_dict(net.encoder.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = reference.eval()(x)  # 2 x 512
+        expected = net.head[2](torch.relu(net.head[0](pooled)))
+        assert torch.allclose(net(x), expected, atol=1e-5)
+
+
+def test_global_objective_is_infonce_over_the_image_queue():
+    torch.manual_seed(0)
+    f = vader.GlobalNet("resnet18").eval()
+    g = vader.GlobalNet("resnet18").eval()
+    queue = vader.PixelQueue(6, 128)
+    view1, view2 = torch.randn(3, 3, 64, 64), torch.randn(3, 3, 64, 64)
+    args = vader.get_parser().parse_args(["--objective", "global", "--momentum", "1", "--shuffle-bn-splits", "1",
+                                          "--loss-weight", "1"])
+    vader.resolve_defaults(args)
+    assert args.temperature == 0.2  # MoCo v2's
+    loss, keys = vader.forward_loss(f, f, g, queue, view1, view2, torch.zeros(3, 4, 4, dtype=torch.long), args)
+    with torch.no_grad():
+        q = torch.nn.functional.normalize(f(view1), dim=1)
+        k = torch.nn.functional.normalize(g(view2), dim=1)
+    total = 0.0
+    for i in range(3):
+        pos = math.exp(float(q[i] @ k[i]) / 0.2)
+        neg = sum(math.exp(float(q[i] @ queue.keys[j]) / 0.2) for j in range(6))
+        total += -math.log(pos / (pos + neg))
+    assert loss.item() == pytest.approx(total / 3, rel=1e-4)
+    assert torch.allclose(keys, k, atol=1e-5)  # one key per image enters the queue
+
+
+def test_crops_objective_views_both_come_from_one_non_overlapping_region():
+    img = coordinate_image(200, 160)
+    views = vader.PairedViews(image_size=32, color=False, num_matches=4, independent=True, regions=2)
+    seen = set()
+    for seed in range(30):
+        v1, v2, _ = views(img, random.Random(seed))
+        quadrants = []
+        for v in (v1, v2):
+            rgb = (v * STD + MEAN) * 255  # pixel values = original coordinates
+            x, y = rgb[0].round(), rgb[1].round()
+            qx, qy = (x >= 100).long(), (y >= 80).long()
+            assert qx.min() == qx.max() and qy.min() == qy.max(), seed  # the whole view lies in one quadrant
+            quadrants.append((int(qx[0, 0]), int(qy[0, 0])))
+        assert quadrants[0] == quadrants[1]  # both views are crops of the same instance
+        seen.add(quadrants[0])
+    assert seen == {(0, 0), (0, 1), (1, 0), (1, 1)}  # each of the four regions is an instance
+
+
+def test_keys_per_image_enqueues_k_random_matched_keys_of_each_image():
+    torch.manual_seed(0)
+    f = vader.VADeRNet("resnet18").eval()
+    g = copy_of(f)
+    queue = vader.PixelQueue(16, 128)
+    view1, view2 = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    matches = random_matches(2, 6, grid=16)
+    args = vader.get_parser().parse_args(["--keys-per-image", "2", "--num-matches", "6", "--shuffle-bn-splits", "1"])
+    vader.resolve_defaults(args)
+    _, keys = vader.forward_loss(f, f, g, queue, view1, view2, matches, args)
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(g(view2).flatten(2), dim=1)  # 2 x 128 x 256
+    expected = torch.stack([z[i][:, matches[i, j, 1]] for i in range(2) for j in range(2)])  # first 2 of each image
+    assert keys.shape == (4, 128) and torch.allclose(keys, expected, atol=1e-5)
+
+
+def copy_of(net):
+    import copy
+    return copy.deepcopy(net).requires_grad_(False)
+
+
+def test_cosine_schedule_follows_moco_v2s_formula(tmp_path, run_script):
+    data = make_folder(tmp_path / "data", bad=False)  # 11 images, batch 4: 2 steps an epoch, 2 epochs = T = 4
+    out = tmp_path / "out"
+    r = run_script("vader.py", "--data", data, "--output-dir", out, "--epochs", "2", "--max-steps", "3", *TINY,
+                   "--lr-schedule", "cosine", "--lr-encoder", "0.02")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    logged = [(x["lr_encoder"], x["lr_decoder"]) for x in lines if "loss" in x]
+    expected = [(0.02 * 0.5 * (1 + math.cos(math.pi * t / 4)), 0.01 * 0.5 * (1 + math.cos(math.pi * t / 4)))
+                for t in range(3)]  # the lr of step t+1 is set from t steps done
+    assert logged == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("switches", [
+    ["--in-image-negatives", "--negative-radius", "6", "--keys-per-image", "2", "--queue-size", "24"],
+    ["--key-encoder", "shared", "--in-image-negatives"],
+    ["--objective", "crops", "--queue-size", "8"],
+])
+def test_each_switch_trains_end_to_end(tmp_path, run_script, switches):
+    data = make_folder(tmp_path / "data", bad=False)
+    out = tmp_path / "out"
+    r = run_script("vader.py", "--data", data, "--output-dir", out, "--max-steps", "2", *TINY, *switches)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 2 and math.isfinite(result["final_loss"])
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    flags = {a.lstrip("-").replace("-", "_") for a in switches if a.startswith("--")}
+    assert flags <= set(ckpt["args"])  # the checkpoint's args carry the new flags
+    if "--keys-per-image" in switches:
+        assert int(ckpt["queue"]["ptr"]) == 2 * 4 * 2 % 24  # 2 steps x 4 images x 2 keys (24 is no multiple of 32)
+    if "shared" in switches:
+        assert ckpt["momentum_encoder"] == {} and ckpt["queue"] == {}  # no g, no queue
+    if "crops" in switches:
+        assert int(ckpt["queue"]["ptr"]) == 2 * 4 % 8 and ckpt["queue"]["keys"].shape == (8, 128)
+
+
+def test_global_objective_resumes_exactly_and_evaluates_its_encoder(tmp_path, run_script):
+    data = make_folder(tmp_path / "data", bad=False)
+    a, b = tmp_path / "a", tmp_path / "b"
+    flags = [*TINY, "--objective", "global", "--queue-size", "8"]
+    assert run_script("vader.py", "--data", data, "--output-dir", a, "--max-steps", "3", *flags).returncode == 0
+    assert run_script("vader.py", "--data", data, "--output-dir", b, "--max-steps", "2", *flags).returncode == 0
+    r = run_script("vader.py", "--data", data, "--output-dir", b, "--max-steps", "3", *flags)
+    assert r.returncode == 0 and "resumed" in r.stdout, r.stderr
+    ca, cb = torch.load(a / "checkpoint.pth", weights_only=False), torch.load(b / "checkpoint.pth", weights_only=False)
+    assert any(k.startswith("head.") for k in ca["model"]) and ca["args"]["objective"] == "global"
+    for part in ("model", "momentum_encoder", "queue"):
+        for key in ca[part]:
+            assert torch.equal(ca[part][key], cb[part][key]), (part, key)
+    assert vader.VADeRNet.from_args(ca["args"]) is None  # no dense head: evaluation probes the encoder
+    model, _ = common.dense_feature_model(str(a / "checkpoint.pth"), "resnet50", {"vader": vader.VADeRNet})
+    assert isinstance(model, common.DilatedResNet)
+    assert torch.equal(model.net.conv1.weight, ca["model"]["encoder.conv1.weight"])
+    assert torch.equal(model.net.layer4[1].conv2.weight, ca["model"]["encoder.layer4.1.conv2.weight"])
+
+
+SHARED_CHECK = r'''
+import sys
+import torch
+import torch.nn.functional as F
+sys.path.insert(0, sys.argv[1])
+import common, vader
+d = common.init_distributed()
+torch.manual_seed(0)  # the same global batch on both ranks; each rank holds its half
+n, m, tau = 4, 3, 0.5
+z1, z2 = F.normalize(torch.randn(n * m, 8), dim=1), F.normalize(torch.randn(n * m, 8), dim=1)
+matches = torch.zeros(n, m, 4, dtype=torch.long)
+mine = slice(6 * d.rank, 6 * d.rank + 6)  # 2 images x 3 pixels per rank
+local1, local2 = z1[mine].clone().requires_grad_(), z2[mine].clone().requires_grad_()
+loss = vader.shared_loss(local1, local2, matches[2 * d.rank:2 * d.rank + 2], tau)
+loss.backward()
+# reference by hand, one process: NT-Xent over the whole batch, other images' pixels of both views as negatives
+ref1, ref2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+image = torch.arange(n).repeat_interleave(m)
+other = image[:, None] != image[None, :]
+total = 0
+for a, b in ((ref1, ref2), (ref2, ref1)):
+    neg = torch.cat([(a @ b.t()).masked_fill(~other, float("-inf")),
+                     (a @ a.t()).masked_fill(~other, float("-inf"))], 1)
+    pos = (a * b).sum(1, keepdim=True)
+    total = total + F.cross_entropy(torch.cat([pos, neg], 1) / tau, torch.zeros(n * m, dtype=torch.long)) / 2
+total.backward()
+losses = common.all_gather_cat(loss.detach()[None])
+assert torch.allclose(losses.mean(), total.detach(), atol=1e-5), (losses, total)
+# DDP averages gradients over the 2 ranks: each rank's local gradient must be 2 x the full-batch gradient
+assert torch.allclose(local1.grad, 2 * ref1.grad[mine], atol=1e-5), (local1.grad - 2 * ref1.grad[mine]).abs().max()
+assert torch.allclose(local2.grad, 2 * ref2.grad[mine], atol=1e-5)
+open(f"{sys.argv[2]}/rank{d.rank}.ok", "w").close()
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+'''
+
+
+def test_shared_key_encoder_gathers_every_ranks_pixels_with_gradients(tmp_path, run_script):
+    script = tmp_path / "check.py"
+    script.write_text(SHARED_CHECK)
+    r = run_script(str(script), os.path.dirname(os.path.dirname(os.path.abspath(__file__))), tmp_path, torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
