@@ -678,8 +678,6 @@ def train(args):
         f.load_state_dict(ckpt["model"]), g.load_state_dict(ckpt["momentum_encoder"])
         queue.load_state_dict(ckpt["queue"]), optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        for group, lr in zip(optimizer.param_groups, (args.lr_encoder, args.lr_decoder)):
-            group["lr"] = lr  # the optimiser state carries the old rates; a changed --lr-* must take effect
         common.set_rng_states(ckpt["rng"])
         step = ckpt["step"]
     model = common.wrap_ddp(f, d, common.example_images((per_rank, 3, args.image_size, args.image_size), d.device,

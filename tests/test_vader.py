@@ -465,7 +465,7 @@ def test_crops_objective_views_both_come_from_one_non_overlapping_region():
         v1, v2, _ = views(img, random.Random(seed))
         quadrants = []
         for v in (v1, v2):
-            rgb = (v * STD + MEAN) * 255  # pixel values = original coordinates
+            rgb = v.float()  # uint8 pixel values = original coordinates
             x, y = rgb[0].round(), rgb[1].round()
             qx, qy = (x >= 100).long(), (y >= 80).long()
             assert qx.min() == qx.max() and qy.min() == qy.max(), seed  # the whole view lies in one quadrant
