@@ -210,14 +210,14 @@ def random_case(seed, n=3, ls=5, lt=12, dim=8):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_rank_loss_matches_a_naive_per_pair_loop(seed, margin):
     pred, target, positive = random_case(seed)
-    got = clove.clove_loss(pred, target, positive, lamb=2.0, margin=margin, topk=4)
+    got = clove.clove_loss(pred, target, positive, lamb=2.0, margin=margin, topk=4, reduction="pair")
     assert math.isclose(float(got), naive_rank_loss(pred, target, positive, 2.0, margin, 4), rel_tol=1e-5, abs_tol=1e-5)
 
 
 def test_queue_negatives_match_a_naive_loop():
     pred, target, positive = random_case(3)
     queue = torch.randn(20, 8, generator=torch.Generator().manual_seed(9))
-    got = clove.clove_loss(pred, target, positive, lamb=1.5, margin=0.5, topk=5, queue=queue)
+    got = clove.clove_loss(pred, target, positive, lamb=1.5, margin=0.5, topk=5, queue=queue, reduction="pair")
     assert math.isclose(float(got), naive_rank_loss(pred, target, positive, 1.5, 0.5, 5, queue), rel_tol=1e-5)
 
 
