@@ -10,60 +10,89 @@ Paper: T. Silva, H. Pedrini, A. Ramirez Rivera, "Self-supervised Learning of Con
 Embeddings", ICCV Workshops 2023 (§3, §5, §6). Official code: github.com/sthalles/CLoVE (a PixPro fork).
 
 Usage
-    python clove.py                                   # embedded demo: synthetic images, CPU-sized preset, < 8 min
+    python clove.py                                   # embedded demo: synthetic images, CPU-sized preset
     python clove.py --data /imagenet --batch-size 256                                 # one GPU (or CPU)
     torchrun --nproc_per_node=4 clove.py --data /imagenet                             # one node, global batch 2048
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=4 --rdzv_backend=c10d \\
         --rdzv_endpoint=HOST:29500 clove.py --data /imagenet                          # two nodes (node_rank 1 too)
 Re-running the same command resumes from <output-dir>/checkpoint.pth. --batch-size is global (split over ranks and
---accum-steps micro-batches); the learning rate is derived from it: lr = --base-lr x global batch / 256.
+--accum-steps micro-batches); the learning rate is derived from it: lr = --base-lr x global batch / 256. With
+--accum-steps, an epoch ends on an optimiser step: the micro-batches left over (fewer than one step) are dropped, as
+drop_last drops a partial batch, so no gradient crosses an epoch or a checkpoint.
 
 What the code implements, and where
-    views: BYOL's recipe, two global crops (+ --local-crops), boxes and flips kept    -> CLoVEViews
+    views: BYOL's recipe, two global crops + 6 local crops, boxes and flips kept      -> CLoVEViews
     Eq. 1: positive cells = centre distance < T_pos x the larger cell diagonal        -> match_cells (in CLoVEViews)
-    f_s, f_t: ResNet C5 -> projector (1x1 conv 4096, BN, ReLU, 1x1 conv 256) (§6)     -> CLoVENet
+    f_s, f_t: ResNet C5 -> projector (1x1 conv 4096, BN, ReLU, 1x1 conv 256, BN) (§6) -> CLoVENet
     q_s: normalised multi-head self-attention, softmax(cos(Q, K) / tau) V (§3.4)      -> NMHSA
-    Eq. 2: margin ranking, intra-image top-k negatives (§3.3); Table 10 queue         -> clove_loss, NegativeQueue
+    Eq. 2: margin ranking, intra-image top-k negatives (§3.3), fp32; Table 10 queue   -> clove_loss, NegativeQueue
     symmetrised over the global views; local crops are student-only                  -> clove_step
     teacher <- m teacher + (1 - m) student, m cosine 0.99 -> 1 (§3.1)                -> teacher_momentum
-    LARS, wd 2e-5, lr 1.0 x B/256, warm-up + cosine, batch 2048 (§6)                 -> build_optimizer, train
+    LARS, wd 2e-5, lr 1.0 x B/256, warm-up + cosine, batch 2048 (§6)                 -> LARS, learning_rate, train
     Ablations: --loss rank|l2 (Table 8), --local-crops (Table 8), --attention nmhsa|mhsa (Table 9),
                --negatives intra|inter|inter-avg (Table 10), --t-pos (Table 11)
 
 Public names: CLoVEViews, match_cells, NMHSA, CLoVENet, make_teacher, teacher_momentum, update_teacher, NegativeQueue,
-hard_negatives, clove_loss, clove_step, build_optimizer, train, main. Eq. 1 is evaluated in the data-loading workers
-(CLoVEViews returns the masks), as vader.py's correspondences are, so it costs the training step nothing.
+hard_negatives, clove_loss, official_rank_loss, clove_step, LARS, build_optimizer, learning_rate,
+epoch_micro_batches, train, main. Eq. 1 is evaluated in the data-loading workers (CLoVEViews returns the masks), as
+vader.py's correspondences are, so it costs the training step nothing.
 
-Where our default differs from the official code (the paper is the default; a flag gives the code's behaviour)
-    - Predictor: the code uses a plain nn.MultiheadAttention(256, 8) (biased in-projections, q.k / sqrt(32), no
-      normalisation, no temperature): --attention mhsa. The paper's NMHSA (Table 9) is the default.
-    - Negatives: the paper averages the top-k negative VECTORS (the most similar one dropped) and takes the cosine
-      with that average; the code averages the cosines. The paper's loss is a hinge per positive pair (i, j) in M;
-      the code averages the positives and the negatives of each image first, works on -2 x cosine (so both terms
-      are doubled), averages negatives over every student cell (also cells with no positive), and hits +inf when a
-      cell has fewer than 2 non-positive teacher cells. --official-loss gives the code's form (with that guard).
-    - Projector: the paper's MLP ends with a plain 1x1 conv; the code ends with a bias-free conv and a BatchNorm
-      without affine parameters: --projector-final-bn.
-    - Views: the paper follows BYOL, so global crops take scale (0.08, 1); the code uses (0.2, 1): --global-scale 0.2 1.
-      The code always adds 6 local 96-px crops (scale 0.08-0.3, blur p 0.5): --local-crops 6.
-    - Coordinates for Eq. 1: original-image pixels (the paper's "pixel space"); the code (PixPro) normalises x by
-      W-1 and y by H-1: --match-coords normalized (identical for square images, anisotropic otherwise).
-    - T_pos: 0.7 (paper, Table 11); the official 400-epoch launch script passes --clove-pos-ratio 2.
-    - Learning rate: cosine decay to 0 (paper); the code decays to 1% of the peak: --min-lr-ratio 0.01.
-    - The code zero-initialises the last BN of every residual block: --zero-init-residual.
-    - The code updates the teacher at the start of each step, before the teacher forward; we update it after the
-      optimiser step (BYOL). The sequence of teachers is the same, shifted by one step; no flag.
-Choices the paper leaves open (our defaults, and why)
+The rule for defaults. Where the paper states a value, the paper wins: NMHSA (Table 9), T_pos 0.7 (Table 11), k = 10
+and the averaged negative vector (§3.3), mu 100, lr 1.0 x B/256, wd 2e-5, batch 2048, 8 heads of 32, D 256, hidden
+4096 (§6). Where the paper is silent or ambiguous, or its hyperparameters were tuned on the official code's form,
+the official code decides, because it produced the numbers. Every difference stays one flag away:
+
+Decided by the official code (the paper silent or ambiguous; our default = the code; the flag gives the other)
+    - Multi-crop: 2 global + 6 local 96-px crops (scale 0.08-0.3, blur p 0.5). §6 describes BYOL's two views, but the
+      default rows of Tables 9 and 10 (58.7 / 83.3 / 65.9 AP) equal Table 8's rank + multi-crop row (58.8 / 83.3 /
+      65.9), not its two-view row (58.5 / 82.8 / 65.6), and the official loader (contrast/data/dataset.py) always
+      makes 6, whatever its --local-crops-number says. --local-crops 0: two views.
+    - Global crop scale (0.2, 1): §6 says "we follow BYOL's protocol", which would be (0.08, 1), but every official
+      launch script, config.json and log.txt has --crop 0.2 (the 50/100-epoch scripts 0.24). --global-scale 0.08 1.
+    - Eq. 1 in the code's frame (contrast/loss.py on RandomResizedCropCoord's boxes): a crop of pixels j..j+w-1 is
+      [j, j+w-1] / (W-1) (y by H-1), so x and y are scaled separately and the grid spans the first and last pixels'
+      centres. §3.2 says "pixel space"; T_pos = 0.7 was tuned in the code's frame. The two differ in ~1% of the mask
+      entries on 4:3 images (identical for square ones up to that half-pixel). --match-coords pixels.
+    - Eq. 2's scale: the printed Eq. 2 is a SUM over M, whose size varies with the overlap; the code works on
+      s = -2 cos (both terms doubled) and averages per image: max(0, lambda mean_{M_n} s(C_i, F_j) - mean_i
+      s(C_i, F_neg,i) + mu), mean over images (the mean over i includes cells with no positive; an image with no
+      positive pair keeps its negative term). lr 1.0 and wd 2e-5 were tuned at that scale, and LARS is not
+      scale-free (weight decay; the 1-D parameters move by the raw lr x gradient), so the default trains at it: on
+      realistic masks the gradient norm is 1.0-1.2x the code's (tested), where a mean of the per-pair hinge is
+      ~0.5-0.6x. --loss-reduction pair: the printed per-pair hinge, averaged over M.
+    - Projector: §6 says "a two-layer MLP with 4096 hidden units, ReLU, batch normalization"; the code's ends with a
+      bias-free conv and a BatchNorm without affine parameters (contrast/models/CLoVE.py, MLP2d). --no-projector-final-bn.
+    - Zero-initialised last BN of each residual block (the code's ResNet); the paper is silent. --no-zero-init-residual.
+    - Schedule: §6 says "cosine decay"; the code (main_pretrain.py, util.cosine_scheduler) warms up linearly for 5
+      epochs from lr/100 (--warmup-multiplier 100) and decays to 1% of the peak. --warmup-start-ratio, --min-lr-ratio,
+      --warmup-epochs.
     - lambda = 2 (--lamb) and the NMHSA temperature tau = 0.2 (--attention-temperature): the paper gives no values;
       2 is the code's --lamb and 0.2 its --attn-temp default (defined there, unused by its plain attention).
-    - Eq. 2 is a sum over M; we average over the positive pairs of the batch (and over the view pairs), so the
-      learning rate does not depend on how much the views overlap. With |cos| <= 1 and mu = 100 the hinge never
-      clips: the loss is mu - lambda cos(C_i, F_j) + cos(C_i, F_neg), ~100 at initialisation.
-    - A view pair with no positive pair adds nothing; a student cell with no non-positive teacher cell left after
-      dropping the most similar one gets cos(C_i, F_neg) = 0. Both stay finite.
-    - --local-crops 0: §6 describes BYOL's two-view protocol; Table 8 says multi-crop helps the rank loss (+0.3 AP)
-      but not with how many crops, and Table 11's T_pos = 0.7 score (58.5) is Table 8's two-view rank entry.
-    - Warm-up of 5 epochs (the code's; the paper only says "cosine decay").
+    - Eq. 2 in fp32 outside autocast, as the code (its loss takes .float() maps outside the autocast block): in bf16,
+      cos 0.901 and 0.904 are the same number, so the top-k negatives would be chosen among ties.
+Where our default follows the paper and the code differs (a flag gives the code's behaviour)
+    - Predictor: the code uses a plain nn.MultiheadAttention(256, 8) (biased in-projections, q.k / sqrt(32), no
+      normalisation, no temperature): --attention mhsa. The paper's NMHSA (§3.4, Table 9) is the default.
+    - Negatives: the paper averages the top-k negative VECTORS (the most similar one dropped) and takes the cosine
+      with that average (§3.3); the code averages the cosines. In the code a student cell with fewer than k = 10
+      non-positive teacher cells puts +inf logits into its top-k, so its image's negative term is +inf and
+      nn.MarginRankingLoss gives 0: the whole image drops out with zero gradient (it still counts in the mean over
+      the batch). That never happens at T_pos 0.7 with 224 / 96 crops (49 teacher cells, a few positives each);
+      at T_pos 2 it drops 17% of the global view pairs and 52% of the local-global ones (400 random 4:3 images;
+      the test checks that it happens). --official-loss gives the code's loss exactly
+      (official_rank_loss), that behaviour included.
+    - T_pos 0.7 (Table 11). The official tools/clove_base_r50_400ep.sh passes --clove-pos-ratio 2, but the
+      config.json and log.txt committed next to it (output/clove_base_r50_400ep) record 0.7, as the code's default.
+    - Teacher update timing: the code updates the teacher inside the forward of the micro-batch that ends an
+      accumulation group, before that micro-batch's teacher forward (main_pretrain.py passes m only when the
+      gradients sync): with --grad-accumulation-steps 2 the first micro-batch of each step sees the old teacher and
+      the second an updated one, and its lr and m are indexed by micro-batch. We update once, after the optimiser
+      step (BYOL), so every micro-batch of a step sees the same teacher; without accumulation the two give the same
+      sequence of teachers, shifted by one step. No flag. The code also steps on a partial group at an epoch's end
+      (scaled by 1/accum); we drop it (see Usage).
+Choices neither source makes (our defaults, and why)
+    - A student cell with no non-positive teacher cell left after dropping the most similar one gets
+      cos(C_i, F_neg) = 0, and an image with no positive pair a positive term of 0 (as the code's 1e-6 guard): finite.
     - Table 10's queue (16,384): each step enqueues one random teacher cell (inter) or the average of the teacher
       map (inter-avg) of the first global view of every image, gathered over ranks; the negatives are then chosen
       from the queue with the same top-k rule. The paper says no more than "a queue of 16,384 representations".
