@@ -677,6 +677,8 @@ def test_torchrun_two_processes_on_cpu(run_script, image_folder, tmp_path):
     (["--data", "EMPTY"], "no image files"),
     (["--data", "IMAGES", "--image-size", "100"], "--image-size 100"),
     (["--data", "IMAGES", "--batch-size", "6", "--accum-steps", "4"], "--batch-size 6"),
+    (["--data", "IMAGES", "--official-loss", "--loss-reduction", "pair"], "--loss-reduction pair"),
+    (["--data", "IMAGES", "--official-loss", "--image-size", "64"], "--image-size 64"),
 ])
 def test_bad_inputs_are_one_line_errors(run_script, image_folder, tmp_path, flags, needle):
     (tmp_path / "empty").mkdir()
