@@ -1,8 +1,8 @@
 """Method-agnostic plumbing shared by vader.py, clove.py, evaluate_linear.py and davis_propagate.py.
 
 Nothing here knows about a particular method: distributed setup, seeding, image loading and the embedded
-procedural data set, crop-box geometry, appearance augmentations, samplers, schedules, LARS, EMA, checkpoints,
-logging, ResNet weights (loading, dilation). Read the method files first; come here for details.
+procedural data set, crop-box geometry, appearance augmentations, samplers, schedules, EMA, checkpoints and
+resumption, logging, ResNet weights (loading, dilation). Read the method files first; come here for details.
 """
 import collections
 import colorsys
@@ -595,54 +595,6 @@ def cosine(step, total, start, end):
     """Half-cosine from `start` (step 0) to `end` (step `total`)."""
     progress = min(max(step / max(total, 1), 0.0), 1.0)
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def warmup_cosine(step, total, warmup, peak, final):
-    """Linear warm-up from 0 to `peak` over `warmup` steps, then half-cosine to `final` at `total`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return cosine(step - warmup, total - warmup, peak, final)
-
-
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as BYOL/PixPro/CLoVE use it.
-
-    For a parameter p with gradient g: g <- g + wd*p; g <- g * trust * ||p|| / ||g|| (when both norms are > 0);
-    then heavy-ball momentum. Parameter groups with `lars_exclude=True` (biases and normalisation weights: 1-D
-    tensors) get neither weight decay nor the trust ratio.
-    """
-
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust_coefficient=trust_coefficient, eps=eps, lars_exclude=False))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if not group["lars_exclude"]:
-                    g = g.add(p, alpha=group["weight_decay"])
-                    p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    ratio = torch.where((p_norm > 0) & (g_norm > 0),
-                                        group["trust_coefficient"] * p_norm / (g_norm + group["eps"]), torch.ones_like(p_norm))
-                    g = g * ratio
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.clone(g).detach()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
-
-
-def lars_param_groups(model, weight_decay):
-    """Two groups: weights (decayed, LARS-scaled) and 1-D parameters (biases, norms: neither)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    exclude = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [dict(params=decay, weight_decay=weight_decay, lars_exclude=False),
-            dict(params=exclude, weight_decay=0.0, lars_exclude=True)]
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 Every property is checked against an independent computation (hand values, brute-force loops, pixels that encode
 their own coordinates), never against the code's own output. The benchmark at the end runs only with CLOVE_BENCH=1.
 """
+import inspect
 import json
 import math
 import os
@@ -104,7 +105,8 @@ def test_matched_cells_see_the_same_original_pixel():
     """The whole pipeline (crop boxes, bicubic resize, flips, grids, Eq. 1) against what the pixels show."""
     yy, xx = np.mgrid[0:256, 0:256]
     img = Image.fromarray(np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8))
-    views = clove.CLoVEViews(image_size=128, local_crops=2, local_size=64, t_pos=0.7, color=False)
+    views = clove.CLoVEViews(image_size=128, local_crops=2, local_size=64, t_pos=0.7, match_coords="pixels",
+                             color=False)
     checked = positives = 0
     for seed in range(6):
         globals_, locals_, pos_global, pos_local = views(img, random.Random(seed))
@@ -209,15 +211,46 @@ def random_case(seed, n=3, ls=5, lt=12, dim=8):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_rank_loss_matches_a_naive_per_pair_loop(seed, margin):
     pred, target, positive = random_case(seed)
-    got = clove.clove_loss(pred, target, positive, lamb=2.0, margin=margin, topk=4)
+    got = clove.clove_loss(pred, target, positive, lamb=2.0, margin=margin, topk=4, reduction="pair")
     assert math.isclose(float(got), naive_rank_loss(pred, target, positive, 2.0, margin, 4), rel_tol=1e-5, abs_tol=1e-5)
 
 
 def test_queue_negatives_match_a_naive_loop():
     pred, target, positive = random_case(3)
     queue = torch.randn(20, 8, generator=torch.Generator().manual_seed(9))
-    got = clove.clove_loss(pred, target, positive, lamb=1.5, margin=0.5, topk=5, queue=queue)
+    got = clove.clove_loss(pred, target, positive, lamb=1.5, margin=0.5, topk=5, queue=queue, reduction="pair")
     assert math.isclose(float(got), naive_rank_loss(pred, target, positive, 1.5, 0.5, 5, queue), rel_tol=1e-5)
+
+
+def naive_image_loss(pred, target, positive, lamb, margin, topk):
+    """The default reduction image by image: s = -2 cos; hinge(lambda * mean over M_n of s(C_i, F_j) - mean over all
+    student cells of s(C_i, F_neg,i) + mu), F_neg,i the paper's averaged vector; mean over the images."""
+    losses = []
+    for n in range(pred.shape[0]):
+        p = pred[n] / pred[n].norm(dim=1, keepdim=True)
+        t = target[n] / target[n].norm(dim=1, keepdim=True)
+        pos_terms, neg_terms = [], []
+        for i in range(len(p)):
+            ranked = sorted(((float(p[i] @ t[j]), j) for j in range(len(t)) if not positive[n, i, j]), reverse=True)
+            kept = [j for _, j in ranked[:topk]][1:]
+            neg = 0.0
+            if kept:
+                v = t[kept].mean(0)
+                neg = float(p[i] @ v / v.norm())
+            neg_terms.append(-2 * neg)
+            pos_terms += [-2 * float(p[i] @ t[j]) for j in range(len(t)) if positive[n, i, j]]
+        pos = np.mean(pos_terms) if pos_terms else 0.0
+        losses.append(max(0.0, lamb * pos - np.mean(neg_terms) + margin))
+    return float(np.mean(losses))
+
+
+@pytest.mark.parametrize("margin", [100.0, 0.3])
+def test_default_loss_matches_a_naive_per_image_loop(margin):
+    for seed in (0, 1):
+        pred, target, positive = random_case(seed)  # with an image that has no positive pair (its negatives count)
+        got = clove.clove_loss(pred, target, positive, lamb=2.0, margin=margin, topk=4)
+        assert math.isclose(float(got), naive_image_loss(pred, target, positive, 2.0, margin, 4), rel_tol=1e-5,
+                            abs_tol=1e-5)
 
 
 def test_topk_negatives_exclude_positives_and_drop_the_most_similar():
@@ -226,54 +259,167 @@ def test_topk_negatives_exclude_positives_and_drop_the_most_similar():
     # teacher cells by similarity to pred: 0 (positive, cos 1), 1 (cos .995, dropped), 2 (cos .8), 3 (cos .6), 4 (cos 0)
     target = torch.stack([e[0], e[0] + 0.1 * e[1], 0.8 * e[0] + 0.6 * e[2], 0.6 * e[0] + 0.8 * e[3], e[1]])[None]
     positive = torch.tensor([[[True, False, False, False, False]]])
-    got = clove.clove_loss(pred, target, positive, lamb=2.0, margin=100.0, topk=3)
     f_neg = (target[0, 2] + target[0, 3]) / 2  # k = 3 non-positives (1, 2, 3), the most similar (1) dropped
-    expected = 100.0 - 2.0 * 1.0 + float(f_neg[0] / f_neg.norm())
-    assert math.isclose(float(got), expected, rel_tol=1e-6)
+    neg = float(f_neg[0] / f_neg.norm())
     moved = target.clone()
     moved[0, 1] = e[0] + 0.05 * e[2]  # the dropped cell changes but stays the most similar: no effect
-    assert math.isclose(float(clove.clove_loss(pred, moved, positive, 2.0, 100.0, 3)), expected, rel_tol=1e-6)
+    for reduction, expected in (("pair", 100.0 - 2.0 * 1.0 + neg),  # the printed hinge
+                                ("image", 100.0 + 2.0 * (-2 * 1.0) - (-2 * neg))):  # on -2 cos: both terms doubled
+        for t in (target, moved):
+            got = clove.clove_loss(pred, t, positive, lamb=2.0, margin=100.0, topk=3, reduction=reduction)
+            assert math.isclose(float(got), expected, rel_tol=1e-6), reduction
 
 
 def test_loss_is_finite_with_no_positive_or_no_negative_left():
     torch.manual_seed(0)
     pred = torch.randn(2, 4, 8, requires_grad=True)
     target = torch.randn(2, 6, 8)
-    for official in (False, True):
+    for kw in (dict(official=False), dict(official=True), dict(reduction="pair")):
         for mask in (torch.zeros(2, 4, 6, dtype=torch.bool), torch.ones(2, 4, 6, dtype=torch.bool)):
-            loss = clove.clove_loss(pred, target, mask, official=official)
+            loss = clove.clove_loss(pred, target, mask, **kw)
             loss.backward()
             assert torch.isfinite(loss) and torch.isfinite(pred.grad).all()
             pred.grad = None
-    none = clove.clove_loss(pred, target, torch.zeros(2, 4, 6, dtype=torch.bool))
-    assert float(none.detach()) == 0.0  # Eq. 2 sums over an empty M
+    none = clove.clove_loss(pred, target, torch.zeros(2, 4, 6, dtype=torch.bool), reduction="pair")
+    assert float(none.detach()) == 0.0  # the printed Eq. 2 sums over an empty M
     p, t = F.normalize(pred.detach(), dim=-1), F.normalize(target, dim=-1)
-    every = clove.clove_loss(pred.detach(), target, torch.ones(2, 4, 6, dtype=torch.bool), lamb=2.0, margin=100.0)
-    assert math.isclose(float(every), float((100 - 2 * p @ t.transpose(1, 2)).mean()), rel_tol=1e-6)  # F_neg = 0
-
-
-def test_official_loss_matches_the_code_formula():
-    """The official aggregation, written per image: hinge(lambda * mean_pos(-2cos) - mean_i mean_top(-2cos) + mu)."""
-    g = torch.Generator().manual_seed(5)
-    pred, target = torch.randn(3, 4, 8, generator=g), torch.randn(3, 16, 8, generator=g)
-    positive = torch.rand(3, 4, 16, generator=g) < 0.25  # >= 10 non-positives per cell, so the code is defined
-    losses = []
-    for n in range(3):
-        p, t = F.normalize(pred[n], dim=-1), F.normalize(target[n], dim=-1)
-        logits = -2 * p @ t.t()
-        pos = float(logits[positive[n]].sum() / (positive[n].sum() + 1e-6))
-        neg = np.mean([np.mean(sorted(logits[i][~positive[n, i]].tolist())[1:10]) for i in range(4)])
-        losses.append(max(0.0, 2.0 * pos - neg + 100.0))
-    got = clove.clove_loss(pred, target, positive, lamb=2.0, margin=100.0, topk=10, official=True)
-    assert math.isclose(float(got), float(np.mean(losses)), rel_tol=1e-6)
+    every = torch.ones(2, 4, 6, dtype=torch.bool)  # no negative anywhere: F_neg counts as cos 0
+    got = clove.clove_loss(pred.detach(), target, every, lamb=2.0, margin=100.0, reduction="pair")
+    assert math.isclose(float(got), float((100 - 2 * p @ t.transpose(1, 2)).mean()), rel_tol=1e-6)
+    got = clove.clove_loss(pred.detach(), target, every, lamb=2.0, margin=100.0)
+    assert math.isclose(float(got), float((100 - 4 * (p @ t.transpose(1, 2)).mean((1, 2))).mean()), rel_tol=1e-6)
 
 
 def test_l2_loss_is_byol_on_the_positive_pairs():
     pred, target, positive = random_case(4)
     p, t = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
-    pairs = [(n, i, j) for n, i, j in positive.nonzero().tolist()]
-    expected = np.mean([2 - 2 * float(p[n, i] @ t[n, j]) for n, i, j in pairs])
-    assert math.isclose(float(clove.clove_loss(pred, target, positive, loss="l2")), expected, rel_tol=1e-5)
+    per_image = [[2 - 2 * float(p[n, i] @ t[n, j]) for i, j in positive[n].nonzero().tolist()] for n in range(3)]
+    by_pair = np.mean(sum(per_image, []))
+    by_image = np.mean([np.mean(v) if v else 0.0 for v in per_image])
+    assert math.isclose(float(clove.clove_loss(pred, target, positive, loss="l2", reduction="pair")), by_pair,
+                        rel_tol=1e-5)
+    assert math.isclose(float(clove.clove_loss(pred, target, positive, loss="l2")), by_image, rel_tol=1e-5)
+
+
+# ---- Eq. 2 on realistic masks: the official code's formula, its gradient scale, fp32 ----
+def official_code_loss(pred, target, mask, lamb=2.0, margin=100.0, k=10):
+    """contrast/loss.py of sthalles/CLoVE, rewritten from its formula: logits = -2 cos; positives = sum over the
+    mask / (|M_n| + 1e-6); non-positive logits ranked ascending with positives set to +inf, the 10 first taken, the
+    first dropped, the other 9 averaged per cell then over the cells; nn.MarginRankingLoss(x1=negatives,
+    x2=lambda x positives, y=1). A cell with fewer than k non-positive cells picks +inf: its image gives 0."""
+    q, t = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
+    logits = -2 * torch.einsum("nid,njd->nij", q, t)
+    m = mask.float()
+    positives = (logits * m).sum(-1).sum(-1) / (m.sum(-1).sum(-1) + 1e-6)
+    ranked = logits.masked_fill(mask, float("inf")).topk(k, dim=-1, largest=False).values
+    negatives = ranked[:, :, 1:].mean(-1).mean(-1)
+    return nn.MarginRankingLoss(margin=margin)(negatives, lamb * positives, torch.ones_like(positives))
+
+
+def realistic_views(t_pos=0.7, images=8, dim=256, seed=0, scale=500):
+    """Eq. 1 masks of the default views (2 x 224 + 6 x 96, from CLoVEViews' own geometry) of 4:3 ImageNet-sized
+    images, and embeddings that vary smoothly over each image (a random field sampled at the cell centres, plus
+    noise): nearby cells are similar, far ones less, as in a trained network. `scale`: the field's length scale in
+    pixels (500: positive pairs at cos ~0.7, any two cells of an image ~0.2; 120: ~0.3 and ~0).
+    Returns student [2 + 6 views of N x L x D], teacher [2 x N x 49 x D], pos_global N x 2 x ..., pos_local."""
+    views = clove.CLoVEViews(t_pos=t_pos)
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    w, h = 500, 375
+    student, teacher, pos_global, pos_local = [[] for _ in range(8)], [[], []], [], []
+    for _ in range(images):
+        geometry = [(common.sample_crop_box(rng, w, h, views.global_scale), rng.random() < 0.5) for _ in range(2)]
+        geometry += [(common.sample_crop_box(rng, w, h, views.local_scale), rng.random() < 0.5) for _ in range(6)]
+        pg, pl = views.match(geometry, w, h)
+        pos_global.append(pg), pos_local.append(pl)
+        freq, phase = torch.randn(64, 2, generator=g) / scale, 2 * math.pi * torch.rand(64, generator=g)
+        mix = torch.randn(64, dim, generator=g)
+
+        def field(box, flip, grid, noise):
+            xy = common.cell_centres(box, flip, grid).float()  # L x 2, original-image pixels
+            f = torch.cos(2 * math.pi * xy @ freq.t() + phase) @ mix  # L x D
+            f = F.normalize(f, dim=-1)
+            return F.normalize(f + noise * torch.randn(f.shape, generator=g) / math.sqrt(dim), dim=-1)
+
+        for v, (box, flip) in enumerate(geometry):
+            grid = 7 if v < 2 else 3
+            student[v].append(field(box, flip, grid, 0.5))
+            if v < 2:
+                teacher[v].append(field(box, flip, grid, 0.5))
+    return ([torch.stack(s) for s in student], [torch.stack(t) for t in teacher], torch.stack(pos_global),
+            torch.stack(pos_local))
+
+
+def step_loss(loss_fn, student, teacher, pos_global, pos_local):
+    """clove_step's averaging: every (teacher global view t, other student view) pair, 2 x (1 + 6) terms."""
+    terms = []
+    for t in (0, 1):
+        terms.append(loss_fn(student[1 - t], teacher[t], pos_global[:, t]))
+        terms += [loss_fn(student[2 + l], teacher[t], pos_local[:, t, l]) for l in range(6)]
+    return torch.stack(terms).mean()
+
+
+def gradient(loss_fn, student, teacher, pos_global, pos_local):
+    leaves = [s.clone().requires_grad_(True) for s in student]
+    loss = step_loss(loss_fn, leaves, teacher, pos_global, pos_local)
+    loss.backward()
+    return loss.detach(), torch.cat([x.grad.flatten() for x in leaves])
+
+
+def test_default_loss_trains_at_the_official_gradient_scale():
+    """Issue 12: lr 1.0 and wd 2e-5 were tuned on the code's loss; LARS with weight decay, and the raw-lr 1-D
+    parameters, are not scale-free. The default's gradient norm must be within 0.8-1.25x of the official formula's
+    on realistic masks and embeddings; the printed per-pair form is one flag away (and about 0.6x)."""
+    for scale in (500, 120):
+        student, teacher, pos_global, pos_local = realistic_views(scale=scale)
+        assert 0 < float(pos_global.float().mean()) < 0.2 and pos_local.any()  # a few positives per cell
+        _, official = gradient(official_code_loss, student, teacher, pos_global, pos_local)
+        _, default = gradient(clove.clove_loss, student, teacher, pos_global, pos_local)
+        _, pair = gradient(lambda *a: clove.clove_loss(*a, reduction="pair"), student, teacher, pos_global, pos_local)
+        ratio, pair_ratio = float(default.norm() / official.norm()), float(pair.norm() / official.norm())
+        print(f"\nfield scale {scale} px, gradient norm / official: default {ratio:.3f}, pair {pair_ratio:.3f}")
+        assert 0.8 <= ratio <= 1.25
+        assert float(F.cosine_similarity(default, official, dim=0)) > 0.9  # the same direction, not only the size
+        assert not 0.8 <= pair_ratio <= 1.25  # the check tells the two scales apart
+
+
+@pytest.mark.parametrize("t_pos", [0.7, 2.0])  # 2: the official 400-epoch launch script's --clove-pos-ratio
+def test_official_loss_is_the_official_code_exactly(t_pos):
+    """Value and gradient against official_code_loss, including images whose cells have fewer than k = 10
+    non-positive teacher cells (they drop out with zero gradient: never at 0.7, often at 2)."""
+    student, teacher, pos_global, pos_local = realistic_views(t_pos, seed=1)
+    short = [(m.shape[-1] - m.sum(-1) < 10).any(-1) for m in [pos_global[:, t] for t in (0, 1)] +
+             [pos_local[:, t, l] for t in (0, 1) for l in range(6)]]  # per term: N images with such a cell
+    share = float(torch.stack(short).float().mean())
+    print(f"\nT_pos {t_pos}: {100 * share:.0f}% of view pairs drop out of the official loss")
+    assert share == 0 if t_pos == 0.7 else 0 < share < 1
+    ref_loss, ref_grad = gradient(official_code_loss, student, teacher, pos_global, pos_local)
+    got_loss, got_grad = gradient(lambda *a: clove.clove_loss(*a, official=True), student, teacher, pos_global,
+                                  pos_local)
+    assert torch.isfinite(ref_grad).all()
+    assert math.isclose(float(got_loss), float(ref_loss), rel_tol=1e-6)
+    assert torch.allclose(got_grad, ref_grad, rtol=1e-4, atol=1e-8)
+
+
+def test_eq2_runs_in_fp32_outside_autocast():
+    """Under bf16 autocast (CPU here; bf16 on every GPU run) the loss, the top-k choice and the gradient are the fp32
+    ones exactly. The embeddings are chosen so that bf16 similarities would pick other negatives."""
+    student, teacher, pos_global, _ = realistic_views(images=4, seed=2)
+    pred, target, mask = student[1], teacher[0], pos_global[:, 0]
+    fp32 = (F.normalize(pred, dim=-1) @ F.normalize(target, dim=-1).transpose(1, 2)).masked_fill(mask, -2)
+    bf16 = (pred.bfloat16() @ target.bfloat16().transpose(1, 2)).float().masked_fill(mask, -2)
+    assert not torch.equal(fp32.topk(10).indices, bf16.topk(10).indices)  # bf16 would change the negatives
+    queue = F.normalize(torch.randn(64, 256, generator=torch.Generator().manual_seed(0)), dim=-1)
+    for kw in (dict(), dict(official=True), dict(reduction="pair"), dict(queue=queue)):
+        def loss_and_grad(precision):
+            p = pred.clone().requires_grad_(True)
+            with common.autocast(p.device, precision):  # the training step's context; backward runs outside it
+                loss = clove.clove_loss(p, target, mask, **kw)
+            loss.backward()
+            return loss.detach(), p.grad
+        expected, expected_grad = loss_and_grad("fp32")
+        got, got_grad = loss_and_grad("bf16")
+        assert got.dtype == torch.float32
+        assert torch.equal(got, expected) and torch.equal(got_grad, expected_grad), kw
 
 
 # ---- teacher and optimiser ----
@@ -302,6 +448,98 @@ def test_teacher_is_an_ema_of_the_student_without_the_predictor():
     w = "encoder.conv1.weight"
     assert torch.allclose(t[w], 0.9 * before[w] + 0.1 * s[w], atol=1e-6)
     assert torch.equal(t["encoder.bn1.running_mean"], s["encoder.bn1.running_mean"])  # buffers copied (BYOL)
+
+
+def official_cosine_scheduler(base, final, epochs, steps_per_epoch, warmup_epochs, start_warmup):
+    """contrast/util.py's cosine_scheduler, rewritten from its formula: np.linspace warm-up, then a half-cosine over
+    the remaining steps that starts at `base` and tends to `final`."""
+    warmup = warmup_epochs * steps_per_epoch
+    rest = np.arange(epochs * steps_per_epoch - warmup)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * rest / len(rest)))
+    return np.concatenate((np.linspace(start_warmup, base, warmup), cosine))
+
+
+def test_learning_rate_follows_the_official_schedule():
+    """Warm-up from lr/100 (the code's warmup_multiplier 100) and cosine decay to 1% of the peak (its final value),
+    the defaults since the paper says only 'cosine decay'."""
+    args = clove.get_parser().parse_args([])
+    peak, epochs, per_epoch, warmup_epochs = 8.0, 10, 7, 2
+    expected = official_cosine_scheduler(peak, peak * 0.01, epochs, per_epoch, warmup_epochs, peak / 100)
+    got = [clove.learning_rate(s, epochs * per_epoch, warmup_epochs * per_epoch, peak, args.warmup_start_ratio,
+                               args.min_lr_ratio) for s in range(epochs * per_epoch)]
+    assert np.allclose(got, expected, rtol=1e-12, atol=0)
+
+
+def test_defaults_are_the_setting_behind_the_papers_tables():
+    """The rule: the paper's stated values; where it is silent or ambiguous, the official code's (sources in the
+    module docstring). And the classes' and clove_loss's keyword defaults are the command line's."""
+    args = clove.get_parser().parse_args([])
+    paper = dict(t_pos=0.7, attention="nmhsa", heads=8, margin=100.0, topk_negatives=10, negatives="intra",
+                 loss="rank", base_lr=1.0, weight_decay=2e-5, batch_size=2048, embedding_dim=256, proj_hidden=4096,
+                 queue_size=16384, ema_momentum=0.99, image_size=224)
+    official = dict(local_crops=6, local_size=96, global_scale=(0.2, 1.0), local_scale=(0.08, 0.3),
+                    match_coords="normalized", projector_final_bn=True, zero_init_residual=True, min_lr_ratio=0.01,
+                    warmup_start_ratio=0.01, warmup_epochs=5, lamb=2.0, attention_temperature=0.2,
+                    loss_reduction="image", official_loss=False)
+    for name, value in {**paper, **official}.items():
+        assert getattr(args, name) == value or tuple(getattr(args, name)) == value, name
+    loss = inspect.signature(clove.clove_loss).parameters
+    assert (loss["lamb"].default, loss["margin"].default, loss["topk"].default, loss["loss"].default,
+            loss["official"].default, loss["reduction"].default) == (args.lamb, args.margin, args.topk_negatives,
+                                                                     args.loss, args.official_loss, args.loss_reduction)
+    views = clove.CLoVEViews()
+    assert (views.size, views.local_crops, views.local_size, views.global_scale, views.local_scale, views.t_pos,
+            views.match_coords) == (args.image_size, args.local_crops, args.local_size, tuple(args.global_scale),
+                                    tuple(args.local_scale), args.t_pos, args.match_coords)
+    net = inspect.signature(clove.CLoVENet).parameters
+    assert (net["arch"].default, net["hidden"].default, net["dim"].default, net["attention"].default,
+            net["heads"].default, net["temperature"].default, net["final_bn"].default,
+            net["zero_init_residual"].default) == (args.arch, args.proj_hidden, args.embedding_dim, args.attention,
+                                                   args.heads, args.attention_temperature, args.projector_final_bn,
+                                                   args.zero_init_residual)
+
+
+def official_code_mask(box_s, flip_s, grid_s, box_t, flip_t, grid_t, width, height, pos_ratio):
+    """Eq. 1 as contrast/loss.py computes it, from the coordinates RandomResizedCropCoord returns: a crop of pixels
+    j..j+w-1 is [j/(W-1), i/(H-1), (j+w-1)/(W-1), (i+h-1)/(H-1)], a flip swaps x0 and x1; cell centres
+    (k + 0.5) x bin + start, distances divided by the larger bin diagonal."""
+    def coords(box, flip):
+        x0, y0 = box.x0 / (width - 1), box.y0 / (height - 1)
+        x1, y1 = (box.x1 - 1) / (width - 1), (box.y1 - 1) / (height - 1)
+        return (x1, y0, x0, y1) if flip else (x0, y0, x1, y1)
+
+    def centres_and_diag(c, grid):
+        bw, bh = (c[2] - c[0]) / grid, (c[3] - c[1]) / grid
+        k = np.arange(grid) + 0.5
+        xs, ys = np.meshgrid(k * bw + c[0], k * bh + c[1])  # row-major: y rows, x columns
+        return np.stack([xs.ravel(), ys.ravel()], 1), math.sqrt(bw**2 + bh**2)
+
+    cs, ds = centres_and_diag(coords(box_s, flip_s), grid_s)
+    ct, dt = centres_and_diag(coords(box_t, flip_t), grid_t)
+    dist = np.sqrt(((cs[:, None] - ct[None]) ** 2).sum(-1)) / max(ds, dt)
+    return torch.from_numpy(dist < pos_ratio)
+
+
+def test_default_eq1_frame_is_the_official_codes():
+    """T_pos 0.7 was tuned in the official frame; on 4:3 images it differs from original-image pixels."""
+    views, pixels = clove.CLoVEViews(), clove.CLoVEViews(match_coords="pixels")
+    rng, differ, total = random.Random(0), 0, 0
+    for _ in range(20):
+        w, h = rng.choice([(500, 375), (375, 500), (640, 427), (300, 300)])
+        geometry = [(common.sample_crop_box(rng, w, h, views.global_scale), rng.random() < 0.5) for _ in range(2)]
+        geometry += [(common.sample_crop_box(rng, w, h, views.local_scale), rng.random() < 0.5) for _ in range(6)]
+        pos_global, pos_local = views.match(geometry, w, h)
+        (g0, f0), (g1, f1) = geometry[:2]
+        assert torch.equal(pos_global[1], official_code_mask(g0, f0, 7, g1, f1, 7, w, h, 0.7))  # student 0, teacher 1
+        assert torch.equal(pos_global[0], official_code_mask(g1, f1, 7, g0, f0, 7, w, h, 0.7))
+        for t, (gt, ft) in enumerate(geometry[:2]):
+            for l, (box, flip) in enumerate(geometry[2:]):
+                assert torch.equal(pos_local[t, l], official_code_mask(box, flip, 3, gt, ft, 7, w, h, 0.7))
+        other = pixels.match(geometry, w, h)
+        differ += int((other[0] != pos_global).sum() + (other[1] != pos_local).sum())
+        total += pos_global.numel() + pos_local.numel()
+    print(f"\nEq. 1 entries that differ between the official frame and pixels: {100 * differ / total:.2f}%")
+    assert differ > 0
 
 
 def test_lars_gives_biases_and_norms_no_weight_decay_and_no_trust_ratio():
@@ -378,6 +616,52 @@ def test_training_resumes_exactly(run_script, image_folder, tmp_path):
             assert torch.equal(a[part][k], b[part][k]), (part, k)
 
 
+def test_epochs_end_on_an_optimiser_step_and_resume_stays_exact(run_script, tmp_path):
+    """Issue 10 item 3: 10 images, micro-batches of 2, --accum-steps 2 -> 5 micro-batches and 2 steps per epoch, one
+    micro-batch left over. It is dropped (as drop_last drops a partial batch): no gradient crosses the epoch end or
+    the checkpoint written there, and the resumed sampler skips nothing. Interrupted at the end of epoch 0 (step 2)
+    and mid-epoch 1 (step 3), resumed to step 5 (into epoch 2): equal to the uninterrupted run, bit for bit."""
+    extra = TINY + ["--synthetic-images", "10", "--accum-steps", "2", "--epochs", "3", "--save-every", "0"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    r = run_script("clove.py", *extra, "--output-dir", whole, "--max-steps", "5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert last_json(r.stdout)["epochs"] == 2.5
+    for stop in (2, 3, 5):
+        r = run_script("clove.py", *extra, "--output-dir", split, "--max-steps", stop)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a = torch.load(whole / "checkpoint.pth", map_location="cpu", weights_only=False)
+    b = torch.load(split / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert a["step"] == b["step"] == 5
+    for part in ("model", "teacher"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for k, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"]), k
+
+
+def test_epoch_micro_batches_drop_the_leftover():
+    got = list(clove.epoch_micro_batches(iter("abcdefg"), steps=3, accum_steps=2))
+    assert got == [(0, "a"), (1, "b"), (0, "c"), (1, "d"), (0, "e"), (1, "f")]  # "g" alone is no step: dropped
+    assert [m for m, _ in clove.epoch_micro_batches(iter(range(9)), steps=2, accum_steps=4)] == [0, 1, 2, 3] * 2
+
+
+def test_bf16_autocast_and_channels_last_train_on_cpu(run_script, image_folder, tmp_path):
+    """The GPU's code path (bf16 autocast, channels-last) trains on a CPU: finite losses, fp32 weights, and the first
+    loss (before any update) within bf16's rounding of the fp32 run's."""
+    losses = {}
+    for precision, layout in (("bf16", "on"), ("fp32", "off")):
+        out = tmp_path / precision
+        r = run_script("clove.py", *TINY, "--data", image_folder, "--output-dir", out, "--max-steps", "2",
+                       "--precision", precision, "--channels-last", layout)
+        assert r.returncode == 0, r.stderr[-3000:]
+        result = last_json(r.stdout)
+        assert result["steps"] == 2 and math.isfinite(result["final_loss"])
+        losses[precision] = result["first_loss"]
+        ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=False)
+        assert all(v.dtype in (torch.float32, torch.long) for v in ckpt["model"].values())
+    assert losses["bf16"] != losses["fp32"] and abs(losses["bf16"] - losses["fp32"]) < 0.5
+
+
 def test_torchrun_two_processes_on_cpu(run_script, image_folder, tmp_path):
     r = run_script("clove.py", *TINY, "--data", image_folder, "--output-dir", tmp_path, "--max-steps", "2", torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -392,6 +676,8 @@ def test_torchrun_two_processes_on_cpu(run_script, image_folder, tmp_path):
     (["--data", "EMPTY"], "no image files"),
     (["--data", "IMAGES", "--image-size", "100"], "--image-size 100"),
     (["--data", "IMAGES", "--batch-size", "6", "--accum-steps", "4"], "--batch-size 6"),
+    (["--data", "IMAGES", "--official-loss", "--loss-reduction", "pair"], "--loss-reduction pair"),
+    (["--data", "IMAGES", "--official-loss", "--image-size", "64"], "--image-size 64"),
 ])
 def test_bad_inputs_are_one_line_errors(run_script, image_folder, tmp_path, flags, needle):
     (tmp_path / "empty").mkdir()
