@@ -22,6 +22,7 @@ contrast at three scales, oriented gradient energy at two) and the frozen featur
 Prints one JSON line.
 """
 import argparse
+import collections
 import copy
 import json
 import os
@@ -57,41 +58,85 @@ def moco_two_crop(size):
     return lambda img: (aug(img), aug(img))
 
 
+def interleaved(fns, repeats, device):
+    """Time every callable of `fns` (name -> fn) once per round for `repeats` rounds, the order reversed every other
+    round, so that machine load and cache state hit all of them alike. Returns name -> [seconds per round]."""
+    times = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            times[name].append(timed(fns[name], device))
+    return times
+
+
+def spread(values, digits=3):
+    """median [min, max] of a list of numbers."""
+    return dict(median=round(statistics.median(values), digits), min=round(min(values), digits),
+                max=round(max(values), digits))
+
+
+def load_average():
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def profile_top(fns, device, rounds=3, rows=12):
+    """torch.profiler over `rounds` interleaved calls of each callable (name -> fn): the first's top ops by self
+    time, and the ops whose self time differs most between the first and the mean of the others (ms per call):
+    where the extra time of the first goes."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    self_ms = {name: collections.Counter() for name in fns}
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            with profile(activities=activities) as prof:
+                fns[name]()
+            for e in prof.key_averages():
+                self_ms[name][e.key] += getattr(e, attr) / 1000 / rounds
+    first, *others = list(fns)
+    ops = set().union(*self_ms.values())
+    diff = {op: self_ms[first][op] - sum(self_ms[o][op] for o in others) / len(others) for op in ops}
+    top = self_ms[first].most_common(rows)
+    extra = sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:rows]
+    return dict(rounds=rounds, total_self_ms={n: round(sum(v.values()), 1) for n, v in self_ms.items()},
+                top_self_ms={k: round(v, 1) for k, v in top}, extra_self_ms={k: round(v, 1) for k, v in extra})
+
+
 def bench_vader(a):
+    """VADeR's training step against the bare network on the same batch, plus its dense parts timed alone."""
     import vader
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args = vader.get_parser().parse_args(["--arch", a.arch, "--image-size", str(a.image_size),
-                                          "--batch-size", str(a.batch_size), "--precision", a.precision])
+                                          "--batch-size", str(a.batch_size), "--precision", a.precision,
+                                          "--num-matches", str(a.num_matches)])
     args.queue_size = a.queue_size
+    load_before = load_average()
     leaves = common.DeadLeaves(size=max(160, a.image_size * 2))
     images = [leaves.image(i)[0] for i in range(a.batch_size)]
-
-    views = vader.PairedViews(a.image_size)
-    plain = moco_two_crop(a.image_size)
-    t_views, t_plain = [], []
-    for r in range(a.repeats):
-        t_views.append(timed(lambda: [views(im, random.Random(i + 1000 * r)) for i, im in enumerate(images)], device))
-        t_plain.append(timed(lambda: [plain(im) for im in images], device))
+    views = vader.PairedViews(a.image_size, num_matches=a.num_matches)
     batch = [views(im, random.Random(i)) for i, im in enumerate(images)]
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    fmt = common.memory_format(device, "auto")
     v1 = torch.stack([b[0] for b in batch]).to(device, memory_format=fmt)
     v2 = torch.stack([b[1] for b in batch]).to(device, memory_format=fmt)
     matches = torch.stack([b[2] for b in batch]).to(device)
+    n, m = matches.shape[:2]
 
+    torch.manual_seed(0)
     f = vader.VADeRNet(a.arch).to(device, memory_format=fmt)
     g = copy.deepcopy(f).requires_grad_(False)
     queue = vader.PixelQueue(args.queue_size, 128).to(device)
     opt = torch.optim.SGD(f.parameters(), lr=1e-4, momentum=0.9)
+    keys = {}
 
-    def full():
+    def full():  # the training loop's step (vader.train), minus data loading and logging
         loss, k = vader.forward_loss(f, f, g, queue, v1, v2, matches, args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         queue.enqueue(k.detach())
+        keys["k"] = k
         loss.item()
 
-    def bare():
+    def bare():  # the same network work: f forward + backward, g forward, SGD step
         with common.autocast(device, args.precision):
             loss = f(v1).float().mean()
             with torch.no_grad():
@@ -101,22 +146,140 @@ def bench_vader(a):
         opt.step()
         loss.item()
 
+    with torch.no_grad():
+        q0 = vader.gather_cells(f(v1), matches[:, :, 0]).reshape(n * m, -1)
+
+    def eq2():  # Eq. 2 alone: the contrast over the queue (q @ queue^T, cross-entropy over 1 + K logits), fwd + bwd
+        q = q0.detach().requires_grad_(True)
+        loss = args.loss_weight * vader.vader_loss(q, keys["k"], queue.keys, args.temperature)
+        loss.backward()
+        loss.item()
+
+    def ema():  # g <- m g + (1 - m) f
+        common.ema_update(g, f, args.momentum, copy_buffers=False)
+
+    z0 = torch.randn(n, 128, a.image_size // 4, a.image_size // 4, device=device)
+
+    def gathers():  # the matched-cell gathers of q (forward + backward) and of k
+        z = z0.clone().requires_grad_(True)
+        vader.gather_cells(z, matches[:, :, 0]).sum().backward()
+        with torch.no_grad():
+            vader.gather_cells(z0, matches[:, :, 1])
+
+    def enqueue():
+        queue.enqueue(keys["k"].detach())
+
     full(), bare()  # warm-up
-    t_full, t_bare = [], []
-    for _ in range(a.repeats):
-        t_full.append(timed(full, device))
-        t_bare.append(timed(bare, device))
-    step, net = statistics.median(t_full), statistics.median(t_bare)
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    return dict(benchmark="vader", device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
-                threads=torch.get_num_threads(), arch=a.arch, image_size=a.image_size, batch=a.batch_size, queue=a.queue_size,
-                step_s=round(step, 4), bare_network_s=round(net, 4), step_over_network=round(step / net, 3),
-                train_images_per_s=round(a.batch_size / step, 1),
-                paired_views_ms_per_image=round(1000 * statistics.median(t_views) / a.batch_size, 2),
-                moco_two_crop_ms_per_image=round(1000 * statistics.median(t_plain) / a.batch_size, 2),
-                views_over_two_crop=round(statistics.median(t_views) / statistics.median(t_plain), 3),
-                peak_memory_gib=round(peak, 2))
+    parts = dict(full=full, bare=bare, eq2=eq2, ema=ema, gathers=gathers, enqueue=enqueue)
+    t = interleaved(parts, a.repeats, device)
+    ratio = [fu / b for fu, b in zip(t["full"], t["bare"])]
+    over = lambda name: [x / b for x, b in zip(t[name], t["bare"])]  # noqa: E731
+    rest = [(fu - b - e) / b for fu, b, e in zip(t["full"], t["bare"], t["eq2"])]
+    parts_sum = [(t["ema"][i] + t["gathers"][i] + t["enqueue"][i]) / t["bare"][i] for i in range(a.repeats)]
+    out = dict(benchmark="vader", device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+               threads=torch.get_num_threads(), arch=a.arch, image_size=a.image_size, batch=a.batch_size,
+               matches=a.num_matches, queue=a.queue_size, precision=a.precision, repeats=a.repeats,
+               step_s=spread(t["full"]), bare_network_s=spread(t["bare"]),
+               step_over_network=spread(ratio),
+               eq2_over_network=spread(over("eq2")),
+               ema_over_network=spread(over("ema"), 4), gathers_over_network=spread(over("gathers"), 4),
+               enqueue_over_network=spread(over("enqueue"), 4),
+               ema_gathers_enqueue_over_network=spread(parts_sum, 4),
+               step_minus_eq2_over_network=spread(rest),
+               train_images_per_s=round(a.batch_size / statistics.median(t["full"]), 2))
+    if a.profile:
+        out["profile"] = profile_top(dict(full=full, bare=bare), device)
+    out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
+                                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    out["load_average_before_after"] = [load_before, load_average()]
+    return out
+
+
+def load_tree(path):
+    """Import common, vader and clove from the repository checkout at `path` as a separate set of modules, so two
+    checkouts (before / after a change) are measured side by side in one process."""
+    names = ("common", "vader", "clove")
+    saved = {k: sys.modules.pop(k) for k in names if k in sys.modules}
+    sys.path.insert(0, os.path.abspath(path))
+    try:
+        import common as c, vader as v, clove as cl  # noqa: E401
+    finally:
+        sys.path.pop(0)
+        for k in names:
+            sys.modules.pop(k, None)
+        sys.modules.update(saved)
+    return dict(common=c, vader=v, clove=cl)
+
+
+def write_photo_folder(root, count, width=500, height=375):
+    """`count` JPEGs of ImageNet's typical size (500 x 375, quality 90) under root/train/x/: the workers' input."""
+    folder = os.path.join(root, "train", "x")
+    os.makedirs(folder, exist_ok=True)
+    leaves = common.DeadLeaves(size=width, seed=1)
+    for i in range(count):
+        leaves.image(i)[0].crop((0, 0, width, height)).save(os.path.join(folder, f"{i:04d}.jpg"), quality=90)
+    return root
+
+
+def worker_view_sets(data_dir):
+    """(name, method, flags, per-GPU batch): the views each script's workers make at the papers' settings."""
+    return [("vader", "vader", ["--data", data_dir, "--image-size", "224", "--num-matches", "32"], 128 // 4),
+            ("clove 2x224", "clove", ["--data", data_dir, "--image-size", "224"], 2048 // 4),
+            ("clove 2x224+6x96", "clove", ["--data", data_dir, "--image-size", "224", "--local-crops", "6"], 2048 // 4)]
+
+
+def batch_bytes(sample):
+    """Bytes of one collated sample's tensors, per field, as (dtype, bytes)."""
+    return [(str(x.dtype).replace("torch.", ""), x.numel() * x.element_size()) if torch.is_tensor(x)
+            else (type(x).__name__, 8) for x in sample]
+
+
+def bench_data(a):
+    """Item 7: what crosses from the data-loading workers to the training process (shared memory) and from the host
+    to the device, per batch, and what a worker spends per image in __getitem__, for each --code checkout."""
+    import tempfile
+    torch.set_num_threads(1)  # what a DataLoader worker runs with
+    load_before = load_average()
+    trees = {path: load_tree(path) for path in a.code}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = write_photo_folder(tmp, a.images)
+        cases = []  # (tree, name, dataset, per-GPU batch, loader)
+        for path, mods in trees.items():
+            for name, method, flags, per_gpu in worker_view_sets(data_dir):
+                mod = mods[method]
+                args = mod.get_parser().parse_args(flags)
+                d = mods["common"].init_distributed()
+                dataset = mod.build_data(args, d)
+                try:  # the checkout's own loader settings (workers, prefetch, pinned memory) at --workers default
+                    sampler = mods["common"].ResumableSampler(len(dataset))
+                    loader = mods["common"].make_loader(dataset, sampler, per_gpu, args.workers, torch.device("cuda"))
+                    loader_info = dict(workers=loader.num_workers, prefetch_factor=loader.prefetch_factor,
+                                       pin_memory_on_gpu=loader.pin_memory)
+                except Exception as e:  # noqa: BLE001 - a changed signature: report it, measure the rest
+                    loader_info = dict(error=f"make_loader: {type(e).__name__}: {e}"[:200])
+                cases.append((path, name, dataset, per_gpu, loader_info))
+        for _, _, dataset, _, _ in cases:
+            dataset[0]  # warm-up (imports, first-call costs)
+        per_image = {(p, n): [] for p, n, *_ in cases}
+        for r in range(a.repeats):  # interleaved: every case over the same images, order reversed every round
+            for p, n, dataset, _, _ in (cases if r % 2 == 0 else cases[::-1]):
+                t = time.perf_counter()
+                for i in range(len(dataset)):
+                    dataset[i]
+                per_image[(p, n)].append((time.perf_counter() - t) / len(dataset))
+        out = {}
+        for p, n, dataset, per_gpu, loader_info in cases:
+            fields = batch_bytes(dataset[0])
+            per_sample = sum(b for _, b in fields)
+            row = dict(fields=[f"{dt}:{b}" for dt, b in fields], bytes_per_image=per_sample, per_gpu_batch=per_gpu,
+                       mb_per_batch=round(per_sample * per_gpu / 1e6, 1),
+                       worker_ms_per_image=spread([1000 * x for x in per_image[(p, n)]], 2), loader=loader_info)
+            if "prefetch_factor" in loader_info and loader_info["workers"]:
+                row["shared_memory_in_flight_gb"] = round(per_sample * per_gpu * loader_info["workers"]
+                                                          * loader_info["prefetch_factor"] / 1e9, 2)
+            out.setdefault(p, {})[n] = row
+    return dict(benchmark="data", threads=1, source_images=f"{a.images} JPEGs 500x375", repeats=a.repeats,
+                per_checkout=out, load_average_before_after=[load_before, load_average()])
 
 
 def position_share(features):
@@ -219,17 +382,27 @@ def bench_probe_ceiling(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=["vader", "clove-position", "probe-ceiling"], help="what to measure (see above)")
+    p.add_argument("method", choices=["vader", "clove", "data", "clove-position", "probe-ceiling"], help="what to measure (see above)")
     p.add_argument("--weights", nargs="+", default=["random"], help="clove-position, probe-ceiling: 'random' and/or checkpoints")
     p.add_argument("--arch", default="resnet50", help="ResNet depth")
     p.add_argument("--image-size", type=int, default=224, help="view size")
     p.add_argument("--batch-size", type=int, default=32, help="images per step (one process)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions (medians are reported)")
     p.add_argument("--queue-size", type=int, default=65536, help="negatives (the paper: 65536)")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast on GPU")
+    p.add_argument("--num-matches", type=int, default=32, help="vader: matched cells per image (the paper: 32)")
+    p.add_argument("--precision", default="auto", choices=common.PRECISIONS, help="autocast dtype, as the training "
+                   "scripts' flag ('auto': bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--code", nargs="+", default=[os.path.dirname(os.path.dirname(os.path.abspath(__file__)))],
+                   help="data: repository checkouts whose common/vader/clove to measure side by side (e.g. a "
+                   "`git worktree` of the commit before a change and one after)")
+    p.add_argument("--images", type=int, default=32, help="data: JPEGs (500 x 375) each round goes through")
+    p.add_argument("--profile", action="store_true", help="vader, clove: add torch.profiler's top ops of one step "
+                   "and the ops where the step spends more than the bare network")
     a = p.parse_args()
     if a.method == "clove-position":
         print(json.dumps(bench_clove_position(a)))
+    elif a.method == "data":
+        print(json.dumps(bench_data(a)))
     elif a.method == "probe-ceiling":
         print(json.dumps(bench_probe_ceiling(a)))
     else:
