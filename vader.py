@@ -266,6 +266,7 @@ def vader_loss(q, k, queue, temperature, in_image=None):
     (both L2-normalised, so the dot product is the cosine); queue: K x d. With `in_image` = (images, matches) the
     keys of the other matched cells of the same image are added as negatives.
     """
+    q = q / temperature  # c(q, .) / tau: dividing the P x d queries, not the P x (1 + K) logits, saves two passes
     l_pos = (q * k).sum(1, keepdim=True)  # P x 1
     l_neg = q @ queue.t()  # P x K
     logits = [l_pos, l_neg]
@@ -274,7 +275,7 @@ def vader_loss(q, k, queue, temperature, in_image=None):
         same = torch.bmm(q.view(n, m, -1), k.view(n, m, -1).transpose(1, 2))  # N x M x M
         same = same.masked_fill(torch.eye(m, dtype=torch.bool, device=q.device), float("-inf"))
         logits.append(same.reshape(n * m, m))  # the own key (the positive) excluded
-    logits = torch.cat(logits, 1) / temperature  # P x (1 + K [+ M])
+    logits = torch.cat(logits, 1)  # P x (1 + K [+ M]), already divided by tau
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
