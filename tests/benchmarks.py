@@ -33,6 +33,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
@@ -78,10 +79,9 @@ def load_average():
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def profile_top(fns, device, rounds=3, rows=12):
-    """torch.profiler over `rounds` interleaved calls of each callable (name -> fn): the first's top ops by self
-    time, and the ops whose self time differs most between the first and the mean of the others (ms per call):
-    where the extra time of the first goes."""
+def profile_top(fns, device, rounds=2, rows=8):
+    """torch.profiler over `rounds` calls of each callable (name -> fn), interleaved: total and top ops by self time
+    (ms per call) of each, e.g. the full step and each dense part alone."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -92,13 +92,13 @@ def profile_top(fns, device, rounds=3, rows=12):
                 fns[name]()
             for e in prof.key_averages():
                 self_ms[name][e.key] += getattr(e, attr) / 1000 / rounds
-    first, *others = list(fns)
-    ops = set().union(*self_ms.values())
-    diff = {op: self_ms[first][op] - sum(self_ms[o][op] for o in others) / len(others) for op in ops}
-    top = self_ms[first].most_common(rows)
-    extra = sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:rows]
-    return dict(rounds=rounds, total_self_ms={n: round(sum(v.values()), 1) for n, v in self_ms.items()},
-                top_self_ms={k: round(v, 1) for k, v in top}, extra_self_ms={k: round(v, 1) for k, v in extra})
+    return {name: dict(total_ms=round(sum(c.values()), 1), top_ms={k: round(v, 1) for k, v in c.most_common(rows)})
+            for name, c in self_ms.items()}
+
+
+def dense_parts_report(t, parts, digits=4):
+    """Each timed part over the bare network of the same round: median [min, max] over the rounds."""
+    return {f"{name}_over_network": spread([x / b for x, b in zip(t[name], t["bare"])], digits) for name in parts}
 
 
 def bench_vader(a):
@@ -169,28 +169,134 @@ def bench_vader(a):
     def enqueue():
         queue.enqueue(keys["k"].detach())
 
-    full(), bare()  # warm-up
     parts = dict(full=full, bare=bare, eq2=eq2, ema=ema, gathers=gathers, enqueue=enqueue)
+    if a.compare:  # the same parts as another checkout (e.g. the commit before a speed-up) implements them
+        before = load_tree(a.compare)
+
+        def eq2_compare():
+            q = q0.detach().requires_grad_(True)
+            loss = args.loss_weight * before["vader"].vader_loss(q, keys["k"], queue.keys, args.temperature)
+            loss.backward()
+            loss.item()
+
+        parts.update(eq2_compare=eq2_compare,
+                     ema_compare=lambda: before["common"].ema_update(g, f, args.momentum, copy_buffers=False))
+    full(), bare()  # warm-up
     t = interleaved(parts, a.repeats, device)
-    ratio = [fu / b for fu, b in zip(t["full"], t["bare"])]
-    over = lambda name: [x / b for x, b in zip(t[name], t["bare"])]  # noqa: E731
     rest = [(fu - b - e) / b for fu, b, e in zip(t["full"], t["bare"], t["eq2"])]
-    parts_sum = [(t["ema"][i] + t["gathers"][i] + t["enqueue"][i]) / t["bare"][i] for i in range(a.repeats)]
+    others = [(t["ema"][i] + t["gathers"][i] + t["enqueue"][i]) / t["bare"][i] for i in range(a.repeats)]
     out = dict(benchmark="vader", device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
                threads=torch.get_num_threads(), arch=a.arch, image_size=a.image_size, batch=a.batch_size,
                matches=a.num_matches, queue=a.queue_size, precision=a.precision, repeats=a.repeats,
-               step_s=spread(t["full"]), bare_network_s=spread(t["bare"]),
-               step_over_network=spread(ratio),
-               eq2_over_network=spread(over("eq2")),
-               ema_over_network=spread(over("ema"), 4), gathers_over_network=spread(over("gathers"), 4),
-               enqueue_over_network=spread(over("enqueue"), 4),
-               ema_gathers_enqueue_over_network=spread(parts_sum, 4),
+               compare=a.compare, step_s=spread(t["full"]), bare_network_s=spread(t["bare"]),
+               step_over_network=spread([fu / b for fu, b in zip(t["full"], t["bare"])]),
+               **dense_parts_report(t, [p for p in parts if p not in ("full", "bare")]),
+               ema_gathers_enqueue_over_network=spread(others, 4),
                step_minus_eq2_over_network=spread(rest),
                train_images_per_s=round(a.batch_size / statistics.median(t["full"]), 2))
     if a.profile:
-        out["profile"] = profile_top(dict(full=full, bare=bare), device)
-    out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
-                                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        out["profile"] = profile_top(dict(full=full, eq2=eq2, ema=ema, gathers=gathers), device)
+    out["peak_memory_gib"] = peak_memory(device)
+    out["load_average_before_after"] = [load_before, load_average()]
+    return out
+
+
+def peak_memory(device):
+    """GiB: CUDA max allocated, or the process's max RSS on a CPU."""
+    return round(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
+                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+def bench_clove(a):
+    """CLoVE's training step against the bare network on the same batch, plus its dense parts timed alone."""
+    import clove
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args = clove.get_parser().parse_args(["--arch", a.arch, "--image-size", str(a.image_size), "--local-crops",
+                                          str(a.local_crops), "--local-size", str(a.local_size), "--batch-size",
+                                          str(a.batch_size), "--precision", a.precision])
+    load_before = load_average()
+    leaves = common.DeadLeaves(size=max(160, a.image_size * 2))
+    views = clove.CLoVEViews(args.image_size, args.local_crops, args.local_size, args.global_scale,
+                             args.local_scale, args.t_pos, args.match_coords)
+    items = [views(leaves.image(i)[0], random.Random(i)) for i in range(a.batch_size)]
+    globals_, locals_, pos_global, pos_local = [x.to(device) for x in torch.utils.data.default_collate(items)]
+    fmt = common.memory_format(device, args.channels_last)
+    batches = [globals_.transpose(0, 1).flatten(0, 1).contiguous(memory_format=fmt)]
+    if args.local_crops:
+        batches.append(locals_.transpose(0, 1).flatten(0, 1).contiguous(memory_format=fmt))
+
+    torch.manual_seed(0)
+    student = clove.CLoVENet(args.arch, args.proj_hidden, args.embedding_dim, args.attention, args.heads,
+                             args.attention_temperature).to(device, memory_format=fmt)
+    teacher = clove.make_teacher(student)
+    student.train(), teacher.train()
+    optimizer = clove.build_optimizer(student, args, lr=1e-3)  # small: the weights must stay finite over the rounds
+    saved = {}
+
+    def full():  # the training loop's step (clove.train, one micro-batch), minus data loading and logging
+        with common.autocast(device, args.precision):
+            loss, target = clove.clove_step(student, teacher, globals_, locals_, pos_global, pos_local, args)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clove.update_teacher(teacher, student, 0.99)
+        saved["target"] = target
+        loss.item()
+
+    def bare():  # the same network work: encoder + projector forward/backward of every view, teacher forward, LARS
+        with common.autocast(device, args.precision):
+            loss = sum(student.local_features(x).float().mean() for x in batches)
+            with torch.no_grad():
+                teacher.local_features(batches[0])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+
+    with torch.no_grad(), common.autocast(device, args.precision):
+        features = [student.local_features(x) for x in batches]  # F^s of each view size
+    n, n_local = globals_.shape[0], args.local_crops
+
+    def predictor():  # the NMHSA predictor and the normalisation of its output, forward + backward
+        with common.autocast(device, args.precision):
+            out = [F.normalize(student.predictor(z.detach()).float(), dim=-1) for z in features]
+        sum(o.sum() for o in out).backward()
+
+    outputs = [torch.nn.functional.normalize(z.float(), dim=-1) for z in features]
+
+    def loss_terms():  # Eq. 2 over the 2 + 2L (teacher view, student view) pairs, forward + backward
+        student_views = [o.detach().requires_grad_(True) for o in outputs]
+        s = student_views[0].unflatten(0, (2, n))
+        local = student_views[1].unflatten(0, (n_local, n)) if n_local else None
+        target = saved["target"]
+        kw = dict(lamb=args.lamb, margin=args.margin, topk=args.topk_negatives, loss=args.loss,
+                  official=args.official_loss)
+        with common.autocast(device, args.precision):
+            terms = []
+            for t in (0, 1):
+                terms.append(clove.clove_loss(s[1 - t], target[t], pos_global[:, t], **kw))
+                terms += [clove.clove_loss(local[l], target[t], pos_local[:, t, l], **kw) for l in range(n_local)]
+            loss = torch.stack(terms).mean()
+        loss.backward()
+
+    def ema():  # teacher <- m teacher + (1 - m) student, BN buffers copied
+        clove.update_teacher(teacher, student, 0.99)
+
+    full(), bare()  # warm-up
+    parts = dict(full=full, bare=bare, predictor=predictor, loss=loss_terms, ema=ema)
+    t = interleaved(parts, a.repeats, device)
+    dense = [(t["predictor"][i] + t["loss"][i] + t["ema"][i]) / t["bare"][i] for i in range(a.repeats)]
+    out = dict(benchmark="clove", device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+               threads=torch.get_num_threads(), arch=a.arch, views=f"2x{a.image_size} + {a.local_crops}x{a.local_size}",
+               batch=a.batch_size, precision=a.precision, repeats=a.repeats,
+               step_s=spread(t["full"]), bare_network_s=spread(t["bare"]),
+               step_over_network=spread([fu / b for fu, b in zip(t["full"], t["bare"])]),
+               **dense_parts_report(t, ["predictor", "loss", "ema"]),
+               predictor_loss_ema_over_network=spread(dense, 4),
+               train_images_per_s=round(a.batch_size / statistics.median(t["full"]), 2))
+    if a.profile:
+        out["profile"] = profile_top(dict(full=full, predictor=predictor, loss=loss_terms, ema=ema), device)
+    out["peak_memory_gib"] = peak_memory(device)
     out["load_average_before_after"] = [load_before, load_average()]
     return out
 
@@ -395,6 +501,10 @@ def main():
     p.add_argument("--code", nargs="+", default=[os.path.dirname(os.path.dirname(os.path.abspath(__file__)))],
                    help="data: repository checkouts whose common/vader/clove to measure side by side (e.g. a "
                    "`git worktree` of the commit before a change and one after)")
+    p.add_argument("--compare", default=None, help="vader: also time Eq. 2 and the EMA as the checkout at this path "
+                   "implements them (e.g. a `git worktree` of the commit before a speed-up)")
+    p.add_argument("--local-crops", type=int, default=6, help="clove: 96-px student-only views (the official code: 6)")
+    p.add_argument("--local-size", type=int, default=96, help="clove: local view size")
     p.add_argument("--images", type=int, default=32, help="data: JPEGs (500 x 375) each round goes through")
     p.add_argument("--profile", action="store_true", help="vader, clove: add torch.profiler's top ops of one step "
                    "and the ops where the step spends more than the bare network")
@@ -405,6 +515,8 @@ def main():
         print(json.dumps(bench_data(a)))
     elif a.method == "probe-ceiling":
         print(json.dumps(bench_probe_ceiling(a)))
+    elif a.method == "clove":
+        print(json.dumps(bench_clove(a)))
     else:
         print(json.dumps(bench_vader(a)))
 
