@@ -1,15 +1,31 @@
 """Side-by-side measurements for the closing notes and the README (not collected by pytest).
 
-    python tests/benchmarks.py vader [--arch resnet50 --image-size 224 --batch-size 32 --repeats 5]
+    python tests/benchmarks.py vader --arch resnet50 --image-size 224 --batch-size 8 --repeats 5 [--profile]
+    python tests/benchmarks.py clove --arch resnet50 --image-size 224 --local-crops 6 --batch-size 8 --repeats 5
+    git worktree add /tmp/before <commit>; python tests/benchmarks.py data --code /tmp/before .
     python tests/benchmarks.py clove-position --arch resnet18 --image-size 128 --weights random runs/clove-demo/checkpoint.pth
     python tests/benchmarks.py probe-ceiling --arch resnet18 --image-size 96 --weights random runs/vader-demo/checkpoint.pth
 
-Reports, measured in one run with the steps interleaved so that machine load hits both alike:
-  - the full VADeR training step (f forward + backward, momentum update, g forward, matching gather, Eq. 2 with
-    the queue, SGD step, enqueue) against the bare network cost on the same batch (f forward + backward of a
-    plain mean, g forward, SGD step): the ratio is the overhead of the dense machinery;
-  - PairedViews per image against a plain MoCo v2 two-crop transform (torchvision ops) on the same images;
+vader, clove: the cost of the dense machinery over the bare network, measured in one process with the variants
+interleaved (order reversed every round) so that machine load hits all alike; every figure is the median [min, max]
+over the rounds of a ratio taken within one round.
+  - vader: the full training step (f forward + backward, momentum update, g forward, matching gathers, Eq. 2 with
+    the queue, SGD step, enqueue) against the bare network on the same batch (f forward + backward of a plain mean,
+    g forward, SGD step). Eq. 2 (q @ queue^T and the cross-entropy over 1 + K logits, forward + backward), the
+    EMA, the gathers and the enqueue are also timed alone; step_minus_eq2 is (step - network - Eq. 2) / network.
+    --compare DIR times Eq. 2 and the EMA of another checkout in the same rounds.
+  - clove: clove_step + backward + LARS + teacher EMA against the student's encoder + projector forward/backward of
+    a plain mean over every view, the teacher's forward of the global views and LARS; the NMHSA predictor, the
+    2 + 2L Eq. 2 terms and the EMA are also timed alone.
+  - --profile adds torch.profiler's top ops (self time, ms per call) of the step and of each part alone.
   - img/s of the full step and peak memory (CUDA: max allocated; CPU: max RSS of the process).
+
+data: what the data path moves and costs, for each --code checkout side by side in one process (issue 10, item 7):
+the bytes of one collated sample (per field) and of a per-GPU batch at the papers' settings (VADeR 128/4 = 32,
+CLoVE 2048/4 = 512 images), which cross the workers' shared memory and then the host-to-device copy; the shared
+memory in flight per rank (batch x workers x prefetch factor of the checkout's make_loader); and the worker's cost
+per image (one thread, __getitem__ on 500 x 375 JPEGs: decode, views, correspondences), with a plain MoCo v2
+two-crop transform (torchvision ops) on the same files for reference.
 
 clove-position: how much of CLoVE's local features is the cell's position in the view. Over 64 dead-leaves images,
 the share of the variance of the L2-normalised C5 and projector features that the per-position mean (over images)
@@ -344,6 +360,8 @@ def bench_data(a):
     """Item 7: what crosses from the data-loading workers to the training process (shared memory) and from the host
     to the device, per batch, and what a worker spends per image in __getitem__, for each --code checkout."""
     import tempfile
+    import warnings
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # make_loader is only inspected
     torch.set_num_threads(1)  # what a DataLoader worker runs with
     load_before = load_average()
     trees = {path: load_tree(path) for path in a.code}
@@ -366,13 +384,22 @@ def bench_data(a):
                 cases.append((path, name, dataset, per_gpu, loader_info))
         for _, _, dataset, _, _ in cases:
             dataset[0]  # warm-up (imports, first-call costs)
+        plain = moco_two_crop(224)
+        files = common.list_images(data_dir)
+        reference = ("reference", "moco v2 two-crop (torchvision)", [files, plain])
         per_image = {(p, n): [] for p, n, *_ in cases}
+        per_image[reference[:2]] = []
+        timed_cases = [c[:3] for c in cases] + [reference]
         for r in range(a.repeats):  # interleaved: every case over the same images, order reversed every round
-            for p, n, dataset, _, _ in (cases if r % 2 == 0 else cases[::-1]):
+            for p, n, dataset in (timed_cases if r % 2 == 0 else timed_cases[::-1]):
                 t = time.perf_counter()
-                for i in range(len(dataset)):
-                    dataset[i]
-                per_image[(p, n)].append((time.perf_counter() - t) / len(dataset))
+                if p == "reference":
+                    for path in dataset[0]:
+                        dataset[1](common.load_image(path))
+                else:
+                    for i in range(len(dataset)):
+                        dataset[i]
+                per_image[(p, n)].append((time.perf_counter() - t) / a.images)
         out = {}
         for p, n, dataset, per_gpu, loader_info in cases:
             fields = batch_bytes(dataset[0])
@@ -384,6 +411,7 @@ def bench_data(a):
                 row["shared_memory_in_flight_gb"] = round(per_sample * per_gpu * loader_info["workers"]
                                                           * loader_info["prefetch_factor"] / 1e9, 2)
             out.setdefault(p, {})[n] = row
+        out["reference"] = {reference[1]: dict(worker_ms_per_image=spread([1000 * x for x in per_image[reference[:2]]], 2))}
     return dict(benchmark="data", threads=1, source_images=f"{a.images} JPEGs 500x375", repeats=a.repeats,
                 per_checkout=out, load_average_before_after=[load_before, load_average()])
 
