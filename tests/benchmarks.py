@@ -407,6 +407,17 @@ def bench_data(a):
             row = dict(fields=[f"{dt}:{b}" for dt, b in fields], bytes_per_image=per_sample, per_gpu_batch=per_gpu,
                        mb_per_batch=round(per_sample * per_gpu / 1e6, 1),
                        worker_ms_per_image=spread([1000 * x for x in per_image[(p, n)]], 2), loader=loader_info)
+            normalize = getattr(trees[p]["common"], "normalize", None)
+            images = [x for x in dataset[0] if torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() >= 3]
+            if normalize is not None and images:  # the work moved from the workers to the training process
+                stacks = [torch.stack([x] * 8) for x in images]  # 8 images' views
+                t_norm = []
+                for _ in range(a.repeats):
+                    t = time.perf_counter()
+                    for s in stacks:
+                        normalize(s, torch.device("cpu"))
+                    t_norm.append((time.perf_counter() - t) / 8)
+                row["normalize_on_cpu_ms_per_image"] = spread([1000 * x for x in t_norm], 2)
             if "prefetch_factor" in loader_info and loader_info["workers"]:
                 row["shared_memory_in_flight_gb"] = round(per_sample * per_gpu * loader_info["workers"]
                                                           * loader_info["prefetch_factor"] / 1e9, 2)
