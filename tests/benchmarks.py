@@ -412,7 +412,7 @@ def bench_data(a):
             if normalize is not None and images:  # the work moved from the workers to the training process
                 stacks = [torch.stack([x] * 8) for x in images]  # 8 images' views
                 t_norm = []
-                for _ in range(a.repeats):
+                for _ in range(10 * a.repeats):  # short: many repeats against scheduling noise
                     t = time.perf_counter()
                     for s in stacks:
                         normalize(s, torch.device("cpu"))
