@@ -75,6 +75,14 @@ def moco_two_crop(size):
     return lambda img: (aug(img), aug(img))
 
 
+def network_input(views, device, memory_format=torch.contiguous_format):
+    """A batch of views as the training loop feeds the network: uint8 views (workers hand uint8 since issue 10,
+    item 7) are normalised on the device by common.normalize; float views are already normalised."""
+    if views.dtype == torch.uint8:
+        views = common.normalize(views, device)
+    return views.to(device).contiguous(memory_format=memory_format)
+
+
 def interleaved(fns, repeats, device):
     """Time every callable of `fns` (name -> fn) once per round for `repeats` rounds, the order reversed every other
     round, so that machine load and cache state hit all of them alike. Returns name -> [seconds per round]."""
@@ -131,8 +139,8 @@ def bench_vader(a):
     views = vader.PairedViews(a.image_size, num_matches=a.num_matches)
     batch = [views(im, random.Random(i)) for i, im in enumerate(images)]
     fmt = common.memory_format(device, "auto")
-    v1 = torch.stack([b[0] for b in batch]).to(device, memory_format=fmt)
-    v2 = torch.stack([b[1] for b in batch]).to(device, memory_format=fmt)
+    v1 = network_input(torch.stack([b[0] for b in batch]), device, fmt)
+    v2 = network_input(torch.stack([b[1] for b in batch]), device, fmt)
     matches = torch.stack([b[2] for b in batch]).to(device)
     n, m = matches.shape[:2]
 
@@ -236,6 +244,7 @@ def bench_clove(a):
                              args.local_scale, args.t_pos, args.match_coords)
     items = [views(leaves.image(i)[0], random.Random(i)) for i in range(a.batch_size)]
     globals_, locals_, pos_global, pos_local = [x.to(device) for x in torch.utils.data.default_collate(items)]
+    globals_, locals_ = network_input(globals_, device), network_input(locals_, device)
     fmt = common.memory_format(device, args.channels_last)
     batches = [globals_.transpose(0, 1).flatten(0, 1).contiguous(memory_format=fmt)]
     if args.local_crops:
