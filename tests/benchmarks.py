@@ -416,7 +416,17 @@ def bench_data(a):
             row = dict(fields=[f"{dt}:{b}" for dt, b in fields], bytes_per_image=per_sample, per_gpu_batch=per_gpu,
                        mb_per_batch=round(per_sample * per_gpu / 1e6, 1),
                        worker_ms_per_image=spread([1000 * x for x in per_image[(p, n)]], 2), loader=loader_info)
-            normalize = getattr(trees[p]["common"], "normalize", None)
+            c = trees[p]["common"]
+            uint8 = any(torch.is_tensor(x) and x.dtype == torch.uint8 for x in dataset[0])
+            convert = c.to_uint8 if uint8 else c.to_tensor  # what the views end with: the part item 7 changes
+            view = common.load_image(files[0]).resize((224, 224))
+            t_conv = []
+            for _ in range(20 * a.repeats):
+                t = time.perf_counter()
+                convert(view)
+                t_conv.append(time.perf_counter() - t)
+            row["view_to_tensor_ms_per_224px_view"] = dict(function=convert.__name__, **spread([1000 * x for x in t_conv], 3))
+            normalize = getattr(c, "normalize", None)
             images = [x for x in dataset[0] if torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() >= 3]
             if normalize is not None and images:  # the work moved from the workers to the training process
                 stacks = [torch.stack([x] * 8) for x in images]  # 8 images' views
