@@ -25,7 +25,8 @@ the bytes of one collated sample (per field) and of a per-GPU batch at the paper
 CLoVE 2048/4 = 512 images), which cross the workers' shared memory and then the host-to-device copy; the shared
 memory in flight per rank (batch x workers x prefetch factor of the checkout's make_loader); and the worker's cost
 per image (one thread, __getitem__ on 500 x 375 JPEGs: decode, views, correspondences), with a plain MoCo v2
-two-crop transform (torchvision ops) on the same files for reference.
+two-crop transform (torchvision ops) on the same files for reference; alone, the conversion a view ends with
+(to_tensor: float, normalised; or to_uint8) and, where the checkout has it, common.normalize in the training process.
 
 clove-position: how much of CLoVE's local features is the cell's position in the view. Over 64 dead-leaves images,
 the share of the variance of the L2-normalised C5 and projector features that the per-position mean (over images)
@@ -425,7 +426,8 @@ def bench_data(a):
                 t = time.perf_counter()
                 convert(view)
                 t_conv.append(time.perf_counter() - t)
-            row["view_to_tensor_ms_per_224px_view"] = dict(function=convert.__name__, **spread([1000 * x for x in t_conv], 3))
+            row["view_to_tensor_ms_per_224px_view"] = dict(function=convert.__name__,
+                                                           **spread([1000 * x for x in t_conv], 3))
             normalize = getattr(c, "normalize", None)
             images = [x for x in dataset[0] if torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() >= 3]
             if normalize is not None and images:  # the work moved from the workers to the training process
@@ -441,7 +443,8 @@ def bench_data(a):
                 row["shared_memory_in_flight_gb"] = round(per_sample * per_gpu * loader_info["workers"]
                                                           * loader_info["prefetch_factor"] / 1e9, 2)
             out.setdefault(p, {})[n] = row
-        out["reference"] = {reference[1]: dict(worker_ms_per_image=spread([1000 * x for x in per_image[reference[:2]]], 2))}
+        reference_ms = [1000 * x for x in per_image[reference[:2]]]
+        out["reference"] = {reference[1]: dict(worker_ms_per_image=spread(reference_ms, 2))}
     return dict(benchmark="data", threads=1, source_images=f"{a.images} JPEGs 500x375", repeats=a.repeats,
                 per_checkout=out, load_average_before_after=[load_before, load_average()])
 
@@ -546,7 +549,8 @@ def bench_probe_ceiling(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=["vader", "clove", "data", "clove-position", "probe-ceiling"], help="what to measure (see above)")
+    p.add_argument("method", choices=["vader", "clove", "data", "clove-position", "probe-ceiling"],
+                   help="what to measure (see above)")
     p.add_argument("--weights", nargs="+", default=["random"], help="clove-position, probe-ceiling: 'random' and/or checkpoints")
     p.add_argument("--arch", default="resnet50", help="ResNet depth")
     p.add_argument("--image-size", type=int, default=224, help="view size")
