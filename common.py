@@ -605,11 +605,11 @@ def ema_update(teacher, student, momentum, copy_buffers=True):
     encoder's own running statistics alone (copy_buffers=False).
     """
     t_params, s_params = list(teacher.parameters()), list(student.parameters())
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
+    # one pass over the weights: lerp gives teacher + (1 - m) (student - teacher), the same value as
+    # m teacher + (1 - m) student up to rounding, for half the memory traffic of a mul_ then an add_
+    torch._foreach_lerp_(t_params, s_params, 1 - momentum)
     if copy_buffers:
-        for tb, sb in zip(teacher.buffers(), student.buffers()):
-            tb.copy_(sb)
+        torch._foreach_copy_(list(teacher.buffers()), list(student.buffers()))
 
 
 # ---- precision ----

@@ -371,6 +371,7 @@ def vader_loss(q, k, queue, temperature, in_image=None):
     in_image_negatives; P = N * M) adds the keys of the same image that it marks as further negatives.
     With P = N image embeddings this is MoCo's InfoNCE (--objective global, crops).
     """
+    q = q / temperature  # c(q, .) / tau: dividing the P x d queries, not the P x (1 + K) logits, saves two passes
     l_pos = (q * k).sum(1, keepdim=True)  # P x 1
     l_neg = q @ queue.t()  # P x K
     logits = [l_pos, l_neg]
@@ -378,7 +379,7 @@ def vader_loss(q, k, queue, temperature, in_image=None):
         n, m = in_image.shape[:2]
         same = torch.bmm(q.view(n, m, -1), k.view(n, m, -1).transpose(1, 2))  # N x M x M
         logits.append(same.masked_fill(~in_image, float("-inf")).reshape(n * m, m))
-    logits = torch.cat(logits, 1) / temperature  # P x (1 + K [+ M])
+    logits = torch.cat(logits, 1)  # P x (1 + K [+ M]), already divided by tau
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 

@@ -1,15 +1,32 @@
 """Side-by-side measurements for the closing notes and the README (not collected by pytest).
 
-    python tests/benchmarks.py vader [--arch resnet50 --image-size 224 --batch-size 32 --repeats 5]
+    python tests/benchmarks.py vader --arch resnet50 --image-size 224 --batch-size 8 --repeats 5 [--profile]
+    python tests/benchmarks.py clove --arch resnet50 --image-size 224 --local-crops 6 --batch-size 8 --repeats 5
+    git worktree add /tmp/before <commit>; python tests/benchmarks.py data --code /tmp/before .
     python tests/benchmarks.py clove-position --arch resnet18 --image-size 128 --weights random runs/clove-demo/checkpoint.pth
     python tests/benchmarks.py probe-ceiling --arch resnet18 --image-size 96 --weights random runs/vader-demo/checkpoint.pth
 
-Reports, measured in one run with the steps interleaved so that machine load hits both alike:
-  - the full VADeR training step (f forward + backward, momentum update, g forward, matching gather, Eq. 2 with
-    the queue, SGD step, enqueue) against the bare network cost on the same batch (f forward + backward of a
-    plain mean, g forward, SGD step): the ratio is the overhead of the dense machinery;
-  - PairedViews per image against a plain MoCo v2 two-crop transform (torchvision ops) on the same images;
+vader, clove: the cost of the dense machinery over the bare network, measured in one process with the variants
+interleaved (order reversed every round) so that machine load hits all alike; every figure is the median [min, max]
+over the rounds of a ratio taken within one round.
+  - vader: the full training step (f forward + backward, momentum update, g forward, matching gathers, Eq. 2 with
+    the queue, SGD step, enqueue) against the bare network on the same batch (f forward + backward of a plain mean,
+    g forward, SGD step). Eq. 2 (q @ queue^T and the cross-entropy over 1 + K logits, forward + backward), the
+    EMA, the gathers and the enqueue are also timed alone; step_minus_eq2 is (step - network - Eq. 2) / network.
+    --compare DIR times Eq. 2 and the EMA of another checkout in the same rounds.
+  - clove: clove_step + backward + LARS + teacher EMA against the student's encoder + projector forward/backward of
+    a plain mean over every view, the teacher's forward of the global views and LARS; the NMHSA predictor, the
+    2 + 2L Eq. 2 terms and the EMA are also timed alone.
+  - --profile adds torch.profiler's top ops (self time, ms per call) of the step and of each part alone.
   - img/s of the full step and peak memory (CUDA: max allocated; CPU: max RSS of the process).
+
+data: what the data path moves and costs, for each --code checkout side by side in one process (issue 10, item 7):
+the bytes of one collated sample (per field) and of a per-GPU batch at the papers' settings (VADeR 128/4 = 32,
+CLoVE 2048/4 = 512 images), which cross the workers' shared memory and then the host-to-device copy; the shared
+memory in flight per rank (batch x workers x prefetch factor of the checkout's make_loader); and the worker's cost
+per image (one thread, __getitem__ on 500 x 375 JPEGs: decode, views, correspondences), with a plain MoCo v2
+two-crop transform (torchvision ops) on the same files for reference; alone, the conversion a view ends with
+(to_tensor: float, normalised; or to_uint8) and, where the checkout has it, common.normalize in the training process.
 
 clove-position: how much of CLoVE's local features is the cell's position in the view. Over 64 dead-leaves images,
 the share of the variance of the L2-normalised C5 and projector features that the per-position mean (over images)
@@ -22,6 +39,7 @@ contrast at three scales, oriented gradient energy at two) and the frozen featur
 Prints one JSON line.
 """
 import argparse
+import collections
 import copy
 import json
 import os
@@ -32,6 +50,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
@@ -57,41 +76,92 @@ def moco_two_crop(size):
     return lambda img: (aug(img), aug(img))
 
 
+def network_input(views, device, memory_format=torch.contiguous_format):
+    """A batch of views as the training loop feeds the network: uint8 views (workers hand uint8 since issue 10,
+    item 7) are normalised on the device by common.normalize; float views are already normalised."""
+    if views.dtype == torch.uint8:
+        views = common.normalize(views, device)
+    return views.to(device).contiguous(memory_format=memory_format)
+
+
+def interleaved(fns, repeats, device):
+    """Time every callable of `fns` (name -> fn) once per round for `repeats` rounds, the order reversed every other
+    round, so that machine load and cache state hit all of them alike. Returns name -> [seconds per round]."""
+    times = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            times[name].append(timed(fns[name], device))
+    return times
+
+
+def spread(values, digits=3):
+    """median [min, max] of a list of numbers."""
+    return dict(median=round(statistics.median(values), digits), min=round(min(values), digits),
+                max=round(max(values), digits))
+
+
+def load_average():
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def profile_top(fns, device, rounds=2, rows=8):
+    """torch.profiler over `rounds` calls of each callable (name -> fn), interleaved: total and top ops by self time
+    (ms per call) of each, e.g. the full step and each dense part alone."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    self_ms = {name: collections.Counter() for name in fns}
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            with profile(activities=activities) as prof:
+                fns[name]()
+            for e in prof.key_averages():
+                self_ms[name][e.key] += getattr(e, attr) / 1000 / rounds
+    return {name: dict(total_ms=round(sum(c.values()), 1), top_ms={k: round(v, 1) for k, v in c.most_common(rows)})
+            for name, c in self_ms.items()}
+
+
+def dense_parts_report(t, parts, digits=4):
+    """Each timed part over the bare network of the same round: median [min, max] over the rounds."""
+    return {f"{name}_over_network": spread([x / b for x, b in zip(t[name], t["bare"])], digits) for name in parts}
+
+
 def bench_vader(a):
+    """VADeR's training step against the bare network on the same batch, plus its dense parts timed alone."""
     import vader
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args = vader.get_parser().parse_args(["--arch", a.arch, "--image-size", str(a.image_size),
-                                          "--batch-size", str(a.batch_size), "--precision", a.precision])
+                                          "--batch-size", str(a.batch_size), "--precision", a.precision,
+                                          "--num-matches", str(a.num_matches)])
     args.queue_size = a.queue_size
+    load_before = load_average()
     leaves = common.DeadLeaves(size=max(160, a.image_size * 2))
     images = [leaves.image(i)[0] for i in range(a.batch_size)]
-
-    views = vader.PairedViews(a.image_size)
-    plain = moco_two_crop(a.image_size)
-    t_views, t_plain = [], []
-    for r in range(a.repeats):
-        t_views.append(timed(lambda: [views(im, random.Random(i + 1000 * r)) for i, im in enumerate(images)], device))
-        t_plain.append(timed(lambda: [plain(im) for im in images], device))
+    views = vader.PairedViews(a.image_size, num_matches=a.num_matches)
     batch = [views(im, random.Random(i)) for i, im in enumerate(images)]
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    v1 = torch.stack([b[0] for b in batch]).to(device, memory_format=fmt)
-    v2 = torch.stack([b[1] for b in batch]).to(device, memory_format=fmt)
+    fmt = common.memory_format(device, "auto")
+    v1 = network_input(torch.stack([b[0] for b in batch]), device, fmt)
+    v2 = network_input(torch.stack([b[1] for b in batch]), device, fmt)
     matches = torch.stack([b[2] for b in batch]).to(device)
+    n, m = matches.shape[:2]
 
+    torch.manual_seed(0)
     f = vader.VADeRNet(a.arch).to(device, memory_format=fmt)
     g = copy.deepcopy(f).requires_grad_(False)
     queue = vader.PixelQueue(args.queue_size, 128).to(device)
     opt = torch.optim.SGD(f.parameters(), lr=1e-4, momentum=0.9)
+    keys = {}
 
-    def full():
+    def full():  # the training loop's step (vader.train), minus data loading and logging
         loss, k = vader.forward_loss(f, f, g, queue, v1, v2, matches, args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         queue.enqueue(k.detach())
+        keys["k"] = k
         loss.item()
 
-    def bare():
+    def bare():  # the same network work: f forward + backward, g forward, SGD step
         with common.autocast(device, args.precision):
             loss = f(v1).float().mean()
             with torch.no_grad():
@@ -101,22 +171,282 @@ def bench_vader(a):
         opt.step()
         loss.item()
 
+    with torch.no_grad():
+        q0 = vader.gather_cells(f(v1), matches[:, :, 0]).reshape(n * m, -1)
+
+    def eq2():  # Eq. 2 alone: the contrast over the queue (q @ queue^T, cross-entropy over 1 + K logits), fwd + bwd
+        q = q0.detach().requires_grad_(True)
+        loss = args.loss_weight * vader.vader_loss(q, keys["k"], queue.keys, args.temperature)
+        loss.backward()
+        loss.item()
+
+    def ema():  # g <- m g + (1 - m) f
+        common.ema_update(g, f, args.momentum, copy_buffers=False)
+
+    z0 = torch.randn(n, 128, a.image_size // 4, a.image_size // 4, device=device)
+
+    def gathers():  # the matched-cell gathers of q (forward + backward) and of k
+        z = z0.clone().requires_grad_(True)
+        vader.gather_cells(z, matches[:, :, 0]).sum().backward()
+        with torch.no_grad():
+            vader.gather_cells(z0, matches[:, :, 1])
+
+    def enqueue():
+        queue.enqueue(keys["k"].detach())
+
+    parts = dict(full=full, bare=bare, eq2=eq2, ema=ema, gathers=gathers, enqueue=enqueue)
+    if a.compare:  # the same parts as another checkout (e.g. the commit before a speed-up) implements them
+        before = load_tree(a.compare)
+
+        def eq2_compare():
+            q = q0.detach().requires_grad_(True)
+            loss = args.loss_weight * before["vader"].vader_loss(q, keys["k"], queue.keys, args.temperature)
+            loss.backward()
+            loss.item()
+
+        parts.update(eq2_compare=eq2_compare,
+                     ema_compare=lambda: before["common"].ema_update(g, f, args.momentum, copy_buffers=False))
     full(), bare()  # warm-up
-    t_full, t_bare = [], []
-    for _ in range(a.repeats):
-        t_full.append(timed(full, device))
-        t_bare.append(timed(bare, device))
-    step, net = statistics.median(t_full), statistics.median(t_bare)
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-    return dict(benchmark="vader", device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
-                threads=torch.get_num_threads(), arch=a.arch, image_size=a.image_size, batch=a.batch_size, queue=a.queue_size,
-                step_s=round(step, 4), bare_network_s=round(net, 4), step_over_network=round(step / net, 3),
-                train_images_per_s=round(a.batch_size / step, 1),
-                paired_views_ms_per_image=round(1000 * statistics.median(t_views) / a.batch_size, 2),
-                moco_two_crop_ms_per_image=round(1000 * statistics.median(t_plain) / a.batch_size, 2),
-                views_over_two_crop=round(statistics.median(t_views) / statistics.median(t_plain), 3),
-                peak_memory_gib=round(peak, 2))
+    t = interleaved(parts, a.repeats, device)
+    rest = [(fu - b - e) / b for fu, b, e in zip(t["full"], t["bare"], t["eq2"])]
+    others = [(t["ema"][i] + t["gathers"][i] + t["enqueue"][i]) / t["bare"][i] for i in range(a.repeats)]
+    out = dict(benchmark="vader", device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+               threads=torch.get_num_threads(), arch=a.arch, image_size=a.image_size, batch=a.batch_size,
+               matches=a.num_matches, queue=a.queue_size, precision=a.precision, repeats=a.repeats,
+               compare=a.compare, step_s=spread(t["full"]), bare_network_s=spread(t["bare"]),
+               step_over_network=spread([fu / b for fu, b in zip(t["full"], t["bare"])]),
+               **dense_parts_report(t, [p for p in parts if p not in ("full", "bare")]),
+               ema_gathers_enqueue_over_network=spread(others, 4),
+               step_minus_eq2_over_network=spread(rest),
+               train_images_per_s=round(a.batch_size / statistics.median(t["full"]), 2))
+    if a.profile:
+        out["profile"] = profile_top(dict(full=full, eq2=eq2, ema=ema, gathers=gathers), device)
+    out["peak_memory_gib"] = peak_memory(device)
+    out["load_average_before_after"] = [load_before, load_average()]
+    return out
+
+
+def peak_memory(device):
+    """GiB: CUDA max allocated, or the process's max RSS on a CPU."""
+    return round(torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
+                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
+def bench_clove(a):
+    """CLoVE's training step against the bare network on the same batch, plus its dense parts timed alone."""
+    import clove
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args = clove.get_parser().parse_args(["--arch", a.arch, "--image-size", str(a.image_size), "--local-crops",
+                                          str(a.local_crops), "--local-size", str(a.local_size), "--batch-size",
+                                          str(a.batch_size), "--precision", a.precision])
+    load_before = load_average()
+    leaves = common.DeadLeaves(size=max(160, a.image_size * 2))
+    views = clove.CLoVEViews(args.image_size, args.local_crops, args.local_size, args.global_scale,
+                             args.local_scale, args.t_pos, args.match_coords)
+    items = [views(leaves.image(i)[0], random.Random(i)) for i in range(a.batch_size)]
+    globals_, locals_, pos_global, pos_local = [x.to(device) for x in torch.utils.data.default_collate(items)]
+    globals_, locals_ = network_input(globals_, device), network_input(locals_, device)
+    fmt = common.memory_format(device, args.channels_last)
+    batches = [globals_.transpose(0, 1).flatten(0, 1).contiguous(memory_format=fmt)]
+    if args.local_crops:
+        batches.append(locals_.transpose(0, 1).flatten(0, 1).contiguous(memory_format=fmt))
+
+    torch.manual_seed(0)
+    student = clove.CLoVENet(args.arch, args.proj_hidden, args.embedding_dim, args.attention, args.heads,
+                             args.attention_temperature).to(device, memory_format=fmt)
+    teacher = clove.make_teacher(student)
+    student.train(), teacher.train()
+    optimizer = clove.build_optimizer(student, args, lr=1e-3)  # small: the weights must stay finite over the rounds
+    saved = {}
+
+    def full():  # the training loop's step (clove.train, one micro-batch), minus data loading and logging
+        with common.autocast(device, args.precision):
+            loss, target = clove.clove_step(student, teacher, globals_, locals_, pos_global, pos_local, args)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clove.update_teacher(teacher, student, 0.99)
+        saved["target"] = target
+        loss.item()
+
+    def bare():  # the same network work: encoder + projector forward/backward of every view, teacher forward, LARS
+        with common.autocast(device, args.precision):
+            loss = sum(student.local_features(x).float().mean() for x in batches)
+            with torch.no_grad():
+                teacher.local_features(batches[0])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+
+    with torch.no_grad(), common.autocast(device, args.precision):
+        features = [student.local_features(x) for x in batches]  # F^s of each view size
+    n, n_local = globals_.shape[0], args.local_crops
+
+    def predictor():  # the NMHSA predictor and the normalisation of its output, forward + backward
+        with common.autocast(device, args.precision):
+            out = [F.normalize(student.predictor(z.detach()).float(), dim=-1) for z in features]
+        sum(o.sum() for o in out).backward()
+
+    outputs = [torch.nn.functional.normalize(z.float(), dim=-1) for z in features]
+
+    def loss_terms():  # Eq. 2 over the 2 + 2L (teacher view, student view) pairs, forward + backward
+        student_views = [o.detach().requires_grad_(True) for o in outputs]
+        s = student_views[0].unflatten(0, (2, n))
+        local = student_views[1].unflatten(0, (n_local, n)) if n_local else None
+        target = saved["target"]
+        kw = dict(lamb=args.lamb, margin=args.margin, topk=args.topk_negatives, loss=args.loss,
+                  official=args.official_loss)
+        with common.autocast(device, args.precision):
+            terms = []
+            for t in (0, 1):
+                terms.append(clove.clove_loss(s[1 - t], target[t], pos_global[:, t], **kw))
+                terms += [clove.clove_loss(local[l], target[t], pos_local[:, t, l], **kw) for l in range(n_local)]
+            loss = torch.stack(terms).mean()
+        loss.backward()
+
+    def ema():  # teacher <- m teacher + (1 - m) student, BN buffers copied
+        clove.update_teacher(teacher, student, 0.99)
+
+    full(), bare()  # warm-up
+    parts = dict(full=full, bare=bare, predictor=predictor, loss=loss_terms, ema=ema)
+    t = interleaved(parts, a.repeats, device)
+    dense = [(t["predictor"][i] + t["loss"][i] + t["ema"][i]) / t["bare"][i] for i in range(a.repeats)]
+    out = dict(benchmark="clove", device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+               threads=torch.get_num_threads(), arch=a.arch, views=f"2x{a.image_size} + {a.local_crops}x{a.local_size}",
+               batch=a.batch_size, precision=a.precision, repeats=a.repeats,
+               step_s=spread(t["full"]), bare_network_s=spread(t["bare"]),
+               step_over_network=spread([fu / b for fu, b in zip(t["full"], t["bare"])]),
+               **dense_parts_report(t, ["predictor", "loss", "ema"]),
+               predictor_loss_ema_over_network=spread(dense, 4),
+               train_images_per_s=round(a.batch_size / statistics.median(t["full"]), 2))
+    if a.profile:
+        out["profile"] = profile_top(dict(full=full, predictor=predictor, loss=loss_terms, ema=ema), device)
+    out["peak_memory_gib"] = peak_memory(device)
+    out["load_average_before_after"] = [load_before, load_average()]
+    return out
+
+
+def load_tree(path):
+    """Import common, vader and clove from the repository checkout at `path` as a separate set of modules, so two
+    checkouts (before / after a change) are measured side by side in one process."""
+    names = ("common", "vader", "clove")
+    saved = {k: sys.modules.pop(k) for k in names if k in sys.modules}
+    sys.path.insert(0, os.path.abspath(path))
+    try:
+        import common as c, vader as v, clove as cl  # noqa: E401
+    finally:
+        sys.path.pop(0)
+        for k in names:
+            sys.modules.pop(k, None)
+        sys.modules.update(saved)
+    return dict(common=c, vader=v, clove=cl)
+
+
+def write_photo_folder(root, count, width=500, height=375):
+    """`count` JPEGs of ImageNet's typical size (500 x 375, quality 90) under root/train/x/: the workers' input."""
+    folder = os.path.join(root, "train", "x")
+    os.makedirs(folder, exist_ok=True)
+    leaves = common.DeadLeaves(size=width, seed=1)
+    for i in range(count):
+        leaves.image(i)[0].crop((0, 0, width, height)).save(os.path.join(folder, f"{i:04d}.jpg"), quality=90)
+    return root
+
+
+def worker_view_sets(data_dir):
+    """(name, method, flags, per-GPU batch): the views each script's workers make at the papers' settings."""
+    return [("vader", "vader", ["--data", data_dir, "--image-size", "224", "--num-matches", "32"], 128 // 4),
+            ("clove 2x224", "clove", ["--data", data_dir, "--image-size", "224"], 2048 // 4),
+            ("clove 2x224+6x96", "clove", ["--data", data_dir, "--image-size", "224", "--local-crops", "6"], 2048 // 4)]
+
+
+def batch_bytes(sample):
+    """Bytes of one collated sample's tensors, per field, as (dtype, bytes)."""
+    return [(str(x.dtype).replace("torch.", ""), x.numel() * x.element_size()) if torch.is_tensor(x)
+            else (type(x).__name__, 8) for x in sample]
+
+
+def bench_data(a):
+    """Item 7: what crosses from the data-loading workers to the training process (shared memory) and from the host
+    to the device, per batch, and what a worker spends per image in __getitem__, for each --code checkout."""
+    import tempfile
+    import warnings
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # make_loader is only inspected
+    torch.set_num_threads(1)  # what a DataLoader worker runs with
+    load_before = load_average()
+    trees = {path: load_tree(path) for path in a.code}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = write_photo_folder(tmp, a.images)
+        cases = []  # (tree, name, dataset, per-GPU batch, loader)
+        for path, mods in trees.items():
+            for name, method, flags, per_gpu in worker_view_sets(data_dir):
+                mod = mods[method]
+                args = mod.get_parser().parse_args(flags)
+                d = mods["common"].init_distributed()
+                dataset = mod.build_data(args, d)
+                try:  # the checkout's own loader settings (workers, prefetch, pinned memory) at --workers default
+                    sampler = mods["common"].ResumableSampler(len(dataset))
+                    loader = mods["common"].make_loader(dataset, sampler, per_gpu, args.workers, torch.device("cuda"))
+                    loader_info = dict(workers=loader.num_workers, prefetch_factor=loader.prefetch_factor,
+                                       pin_memory_on_gpu=loader.pin_memory)
+                except Exception as e:  # noqa: BLE001 - a changed signature: report it, measure the rest
+                    loader_info = dict(error=f"make_loader: {type(e).__name__}: {e}"[:200])
+                cases.append((path, name, dataset, per_gpu, loader_info))
+        for _, _, dataset, _, _ in cases:
+            dataset[0]  # warm-up (imports, first-call costs)
+        plain = moco_two_crop(224)
+        files = common.list_images(data_dir)
+        reference = ("reference", "moco v2 two-crop (torchvision)", [files, plain])
+        per_image = {(p, n): [] for p, n, *_ in cases}
+        per_image[reference[:2]] = []
+        timed_cases = [c[:3] for c in cases] + [reference]
+        for r in range(a.repeats):  # interleaved: every case over the same images, order reversed every round
+            for p, n, dataset in (timed_cases if r % 2 == 0 else timed_cases[::-1]):
+                t = time.perf_counter()
+                if p == "reference":
+                    for path in dataset[0]:
+                        dataset[1](common.load_image(path))
+                else:
+                    for i in range(len(dataset)):
+                        dataset[i]
+                per_image[(p, n)].append((time.perf_counter() - t) / a.images)
+        out = {}
+        for p, n, dataset, per_gpu, loader_info in cases:
+            fields = batch_bytes(dataset[0])
+            per_sample = sum(b for _, b in fields)
+            row = dict(fields=[f"{dt}:{b}" for dt, b in fields], bytes_per_image=per_sample, per_gpu_batch=per_gpu,
+                       mb_per_batch=round(per_sample * per_gpu / 1e6, 1),
+                       worker_ms_per_image=spread([1000 * x for x in per_image[(p, n)]], 2), loader=loader_info)
+            c = trees[p]["common"]
+            uint8 = any(torch.is_tensor(x) and x.dtype == torch.uint8 for x in dataset[0])
+            convert = c.to_uint8 if uint8 else c.to_tensor  # what the views end with: the part item 7 changes
+            view = common.load_image(files[0]).resize((224, 224))
+            t_conv = []
+            for _ in range(20 * a.repeats):
+                t = time.perf_counter()
+                convert(view)
+                t_conv.append(time.perf_counter() - t)
+            row["view_to_tensor_ms_per_224px_view"] = dict(function=convert.__name__,
+                                                           **spread([1000 * x for x in t_conv], 3))
+            normalize = getattr(c, "normalize", None)
+            images = [x for x in dataset[0] if torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() >= 3]
+            if normalize is not None and images:  # the work moved from the workers to the training process
+                stacks = [torch.stack([x] * 8) for x in images]  # 8 images' views
+                t_norm = []
+                for _ in range(10 * a.repeats):  # short: many repeats against scheduling noise
+                    t = time.perf_counter()
+                    for s in stacks:
+                        normalize(s, torch.device("cpu"))
+                    t_norm.append((time.perf_counter() - t) / 8)
+                row["normalize_on_cpu_ms_per_image"] = spread([1000 * x for x in t_norm], 2)
+            if "prefetch_factor" in loader_info and loader_info["workers"]:
+                row["shared_memory_in_flight_gb"] = round(per_sample * per_gpu * loader_info["workers"]
+                                                          * loader_info["prefetch_factor"] / 1e9, 2)
+            out.setdefault(p, {})[n] = row
+        reference_ms = [1000 * x for x in per_image[reference[:2]]]
+        out["reference"] = {reference[1]: dict(worker_ms_per_image=spread(reference_ms, 2))}
+    return dict(benchmark="data", threads=1, source_images=f"{a.images} JPEGs 500x375", repeats=a.repeats,
+                per_checkout=out, load_average_before_after=[load_before, load_average()])
 
 
 def position_share(features):
@@ -219,19 +549,36 @@ def bench_probe_ceiling(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=["vader", "clove-position", "probe-ceiling"], help="what to measure (see above)")
+    p.add_argument("method", choices=["vader", "clove", "data", "clove-position", "probe-ceiling"],
+                   help="what to measure (see above)")
     p.add_argument("--weights", nargs="+", default=["random"], help="clove-position, probe-ceiling: 'random' and/or checkpoints")
     p.add_argument("--arch", default="resnet50", help="ResNet depth")
     p.add_argument("--image-size", type=int, default=224, help="view size")
     p.add_argument("--batch-size", type=int, default=32, help="images per step (one process)")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions (medians are reported)")
     p.add_argument("--queue-size", type=int, default=65536, help="negatives (the paper: 65536)")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast on GPU")
+    p.add_argument("--num-matches", type=int, default=32, help="vader: matched cells per image (the paper: 32)")
+    p.add_argument("--precision", default="auto", choices=common.PRECISIONS, help="autocast dtype, as the training "
+                   "scripts' flag ('auto': bf16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--code", nargs="+", default=[os.path.dirname(os.path.dirname(os.path.abspath(__file__)))],
+                   help="data: repository checkouts whose common/vader/clove to measure side by side (e.g. a "
+                   "`git worktree` of the commit before a change and one after)")
+    p.add_argument("--compare", default=None, help="vader: also time Eq. 2 and the EMA as the checkout at this path "
+                   "implements them (e.g. a `git worktree` of the commit before a speed-up)")
+    p.add_argument("--local-crops", type=int, default=6, help="clove: 96-px student-only views (the official code: 6)")
+    p.add_argument("--local-size", type=int, default=96, help="clove: local view size")
+    p.add_argument("--images", type=int, default=32, help="data: JPEGs (500 x 375) each round goes through")
+    p.add_argument("--profile", action="store_true", help="vader, clove: add torch.profiler's top ops of one step "
+                   "and the ops where the step spends more than the bare network")
     a = p.parse_args()
     if a.method == "clove-position":
         print(json.dumps(bench_clove_position(a)))
+    elif a.method == "data":
+        print(json.dumps(bench_data(a)))
     elif a.method == "probe-ceiling":
         print(json.dumps(bench_probe_ceiling(a)))
+    elif a.method == "clove":
+        print(json.dumps(bench_clove(a)))
     else:
         print(json.dumps(bench_vader(a)))
 
