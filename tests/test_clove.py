@@ -3,6 +3,7 @@
 Every property is checked against an independent computation (hand values, brute-force loops, pixels that encode
 their own coordinates), never against the code's own output. The benchmark at the end runs only with CLOVE_BENCH=1.
 """
+import copy
 import inspect
 import json
 import math
@@ -743,3 +744,21 @@ def test_benchmark_step_overhead_against_the_bare_network():
           f"(medians {mb:.3f} / {mf:.3f} s: {100 * (mf / mb - 1):.1f}%), {batch / f:.2f} img/s "
           f"(views {batch / t_views:.1f} img/s on one core, of which Eq. 1 matching {1000 * t_match / batch:.2f} ms/img)")
     assert f > 0 and b > 0
+
+
+def test_ema_update_equals_the_momentum_formula_and_copies_buffers():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+        student[1].running_mean.add_(1.0), student[1].num_batches_tracked.add_(3)
+    before = [p.clone() for p in teacher.parameters()]
+    common.ema_update(teacher, student, 0.9, copy_buffers=True)
+    for b, t, s in zip(before, teacher.parameters(), student.parameters()):
+        assert torch.allclose(t, 0.9 * b + 0.1 * s, rtol=0, atol=1e-6)
+    assert all(torch.equal(t, s) for t, s in zip(teacher.buffers(), student.buffers()))
+    kept = [p.clone() for p in teacher.parameters()]
+    common.ema_update(teacher, student, 1.0, copy_buffers=False)  # momentum 1 (CLoVE's last step) keeps the teacher
+    assert all(torch.equal(k, t) for k, t in zip(kept, teacher.parameters()))
