@@ -497,17 +497,6 @@ def cell_centres(box, flip, grid):
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
 
 
-def locate_in_view(points, box, flip, grid):
-    """Row-major index of the cell of a view's grid that covers each original-image point, and whether it is inside."""
-    u = (points[:, 0] - box.x0) / box.width * grid
-    v = (points[:, 1] - box.y0) / box.height * grid
-    if flip:
-        u = grid - u
-    inside = (u >= 0) & (u < grid) & (v >= 0) & (v < grid)
-    col, row = u.floor().clamp(0, grid - 1).long(), v.floor().clamp(0, grid - 1).long()
-    return row * grid + col, inside
-
-
 # ---- appearance augmentations (never move pixels) ----
 def color_jitter(img, rng, brightness, contrast, saturation, hue):
     """torchvision ColorJitter: the four adjustments in random order with factors drawn from `rng`."""

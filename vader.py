@@ -175,6 +175,17 @@ def get_parser():
 
 
 # ---- views ----
+def locate_in_view(points, box, flip, grid):
+    """Row-major index of the cell of a view's grid that covers each original-image point, and whether it is inside."""
+    u = (points[:, 0] - box.x0) / box.width * grid
+    v = (points[:, 1] - box.y0) / box.height * grid
+    if flip:
+        u = grid - u
+    inside = (u >= 0) & (u < grid) & (v >= 0) & (v < grid)
+    col, row = u.floor().clamp(0, grid - 1).long(), v.floor().clamp(0, grid - 1).long()
+    return row * grid + col, inside
+
+
 class PairedViews:
     """Image -> (view1, view2, matches): two augmented views and the cells of their output grids that see the same
     point of the original image.
@@ -212,12 +223,12 @@ class PairedViews:
         else:
             for _ in range(self.max_tries):
                 box2, flip2 = common.sample_crop_box(rng, width, height, self.scale), rng.random() < 0.5
-                cells2, inside = common.locate_in_view(centres, box2, flip2, self.grid)
+                cells2, inside = locate_in_view(centres, box2, flip2, self.grid)
                 if int(inside.sum()) >= self.num_matches:
                     break
             else:  # guaranteed overlap: view 2 takes view 1's box (new flip); every cell then has a match
                 box2, flip2 = box1, rng.random() < 0.5
-                cells2, inside = common.locate_in_view(centres, box2, flip2, self.grid)
+                cells2, inside = locate_in_view(centres, box2, flip2, self.grid)
         candidates = inside.nonzero().flatten().tolist()
         cells1 = torch.tensor(rng.sample(candidates, self.num_matches))
         if self.matching == "unmatch":  # Table 3, row 1: positives ignore the correspondence map
