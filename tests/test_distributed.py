@@ -124,7 +124,7 @@ def run(script, *args, cwd=None):
 
 
 SINGLE = {  # one process, a few steps
-    "vader.py": ["--arch", "resnet18", "--image-size", "32", "--batch-size", "4", "--num-matches", "4",
+    "vader.py": ["--arch", "resnet18", "--image-size", "64", "--batch-size", "4", "--num-matches", "4",
                  "--queue-size", "32", "--synthetic-images", "16", "--epochs", "1", "--workers", "0"],
     "clove.py": ["--arch", "resnet18", "--image-size", "64", "--local-crops", "1", "--local-size", "32",
                  "--batch-size", "4", "--synthetic-images", "16", "--epochs", "1", "--workers", "0"],
