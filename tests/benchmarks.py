@@ -134,6 +134,7 @@ def bench_vader(a):
                                           "--batch-size", str(a.batch_size), "--precision", a.precision,
                                           "--num-matches", str(a.num_matches)])
     args.queue_size = a.queue_size
+    vader.resolve_defaults(args)  # --temperature by --objective, as vader.main() does
     load_before = load_average()
     leaves = common.DeadLeaves(size=max(160, a.image_size * 2))
     images = [leaves.image(i)[0] for i in range(a.batch_size)]
@@ -219,8 +220,13 @@ def bench_vader(a):
                ema_gathers_enqueue_over_network=spread(others, 4),
                step_minus_eq2_over_network=spread(rest),
                train_images_per_s=round(a.batch_size / statistics.median(t["full"]), 2))
-    if a.profile:
-        out["profile"] = profile_top(dict(full=full, eq2=eq2, ema=ema, gathers=gathers), device)
+    return finish_report(out, a.profile and dict(full=full, eq2=eq2, ema=ema, gathers=gathers), device, load_before)
+
+
+def finish_report(out, profiled, device, load_before):
+    """Add the profile's top ops (when `profiled` maps names to step functions), peak memory and the load average."""
+    if profiled:
+        out["profile"] = profile_top(profiled, device)
     out["peak_memory_gib"] = peak_memory(device)
     out["load_average_before_after"] = [load_before, load_average()]
     return out
@@ -320,11 +326,8 @@ def bench_clove(a):
                **dense_parts_report(t, ["predictor", "loss", "ema"]),
                predictor_loss_ema_over_network=spread(dense, 4),
                train_images_per_s=round(a.batch_size / statistics.median(t["full"]), 2))
-    if a.profile:
-        out["profile"] = profile_top(dict(full=full, predictor=predictor, loss=loss_terms, ema=ema), device)
-    out["peak_memory_gib"] = peak_memory(device)
-    out["load_average_before_after"] = [load_before, load_average()]
-    return out
+    return finish_report(out, a.profile and dict(full=full, predictor=predictor, loss=loss_terms, ema=ema), device,
+                         load_before)
 
 
 def load_tree(path):
