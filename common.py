@@ -1,8 +1,9 @@
-"""Method-agnostic plumbing shared by vader.py, clove.py, evaluate_linear.py and davis_propagate.py.
+"""Plumbing shared by vader.py, clove.py, evaluate_linear.py and davis_propagate.py.
 
-Nothing here knows about a particular method: distributed setup, seeding, image loading and the embedded
-procedural data set, crop-box geometry, appearance augmentations, samplers, schedules, EMA, checkpoints and
-resumption, logging, ResNet weights (loading, dilation). Read the method files first; come here for details.
+A reader of the methods need not read this file: nothing here knows about a method. It holds what two or more
+scripts use: distributed setup, precision, image loading and the embedded procedural data set (dead leaves), crop
+geometry and appearance augmentations, the resumable sampler, EMA, a training run's bookkeeping (log, progress bar,
+checkpoints, exact resumption: TrainingRun), ResNet weights, and the feature pictures.
 """
 import collections
 import colorsys
@@ -23,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageFile, ImageFilter, ImageOps
+from PIL import Image, ImageFile, ImageFilter
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -303,12 +304,9 @@ class DeadLeaves:
     background (class 0) is a smooth gradient of any colours. Size, shape, orientation, saturation and value are
     random. `image(i)` gives the picture with its exact per-pixel class and instance maps; `sequence(i, n)` gives a
     short video of textured objects moving over a panning background, with exact instance masks. Everything is
-    deterministic by (seed, index).
-
-    Why palettes: with colours independent of the class, the class was the texture family alone, whose period
-    (6-8 px) is 1.5-2 cells of a 1/4-resolution feature map; a converged linear probe then got 15-16% mIoU from
-    random, VADeR and CLoVE features alike and 23% from hand-made local statistics, so it measured nothing
-    (tests/benchmarks.py probe-ceiling gives these numbers).
+    deterministic by (seed, index). (With colours independent of the class, a linear probe at 1/4 resolution could
+    not read the 6-8 px texture period and scored random and trained features alike: tests/benchmarks.py
+    probe-ceiling.)
     """
 
     HUE_SPREAD = 0.2
@@ -521,10 +519,6 @@ def gaussian_blur(img, rng, sigma=(0.1, 2.0)):
     return img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*sigma)))
 
 
-def solarize(img):
-    return ImageOps.solarize(img, 128)
-
-
 def to_tensor(img):
     """PIL RGB -> float tensor 3xHxW normalised with ImageNet mean/std."""
     return TF.normalize(TF.pil_to_tensor(img).float().div_(255), IMAGENET_MEAN, IMAGENET_STD)
@@ -631,7 +625,111 @@ def memory_format(device, channels_last):
     return torch.channels_last if on else torch.contiguous_format
 
 
-# ---- checkpoints ----
+# ---- a training run: log, progress, checkpoints, exact resumption ----
+class TrainingRun:
+    """What a training script does besides its method: the output folder, rank 0's log.jsonl, tqdm bar and
+    features.png, images/s, the checkpoint and exact resumption.
+
+    `state` maps checkpoint keys to what a resumed run must restore (networks, queue, optimiser, AMP scaler:
+    anything with state_dict / load_state_dict). The checkpoint (written atomically by rank 0 at every epoch's end,
+    every --save-every steps and at the end) also holds the flags, the RNG states, epoch, step and the facts exact
+    resumption needs besides the flags (world size, number of images). `may_change`: the method's flags a resumed
+    run may change (its learning rates: the remedy after a non-finite loss), besides RESUMABLE_CHANGES.
+    """
+
+    def __init__(self, method, args, d, dataset, state, may_change=(), remedy=""):
+        self.method, self.args, self.d, self.state, self.may_change, self.remedy = method, args, d, state, may_change, remedy
+        os.makedirs(args.output_dir, exist_ok=True)
+        self.path = os.path.join(args.output_dir, "checkpoint.pth")
+        self.log = JsonLog(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
+        self.facts = dict(world_size=d.world_size, images=len(dataset))
+        self.picture_images = picture_images(dataset, args.image_size)
+        self.first_loss = self.last_loss = None
+        self.skipped = 0
+
+    def resume(self):
+        """Restore `state` and the RNGs from the checkpoint this run continues from; returns its step (0: afresh)."""
+        ckpt = resume_checkpoint(self.args, self.path, self.method, self.facts, self.log, self.may_change)
+        if ckpt is None:
+            return 0
+        for name, obj in self.state.items():
+            obj.load_state_dict(ckpt[name])
+        set_rng_states(ckpt["rng"])
+        return ckpt["step"]
+
+    def save(self, epoch, step):
+        if self.d.is_main:
+            save_checkpoint(self.path, dict(
+                method=self.method, epoch=epoch, step=step, args=vars(self.args), rng=rng_states(), facts=self.facts,
+                **{name: obj.state_dict() for name, obj in self.state.items()}))
+
+    def start(self, step, total_steps, banner, **facts):
+        """Print `banner` (rank 0), open the bar at `step` of `total_steps` and log the start with `facts`."""
+        if self.d.is_main:
+            print(f"{banner}; {self.facts['images']} images, {total_steps} steps in all", flush=True)
+        self.total_steps, self.t_start, self.meter = total_steps, time.time(), Meter()
+        self.bar = throughput_bar(None, total_steps, self.d.is_main, initial=step, desc=self.method)
+        self.log.write(event="start", step=step, world_size=self.d.world_size, images=self.facts["images"],
+                       total_steps=total_steps, **facts)
+
+    def loss_value(self, loss, step):
+        """The loss as a float averaged over ranks; a non-finite one stops the run before the update, so the
+        checkpoint on disk still holds the last good state."""
+        value = all_reduce_mean(loss.item())
+        if not math.isfinite(value):
+            self.bar.close()
+            raise UserError(f"non-finite loss ({value}) at step {step + 1}; stopped without saving, so {self.path} "
+                            f"still holds the last good state. {self.remedy}")
+        return value
+
+    def step_done(self, step, epoch, loss, images, postfix=None, **fields):
+        """After optimiser step `step`: the bar, a log.jsonl line every --log-every steps (and at the last one), a
+        checkpoint every --save-every steps."""
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        self.last_loss = loss
+        rate = self.meter.rate(images)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}", **(postfix or {}), img_s=f"{rate:.1f}")
+        if step % self.args.log_every == 0 or step == self.total_steps:
+            self.log.write(step=step, epoch=epoch, loss=loss, **fields, images_per_s=rate, skipped_files=self.skipped,
+                           elapsed_s=round(time.time() - self.t_start, 1))
+        if self.args.save_every and step % self.args.save_every == 0:
+            self.save(epoch, step)
+
+    def end_epoch(self, epoch, step, model):
+        """The checkpoint, and features.png: `model`'s features of a few fixed images (VADeR Figures 2 and 5)."""
+        self.save(epoch, step)
+        if self.d.is_main:
+            feature_picture(model, self.picture_images, os.path.join(self.args.output_dir, "features.png"))
+
+    def finish(self, step, steps_per_epoch, message=None, **fields):
+        """Close the run: log its end, print `message(result)` (rank 0) and the result as one JSON line."""
+        self.bar.close()
+        result = dict(method=self.method, steps=step, epochs=round(step / steps_per_epoch, 3),
+                      first_loss=self.first_loss, final_loss=self.last_loss, **fields,
+                      seconds=round(time.time() - self.t_start, 1), skipped_files=self.skipped, checkpoint=self.path)
+        self.log.write(event="end", **result)
+        if self.d.is_main:
+            if message:
+                print(message(result))
+            print_result(result, os.path.join(self.args.output_dir, "result.json"))
+        finish_distributed()
+        return result
+
+
+def training_set(data, views, seed, synthetic_images):
+    """The pre-training images: the folder `data` (any tree of images), or `synthetic_images` embedded dead leaves."""
+    if data is None:
+        return SyntheticDataset(views, length=synthetic_images, size=160, seed=seed)
+    return ImageFolderDataset(data, views, seed=seed)
+
+
+def training_loader(dataset, d, per_rank, workers, seed):
+    """(sampler, loader) of a training set: this rank's share of each epoch, resumable part-way through."""
+    sampler = ResumableSampler(len(dataset), d.rank, d.world_size, seed)
+    return sampler, make_loader(dataset, sampler, per_rank, workers, d.device)
+
+
 # Flags a resumed run may change: they move no state and leave the run's result unchanged (precision too, so that
 # a run stopped by a non-finite loss can go on in fp32). Every other flag must equal the checkpoint's.
 RESUMABLE_CHANGES = {"max_steps", "log_every", "save_every", "workers", "resume", "output_dir", "data", "init",
@@ -728,7 +826,6 @@ def _decide_resume(args, path, method, facts, may_change):
     return dict(path=path, id=ckpt.get("id"), allowed=allowed), ckpt
 
 
-# ---- logging and results ----
 class JsonLog:
     """Appends one JSON object per line to <output-dir>/log.jsonl (rank 0 only)."""
 
@@ -838,6 +935,11 @@ def read_weights(path):
                     "checkpoint (state_dict with module.encoder_q.*) or a torchvision ResNet state dict")
 
 
+def encoder_state(state):
+    """The ResNet part (`encoder.*`, prefix dropped) of a vader.py / clove.py model state dict."""
+    return {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+
+
 def load_resnet_state(net, state, path):
     """Load ResNet weights strictly (the classifier excepted); a mismatch is a one-line error naming the file."""
     try:
@@ -919,7 +1021,7 @@ def dense_feature_model(weights, arch, dense_models):
                             f"({str(e).splitlines()[1].strip()})") from None
         return model, f"{kind} checkpoint {weights} ({arch}, its own dense head)"
     if kind in ("vader", "clove"):
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        state = encoder_state(state)
     model = DilatedResNet(arch)
     load_resnet_state(model.net, state, weights)
     return model, f"{kind} weights {weights} ({arch}, dilated to 1/4)"
@@ -956,19 +1058,19 @@ def picture_images(dataset, size, count=4):
 
 
 @torch.no_grad()
-def feature_picture(model, images, path, query=None, forward=None):
+def feature_picture(model, images, path, query=None):
     """Write a PNG: row 1 the images, row 2 their features in PCA colours (Figure 5), row 3 the cosine similarity
     of one query pixel (default: the centre of image 0, marked) to every pixel of every image (Figure 2).
 
-    model: maps N x 3 x S x S (ImageNet-normalised) to N x C x h x w (or `forward` does, e.g. a model's method);
-    images: list of PIL images (resized to the first image's size). Returns the PIL picture.
+    model: maps N x 3 x S x S (ImageNet-normalised) to N x C x h x w, or its `feature_map` method does (a network
+    whose output is not a map); images: PIL images (resized to the first one's size). Returns the PIL picture.
     """
     size = images[0].size
     x = torch.stack([to_tensor(im.convert("RGB").resize(size)) for im in images])
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    feats = (forward or model)(x.to(device)).float().cpu()  # N x C x h x w
+    feats = getattr(model, "feature_map", model)(x.to(device)).float().cpu()  # N x C x h x w
     model.train(was_training)
     n, _, h, w = feats.shape
     qi, qy, qx = query or (0, h // 2, w // 2)
