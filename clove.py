@@ -450,10 +450,10 @@ def train(args):
         f = nn.SyncBatchNorm.convert_sync_batchnorm(f)  # as the official code; torch has no SyncBN on a CPU
     teacher = make_teacher(f)
     queue = parts["queue"](args.queue_size, args.embedding_dim)
-    loss_fn = parts["loss"](queue)
     memory_format = common.memory_format(d.device, args.channels_last)
     f, teacher = f.to(d.device, memory_format=memory_format), teacher.to(d.device, memory_format=memory_format)
     queue = queue.to(d.device)
+    loss_fn = parts["loss"](queue)
     optimizer = build_optimizer(f, lr, args.weight_decay, args.sgd_momentum)
     scaler = torch.amp.GradScaler("cuda", enabled=d.device.type == "cuda" and args.precision == "fp16")
 
@@ -574,8 +574,8 @@ def main(argv=None):
 # inter-avg with --queue-size), and the official code's loss (--official-loss) and the printed form of Eq. 2
 # (--loss-reduction pair). Each replaces one part of the paper's run: ablation_parts is the table that says which.
 def ablation_parts(args):
-    """The parts of train()'s run that the ablation switches replace: {} for the paper's setting. `loss` is built
-    from the queue (queue(size, dim), made after the networks), so that the queue's negatives reach Eq. 2."""
+    """The parts of train()'s run that the ablation switches replace: {} for the paper's setting. `loss` is made
+    from the queue (made after the networks, on the device), whose keys it reads at every call."""
     parts = {}
     if args.attention == "mhsa":
         parts["predictor"] = MHSA
@@ -586,11 +586,11 @@ def ablation_parts(args):
     if args.loss == "l2":
         parts["loss"] = lambda queue: functools.partial(l2_loss, reduction=args.loss_reduction)
     elif args.official_loss:
-        parts["loss"] = lambda queue: functools.partial(official_loss, **hyper, queue=queue if queued else None)
+        parts["loss"] = lambda queue: functools.partial(official_loss, **hyper, queue=queue.keys if queued else None)
     elif args.loss_reduction == "pair":
-        parts["loss"] = lambda queue: functools.partial(pair_loss, **hyper, queue=queue if queued else None)
+        parts["loss"] = lambda queue: functools.partial(pair_loss, **hyper, queue=queue.keys if queued else None)
     elif queued:
-        parts["loss"] = lambda queue: functools.partial(queue_loss, **hyper, queue=queue)
+        parts["loss"] = lambda queue: functools.partial(queue_loss, **hyper, queue=queue.keys)
     return parts
 
 
@@ -665,13 +665,13 @@ def cosines(pred, target):
 
 
 def queue_candidates(pred, queue):
-    """Table 10: the queue's entries as negative candidates of every student cell: (N x Ls x K, pool N x K x D)."""
-    keys = F.normalize(queue.keys.float(), dim=-1).detach()  # K x D
+    """Table 10: the queue's entries (K x D) as negative candidates of every student cell: (N x Ls x K, N x K x D)."""
+    keys = F.normalize(queue.float(), dim=-1).detach()  # K x D
     return pred @ keys.t(), keys.expand(len(pred), -1, -1)
 
 
 def queue_loss(pred, target, positive, lamb=2.0, margin=100.0, topk=10, queue=None):
-    """clove_loss with Table 10's inter-image negatives: the candidates are the queue's entries."""
+    """clove_loss with Table 10's inter-image negatives: the candidates are the entries of `queue` (K x D)."""
     with torch.autocast(pred.device.type, enabled=False):
         pred, target, sim = cosines(pred, target)
         pos = positive.float()

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFile, ImageFilter
+from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,7 +38,7 @@ class UserError(Exception):
 
 
 def run_main(main):
-    """Call main(); a UserError becomes `error: <message>` on stderr and exit status 2."""
+    """Call main(); a UserError becomes `error: <message>` on stderr and exit status 2, with no traceback."""
     try:
         main()
     except UserError as e:
@@ -69,15 +70,13 @@ def init_distributed():
     """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them this is one plain process. NCCL on GPU, gloo on CPU."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
         torch.backends.cudnn.benchmark = True  # fixed view sizes: let cuDNN pick the fastest convolution once
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     return Dist(rank, local_rank, world, device)
 
 
@@ -95,12 +94,10 @@ def finish_distributed():
 def wrap_ddp(model, d, *example_inputs):
     """`model` in DistributedDataParallel (or itself on one process), with its gradient buckets settled.
 
-    DDP rebuilds its buckets once, after its first backward, in the order the gradients became ready. The ring
-    all-reduce sums each gradient element in an order that depends on where it lies in its bucket, so a resumed
-    run, whose first step is not the run's first, would sum step k's gradients differently from an uninterrupted
-    run (a last-bit difference that grows). One zero-weighted warm-up pass on `example_inputs` (one batch's shapes;
-    buffers such as BN statistics restored, gradients cleared) lets every run, fresh or resumed, train on the same
-    rebuilt buckets, so resumption stays bitwise exact.
+    DDP rebuilds its buckets once, after the first backward, in the order the gradients became ready, and the ring
+    all-reduce's summation order depends on a gradient's place in its bucket. One zero-weighted warm-up pass on
+    `example_inputs` (buffers restored, gradients cleared) makes every run, fresh or resumed, train on the same
+    rebuilt buckets, so that resumption stays bitwise exact.
     """
     if d.world_size == 1:
         return model
@@ -132,26 +129,18 @@ def all_gather_cat(tensor):
     return torch.cat(parts)
 
 
-def _collective_device():
-    return "cuda" if dist.get_backend() == "nccl" else "cpu"
-
-
 def all_reduce_mean(value):
     """Average a Python float over ranks (for logging)."""
     if not distributed():
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
 
 
 def all_ranks_agree(flag):
     """True on every rank when `flag` is true on every rank."""
-    if not distributed():
-        return bool(flag)
-    t = torch.tensor([int(bool(flag))], device=_collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    return all_reduce_mean(float(bool(flag))) == 1.0
 
 
 def broadcast_object(obj):
@@ -192,10 +181,8 @@ def set_rng_states(states):
 
 # ---- images ----
 def load_image(path):
-    """Open any image as 8-bit RGB: grayscale, palette, RGBA, CMYK and 16-bit files are converted.
-
-    Raises OSError/ValueError for empty, truncated or non-image files (the caller decides to skip them).
-    """
+    """Any image as 8-bit RGB (grayscale, palette, RGBA, CMYK, 16-bit converted); OSError/ValueError for empty,
+    truncated or non-image files (the caller decides to skip them)."""
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     with Image.open(path) as img:
         img.load()  # decode now: a truncated file fails here, not later inside a transform
@@ -217,7 +204,7 @@ def load_image(path):
 def list_images(root, name="--data"):
     """All image files below `root` (root/train when it exists), sorted; one-line errors when there are none."""
     if not root or not os.path.isdir(root):
-        raise UserError(f"{name} {root}: no such folder; point it at a folder of images (or DIR with DIR/train/<class>/*.jpg)")
+        raise UserError(f"{name} {root}: no such folder; point it at a folder of images")
     if os.path.isdir(os.path.join(root, "train")):
         root = os.path.join(root, "train")
     files = []
@@ -229,11 +216,8 @@ def list_images(root, name="--data"):
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """Base of the training data sets: item i of epoch e is `transform(image_i, rng(seed, e, i))`.
-
-    Each item ends with the number of unreadable files skipped to produce it, so the loop can log the count
-    even when the files are read in worker processes.
-    """
+    """Base of the training sets: item i of epoch e is `transform(image_i, rng(seed, e, i))`, followed by the number
+    of unreadable files skipped to produce it (counted in the workers, logged by the loop)."""
 
     def __init__(self, transform, seed=0):
         self.transform, self.seed, self.epoch = transform, seed, 0
@@ -253,7 +237,8 @@ class ViewDataset(torch.utils.data.Dataset):
                 break
             except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
                 skipped += 1
-                warn(f"skipping unreadable image {self.describe(i)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                warn(f"skipping unreadable image {self.describe(i)}: {reason}")
         else:
             raise RuntimeError("every image of the data set is unreadable")
         return (*self.transform(img, sample_rng(self.seed, self.epoch, index)), skipped)
@@ -473,19 +458,15 @@ def sample_crop_box(rng, width, height, scale, ratio=(3 / 4, 4 / 3)):
 
 
 def crop_resize(img, box, size, flip=False, resample=Image.BILINEAR):
-    """The view's pixels: `box` of `img` resized to size x size (then mirrored when `flip`).
-
-    Output pixel j covers [x0 + j*w/size, x0 + (j+1)*w/size) of the original, which is what cell_centres assumes.
-    """
+    """`box` of `img` resized to size x size, then mirrored when `flip`: output pixel j covers
+    [x0 + j w / size, x0 + (j + 1) w / size) of the original, as cell_centres assumes."""
     view = img.resize((size, size), resample=resample, box=(box.x0, box.y0, box.x1, box.y1))
     return view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view
 
 
 def cell_centres(box, flip, grid):
-    """Original-image (x, y) of the centres of the grid x grid cells of a view, row-major: [grid*grid, 2].
-
-    A horizontal flip mirrors the columns: column j of the view shows column grid-1-j of the unflipped crop.
-    """
+    """Original-image (x, y) of the centres of a view's grid x grid cells, row-major: grid^2 x 2 (a flip mirrors
+    the columns: column j of the view shows column grid - 1 - j of the crop)."""
     j = torch.arange(grid, dtype=torch.float64) + 0.5
     xs = box.x0 + j * box.width / grid
     if flip:
@@ -525,14 +506,12 @@ def to_tensor(img):
 
 
 def to_uint8(img):
-    """PIL RGB -> uint8 tensor 3xHxW: what training workers hand over (4x fewer bytes through shared memory and the
-    host-to-device copy than float32); `normalize` finishes the job on the device."""
+    """PIL RGB -> uint8 3 x H x W: what the workers hand over (4x fewer bytes than float32); see normalize."""
     return TF.pil_to_tensor(img)
 
 
 def normalize(images, device):
-    """uint8 images ... x 3 x H x W (pinned by the loader) -> float32 on `device`, ImageNet-normalised there:
-    (x / 255 - mean) / std, computed as (x - 255 mean) / (255 std)."""
+    """uint8 images ... x 3 x H x W -> float32 on `device`, ImageNet-normalised there: (x - 255 mean) / (255 std)."""
     x = images.to(device, non_blocking=True).float()
     mean = torch.tensor(IMAGENET_MEAN, device=device).mul_(255)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=device).mul_(255)[:, None, None]
@@ -541,8 +520,8 @@ def normalize(images, device):
 
 # ---- sampling and loading ----
 class ResumableSampler(torch.utils.data.Sampler):
-    """DistributedSampler's shuffle (same permutation on every rank, rank r takes every world-th index) that can
-    start part-way through an epoch, so a resumed run sees exactly the batches an uninterrupted one would."""
+    """DistributedSampler's shuffle (one permutation, rank r takes every world-th index) that can start part-way
+    through an epoch, so a resumed run sees exactly the batches an uninterrupted one would."""
 
     def __init__(self, length, rank=0, world_size=1, seed=0):
         self.length, self.rank, self.world, self.seed = length, rank, world_size, seed
@@ -564,9 +543,8 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 
 def make_loader(dataset, sampler, batch_size, workers, device):
-    """Batches of uint8 views in pinned memory (on a GPU). The loader gets a generator of its own: each new
-    iterator (every epoch, and at a resume) draws a seed from it, and a draw from the global RNG would shift
-    every later random number (e.g. shuffle BN's permutation) in a resumed run against an uninterrupted one."""
+    """Batches of uint8 views (pinned on a GPU). The loader has a generator of its own: every new iterator draws a
+    seed from it, and a draw from the global RNG would shift a resumed run's later random numbers."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
         pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
@@ -582,15 +560,10 @@ def cosine(step, total, start, end):
 
 @torch.no_grad()
 def ema_update(teacher, student, momentum, copy_buffers=True):
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter.
-
-    Buffers (BN running statistics) are copied when `copy_buffers` (BYOL/PixPro/CLoVE); MoCo leaves the key
-    encoder's own running statistics alone (copy_buffers=False).
-    """
-    t_params, s_params = list(teacher.parameters()), list(student.parameters())
-    # one pass over the weights: lerp gives teacher + (1 - m) (student - teacher), the same value as
-    # m teacher + (1 - m) student up to rounding, for half the memory traffic of a mul_ then an add_
-    torch._foreach_lerp_(t_params, s_params, 1 - momentum)
+    """teacher <- momentum teacher + (1 - momentum) student, parameter by parameter (one lerp pass: half the
+    memory traffic of a mul_ then an add_). BN buffers are copied with `copy_buffers` (BYOL, CLoVE); MoCo's key
+    encoder keeps its own (copy_buffers=False)."""
+    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1 - momentum)
     if copy_buffers:
         torch._foreach_copy_(list(teacher.buffers()), list(student.buffers()))
 
@@ -619,22 +592,27 @@ def autocast(device, precision):
 
 
 def memory_format(device, channels_last):
-    """`--channels-last auto|on|off`: NHWC tensors for the convolutions ('auto': on a GPU, where cuDNN's tensor-core
-    kernels want it)."""
+    """--channels-last auto|on|off: NHWC for the convolutions (auto: on a GPU, where tensor-core kernels want it)."""
     on = device.type == "cuda" if channels_last == "auto" else channels_last == "on"
     return torch.channels_last if on else torch.contiguous_format
 
 
 # ---- a training run: log, progress, checkpoints, exact resumption ----
+# Flags a resumed run may change: they move no state and leave the result unchanged (precision too, so that a run
+# stopped by a non-finite loss can go on in fp32). Every other flag, and the facts, must equal the checkpoint's.
+RESUMABLE_CHANGES = {"max_steps", "log_every", "save_every", "workers", "resume", "output_dir", "data", "init",
+                     "precision", "channels_last"}
+
+
 class TrainingRun:
     """What a training script does besides its method: the output folder, rank 0's log.jsonl, tqdm bar and
     features.png, images/s, the checkpoint and exact resumption.
 
-    `state` maps checkpoint keys to what a resumed run must restore (networks, queue, optimiser, AMP scaler:
-    anything with state_dict / load_state_dict). The checkpoint (written atomically by rank 0 at every epoch's end,
-    every --save-every steps and at the end) also holds the flags, the RNG states, epoch, step and the facts exact
+    `state` maps checkpoint keys to what a resumed run restores (networks, queue, optimiser, AMP scaler: anything
+    with state_dict / load_state_dict). Rank 0 writes the checkpoint atomically at every epoch's end, every
+    --save-every steps and at the end, with the flags, the RNG states, epoch, step and the facts that exact
     resumption needs besides the flags (world size, number of images). `may_change`: the method's flags a resumed
-    run may change (its learning rates: the remedy after a non-finite loss), besides RESUMABLE_CHANGES.
+    run may change besides RESUMABLE_CHANGES (its learning rates: the remedy after a non-finite loss).
     """
 
     def __init__(self, method, args, d, dataset, state, may_change=(), remedy=""):
@@ -648,14 +626,66 @@ class TrainingRun:
         self.skipped = 0
 
     def resume(self):
-        """Restore `state` and the RNGs from the checkpoint this run continues from; returns its step (0: afresh)."""
-        ckpt = resume_checkpoint(self.args, self.path, self.method, self.facts, self.log, self.may_change)
-        if ckpt is None:
+        """Restore `state` and the RNGs from the checkpoint this run continues from; returns its step (0: afresh).
+
+        Rank 0 alone decides (its --resume, or <output-dir>/checkpoint.pth) and checks the checkpoint; ranks that can
+        read the very same file (a shared --output-dir) load it, and otherwise (node-local disks) rank 0 sends it.
+        """
+        decision, ckpt = self.decide() if self.d.is_main else (None, None)
+        decision = broadcast_object(decision)
+        if "error" in decision:
+            raise UserError(decision["error"])
+        if decision["path"] is None:
             return 0
+        if not self.d.is_main and os.path.isfile(decision["path"]):
+            try:
+                ckpt = torch.load(decision["path"], map_location="cpu", weights_only=False)
+            except Exception:
+                ckpt = None
+            ckpt = ckpt if isinstance(ckpt, dict) and ckpt.get("id") == decision["id"] else None
+        sent = not all_ranks_agree(ckpt is not None)
+        if sent:  # some rank sees no file, or another one
+            ckpt = broadcast_object(ckpt)
+        if self.d.is_main:
+            print(f"resumed from {decision['path']} at step {ckpt['step']}"
+                  + (" (rank 0 sent it to every rank: not every rank could read that file)" if sent else "")
+                  + (f"; changed flags: {', '.join(decision['allowed'])}" if decision["allowed"] else ""), flush=True)
+        self.log.write(event="resume", step=ckpt["step"], path=decision["path"], sent_by_rank0=sent,
+                       changed=decision["allowed"])
         for name, obj in self.state.items():
             obj.load_state_dict(ckpt[name])
         set_rng_states(ckpt["rng"])
         return ckpt["step"]
+
+    def decide(self):
+        """Rank 0's half of resume: (decision, checkpoint or None); a decision with an `error` stops every rank."""
+        resume = self.args.resume
+        path = self.path if resume == "auto" else None if resume == "never" else resume
+        if path is None or not os.path.isfile(path):
+            return (dict(error=f"--resume {resume}: no such checkpoint") if resume not in ("auto", "never")
+                    else dict(path=None)), None
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            reason = str(e).splitlines()[0] if str(e) else ""
+            return dict(error=f"{path}: unreadable checkpoint ({type(e).__name__}: {reason}); move it away, or pass "
+                        "--resume never to start afresh"), None
+        if not isinstance(ckpt, dict) or ckpt.get("method") != self.method:
+            found = ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__
+            return dict(error=f"{path}: not a {self.method}.py checkpoint (method {found}); pass --resume never or "
+                        "another --output-dir"), None
+        saved, now = dict(ckpt.get("args", {}), **ckpt.get("facts", {})), dict(vars(self.args), **self.facts)
+        forbidden, allowed = [], []
+        for key in sorted(set(saved) & set(now)):  # flags unknown to either side are not compared
+            if saved[key] != now[key]:
+                name = key.replace("_", " ") if key in self.facts else "--" + key.replace("_", "-")
+                may = key in RESUMABLE_CHANGES or key in self.may_change
+                (allowed if may else forbidden).append(f"{name} {saved[key]} -> {now[key]}")
+        if forbidden:
+            more = f" (and {len(forbidden) - 1} more: {'; '.join(forbidden[1:])})" if len(forbidden) > 1 else ""
+            return dict(error=f"{path}: cannot resume with {forbidden[0]}{more}: rerun with the checkpoint's value, "
+                        "or start afresh with another --output-dir or --resume never"), None
+        return dict(path=path, id=ckpt.get("id"), allowed=allowed), ckpt
 
     def save(self, epoch, step):
         if self.d.is_main:
@@ -667,7 +697,8 @@ class TrainingRun:
         """Print `banner` (rank 0), open the bar at `step` of `total_steps` and log the start with `facts`."""
         if self.d.is_main:
             print(f"{banner}; {self.facts['images']} images, {total_steps} steps in all", flush=True)
-        self.total_steps, self.t_start, self.meter = total_steps, time.time(), Meter()
+        self.total_steps, self.t_start, self.marks = total_steps, time.time(), collections.deque(maxlen=21)
+        self.marks.append((time.perf_counter(), 0))
         self.bar = throughput_bar(None, total_steps, self.d.is_main, initial=step, desc=self.method)
         self.log.write(event="start", step=step, world_size=self.d.world_size, images=self.facts["images"],
                        total_steps=total_steps, **facts)
@@ -684,10 +715,12 @@ class TrainingRun:
 
     def step_done(self, step, epoch, loss, images, postfix=None, **fields):
         """After optimiser step `step`: the bar, a log.jsonl line every --log-every steps (and at the last one), a
-        checkpoint every --save-every steps."""
+        checkpoint every --save-every steps. Images/s is over the last 20 steps (the first one's warm-up drops out)."""
         self.first_loss = loss if self.first_loss is None else self.first_loss
         self.last_loss = loss
-        rate = self.meter.rate(images)
+        self.marks.append((time.perf_counter(), self.marks[-1][1] + images))
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+        rate = (n1 - n0) / max(t1 - t0, 1e-9)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.3f}", **(postfix or {}), img_s=f"{rate:.1f}")
         if step % self.args.log_every == 0 or step == self.total_steps:
@@ -730,100 +763,12 @@ def training_loader(dataset, d, per_rank, workers, seed):
     return sampler, make_loader(dataset, sampler, per_rank, workers, d.device)
 
 
-# Flags a resumed run may change: they move no state and leave the run's result unchanged (precision too, so that
-# a run stopped by a non-finite loss can go on in fp32). Every other flag must equal the checkpoint's.
-RESUMABLE_CHANGES = {"max_steps", "log_every", "save_every", "workers", "resume", "output_dir", "data", "init",
-                     "precision", "channels_last"}
-
-
 def save_checkpoint(path, state):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact. Each save gets a fresh `id`, so
-    a rank that finds a file of the same name can tell whether it is rank 0's latest one."""
+    """Write atomically (a crash mid-write leaves the previous checkpoint); a fresh `id` lets a rank that finds a
+    file of that name tell whether it is rank 0's latest."""
     tmp = f"{path}.tmp"
     torch.save(dict(state, id=uuid.uuid4().hex), tmp)
     os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        "move it away, or pass --resume never to start afresh") from None
-
-
-def resume_changes(saved, args, facts, may_change=()):
-    """(forbidden, allowed): the differences between a checkpoint's saved flags and facts and this run's, as
-    'flag: saved -> now' strings; RESUMABLE_CHANGES and `may_change` may differ. Flags unknown to either side
-    (another version of the script) are not compared."""
-    now = dict(vars(args), **facts)
-    forbidden, allowed = [], []
-    for key in sorted(set(saved) & set(now)):
-        if saved[key] != now[key]:
-            name = key.replace("_", " ") if key in facts else "--" + key.replace("_", "-")
-            (allowed if key in RESUMABLE_CHANGES or key in may_change else forbidden).append(f"{name} {saved[key]} -> {now[key]}")
-    return forbidden, allowed
-
-
-def resume_checkpoint(args, path, method, facts, log, may_change=()):
-    """The checkpoint a run continues from, identical on every rank, or None to start afresh.
-
-    Rank 0 alone decides (from its own `--resume` / `<output-dir>/checkpoint.pth`), checks that the checkpoint is
-    `method`'s and that no flag that fixes the run's state or data order changed (RESUMABLE_CHANGES lists those
-    that may), and every rank learns the decision. Ranks that can read the very same file (a shared --output-dir)
-    load it themselves; otherwise (node-local disks) rank 0 sends its checkpoint to every rank. `facts` are what
-    the flags do not show but exact resumption needs (world size, number of images); they are saved with the
-    checkpoint (`facts`) and compared like flags. `may_change`: the method's flags a user may change on resume
-    (its learning rates: the remedy after a non-finite loss); every change is printed and logged.
-    """
-    rank = dist.get_rank() if distributed() else 0
-    decision, ckpt = _decide_resume(args, path, method, facts, may_change) if rank == 0 else (None, None)
-    decision = broadcast_object(decision)
-    if "error" in decision:
-        raise UserError(decision["error"])
-    if decision["path"] is None:
-        return None
-    if rank > 0:
-        if os.path.isfile(decision["path"]):
-            try:
-                ckpt = torch.load(decision["path"], map_location="cpu", weights_only=False)
-            except Exception:
-                ckpt = None
-            ckpt = ckpt if isinstance(ckpt, dict) and ckpt.get("id") == decision["id"] else None
-    if not all_ranks_agree(ckpt is not None):  # some rank sees no file, or another one: send rank 0's
-        ckpt = broadcast_object(ckpt)
-        decision["sent"] = True
-    if rank == 0:
-        print(f"resumed from {decision['path']} at step {ckpt['step']}"
-              + (" (rank 0 sent it to every rank: not every rank could read that file)" if decision.get("sent") else "")
-              + (f"; changed flags: {', '.join(decision['allowed'])}" if decision["allowed"] else ""), flush=True)
-    log.write(event="resume", step=ckpt["step"], path=decision["path"], sent_by_rank0=bool(decision.get("sent")),
-              changed=decision["allowed"])
-    return ckpt
-
-
-def _decide_resume(args, path, method, facts, may_change):
-    """Rank 0's half of resume_checkpoint: (decision, checkpoint or None)."""
-    explicit = args.resume not in ("auto", "never")
-    path = path if args.resume == "auto" else (None if args.resume == "never" else args.resume)
-    if path is None or not os.path.isfile(path):
-        if explicit:
-            return dict(error=f"--resume {args.resume}: no such checkpoint"), None
-        return dict(path=None), None
-    try:
-        ckpt = load_checkpoint(path)
-    except UserError as e:
-        return dict(error=str(e)), None
-    if not isinstance(ckpt, dict) or ckpt.get("method") != method:
-        found = ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__
-        return dict(error=f"{path}: not a {method}.py checkpoint (method {found}); pass --resume never or another "
-                          "--output-dir"), None
-    forbidden, allowed = resume_changes(dict(ckpt.get("args", {}), **ckpt.get("facts", {})), args, facts, may_change)
-    if forbidden:
-        more = f" (and {len(forbidden) - 1} more: {'; '.join(forbidden[1:])})" if len(forbidden) > 1 else ""
-        return dict(error=f"{path}: cannot resume with {forbidden[0]}{more}: rerun with the checkpoint's value, or "
-                          "start afresh with another --output-dir or --resume never"), None
-    return dict(path=path, id=ckpt.get("id"), allowed=allowed), ckpt
 
 
 class JsonLog:
@@ -846,17 +791,11 @@ def print_result(result, path=None):
     print(json.dumps(result), flush=True)
 
 
-def explicit_flags(parser, argv=None):
-    """The destinations of the flags the user actually typed (so a preset never overrides them)."""
-    argv = sys.argv[1:] if argv is None else argv
-    typed = [a.split("=")[0] for a in argv if a.startswith("--")]
-    return {parser._option_string_actions[a].dest for a in typed if a in parser._option_string_actions}
-
-
 def apply_preset(parser, args, preset, argv=None, announce=None):
-    """Set every value of `preset` that the user did not give on the command line; returns what changed.
-    With `announce` (what the run uses instead of --data), rank 0 prints it and the flags the preset set."""
-    given = explicit_flags(parser, argv)
+    """Set every value of `preset` that the user did not type on the command line; returns what changed. With
+    `announce` (what the run uses instead of --data), rank 0 prints it and the flags the preset set."""
+    typed = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")]
+    given = {parser._option_string_actions[a].dest for a in typed if a in parser._option_string_actions}
     changed = {k: v for k, v in preset.items() if k not in given}
     for k, v in changed.items():
         setattr(args, k, v)
@@ -867,23 +806,8 @@ def apply_preset(parser, args, preset, argv=None, announce=None):
 
 
 def throughput_bar(iterable, total, enabled, initial=0, desc="train"):
-    from tqdm import tqdm
     return tqdm(iterable, total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True,
                 smoothing=0.05)
-
-
-class Meter:
-    """Images per second over the last `window` steps (the first step, with its warm-up, drops out)."""
-
-    def __init__(self, window=20):
-        self.marks = collections.deque([(time.perf_counter(), 0)], maxlen=window + 1)
-        self.total = 0
-
-    def rate(self, images):
-        self.total += images
-        self.marks.append((time.perf_counter(), self.total))
-        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
-        return (n1 - n0) / max(t1 - t0, 1e-9)
 
 
 # ---- ResNet weights ----
@@ -954,7 +878,7 @@ def load_resnet_state(net, state, path):
 
 
 def infer_arch(state):
-    """Guess the ResNet depth from a state dict's keys (for MoCo/torchvision files that carry no args)."""
+    """The ResNet depth of a state dict, from its keys (MoCo and torchvision files carry no args)."""
     blocks = {i: len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4)}
     bottleneck = any(k.endswith("conv3.weight") for k in state)
     table = {(2, 2, 2, 2, False): "resnet18", (3, 4, 6, 3, False): "resnet34", (3, 4, 6, 3, True): "resnet50",
@@ -963,11 +887,8 @@ def infer_arch(state):
 
 
 def dilated_resnet(arch):
-    """A ResNet whose layer2..layer4 trade their stride for dilation (DeepLab's "large field of view"), so C5 comes
-    out at 1/4 of the input (VADeR §4.1 evaluates the baselines at the resolution of VADeR's decoder).
-
-    Parameter names and shapes are unchanged: any ResNet state dict of the same depth loads into it.
-    """
+    """A ResNet whose layer2..layer4 trade their stride for dilation (DeepLab), so C5 comes out at 1/4: VADeR §4.1
+    evaluates the baselines at its decoder's resolution. Names and shapes are unchanged, so weights load into it."""
     if resnet_channels(arch)[-1] == 2048:
         net = getattr(torchvision.models, arch)(weights=None, replace_stride_with_dilation=[True, True, True])
         net.fc = nn.Identity()
@@ -999,14 +920,12 @@ class DilatedResNet(nn.Module):
 
 
 def dense_feature_model(weights, arch, dense_models):
-    """The frozen network an evaluation probes, from `weights` ('random' or a file read by read_weights).
+    """The frozen network an evaluation probes, from `weights` ('random' or a file read by read_weights), as
+    (model, description); the model maps N x 3 x H x W to N x C x H/4 x W/4.
 
-    `dense_models` maps a method name to a class whose checkpoints carry their own dense head (VADeR's decoder:
-    {"vader": vader.VADeRNet}); the evaluation scripts pass it, so this file never imports a method. The class's
-    `from_args(saved_args)` builds the network a checkpoint was trained as (its --arch, --embedding-dim, ...), or
-    returns None when that run trained no dense head (e.g. an image-level objective): its encoder is then probed.
-    Every other kind (MoCo, torchvision, CLoVE's encoder, random) becomes a ResNet dilated to 1/4 (VADeR §4.1).
-    Returns (model, description); the model maps N x 3 x H x W to N x C x H/4 x W/4.
+    `dense_models` maps a method to a class whose checkpoints carry their own dense head ({"vader": VADeRNet}), so
+    this file imports no method; its `from_args(saved_args)` builds the trained network, or returns None when the
+    run trained no dense head (its encoder is then probed). Every other kind becomes a ResNet dilated to 1/4.
     """
     if weights == "random":
         return DilatedResNet(arch), f"random init ({arch}, dilated to 1/4)"
@@ -1029,9 +948,8 @@ def dense_feature_model(weights, arch, dense_models):
 
 # ---- feature pictures (VADeR Figures 2 and 5) ----
 def pca_colours(features):
-    """Project dense features (N x C x h x w) onto their first three principal components (computed over all the
-    pixels of all N maps together) and scale each component to [0, 1]: N x 3 x h x w. Similar features get
-    similar colours, as in VADeR Figure 5."""
+    """Dense features N x C x h x w projected on their first three principal components (over all pixels of all
+    maps) and scaled to [0, 1]: N x 3 x h x w, similar features in similar colours (VADeR Figure 5)."""
     n, c, h, w = features.shape
     x = features.float().permute(0, 2, 3, 1).reshape(-1, c)  # P x C
     x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # a picture of a diverged model must not stop its run
@@ -1044,8 +962,7 @@ def pca_colours(features):
 
 
 def picture_images(dataset, size, count=4):
-    """The first `count` readable images of a ViewDataset for feature_picture, resized to size x size (at least
-    128, so that a CPU demo's small views still give a picture one can read)."""
+    """The first `count` readable images of a ViewDataset, at size x size (at least 128 px, to be readable)."""
     size, images = max(size, 128), []
     for i in range(len(dataset)):
         if len(images) == count:

@@ -2,7 +2,8 @@
 
     python tests/benchmarks.py vader --arch resnet50 --image-size 224 --batch-size 8 --repeats 5 [--profile]
     python tests/benchmarks.py clove --arch resnet50 --image-size 224 --local-crops 6 --batch-size 8 --repeats 5
-    git worktree add /tmp/before <commit>; python tests/benchmarks.py data --code /tmp/before .
+    git worktree add ../before <commit>; python tests/benchmarks.py data --code ../before .
+    python tests/benchmarks.py fingerprint --code ../before .
     python tests/benchmarks.py clove-position --arch resnet18 --image-size 128 --weights random runs/clove-demo/checkpoint.pth
     python tests/benchmarks.py probe-ceiling --arch resnet18 --image-size 96 --weights random runs/vader-demo/checkpoint.pth
 
@@ -20,7 +21,7 @@ over the rounds of a ratio taken within one round.
   - --profile adds torch.profiler's top ops (self time, ms per call) of the step and of each part alone.
   - img/s of the full step and peak memory (CUDA: max allocated; CPU: max RSS of the process).
 
-data: what the data path moves and costs, for each --code checkout side by side in one process (issue 10, item 7):
+data: what the data path moves and costs, for each --code checkout side by side in one process:
 the bytes of one collated sample (per field) and of a per-GPU batch at the papers' settings (VADeR 128/4 = 32,
 CLoVE 2048/4 = 512 images), which cross the workers' shared memory and then the host-to-device copy; the shared
 memory in flight per rank (batch x workers x prefetch factor of the checkout's make_loader); and the worker's cost
@@ -37,10 +38,16 @@ probe-ceiling: what a linear read-out at 1/4 resolution can get from the embedde
 standardised features, labels sampled at the 1/4 grid): raw colour, 14 hand-made local statistics (colour, local
 contrast at three scales, oriented gradient energy at two) and the frozen features of each --weights.
 Prints one JSON line.
+
+fingerprint: whether a change kept every computation: for each --code checkout, short fixed runs (3 steps, embedded
+data, workers 0) of vader.py and clove.py with the paper's settings and each ablation, and the sha256 of every tensor
+of the final checkpoint's networks, queue and optimiser state. Identical digests mean bitwise-identical weights.
 """
 import argparse
 import collections
 import copy
+import functools
+import hashlib
 import json
 import os
 import random
@@ -77,8 +84,8 @@ def moco_two_crop(size):
 
 
 def network_input(views, device, memory_format=torch.contiguous_format):
-    """A batch of views as the training loop feeds the network: uint8 views (workers hand uint8 since issue 10,
-    item 7) are normalised on the device by common.normalize; float views are already normalised."""
+    """A batch of views as the training loop feeds the network: uint8 views are normalised on the device by
+    common.normalize; float views (older checkouts) are already normalised."""
     if views.dtype == torch.uint8:
         views = common.normalize(views, device)
     return views.to(device).contiguous(memory_format=memory_format)
@@ -134,7 +141,7 @@ def bench_vader(a):
                                           "--batch-size", str(a.batch_size), "--precision", a.precision,
                                           "--num-matches", str(a.num_matches)])
     args.queue_size = a.queue_size
-    vader.resolve_defaults(args)  # --temperature by --objective, as vader.main() does
+    args.temperature = vader.TEMPERATURES[args.objective]  # as vader.parse_args does
     load_before = load_average()
     leaves = common.DeadLeaves(size=max(160, a.image_size * 2))
     images = [leaves.image(i)[0] for i in range(a.batch_size)]
@@ -154,11 +161,15 @@ def bench_vader(a):
     keys = {}
 
     def full():  # the training loop's step (vader.train), minus data loading and logging
-        loss, k = vader.forward_loss(f, f, g, queue, v1, v2, matches, args)
+        with common.autocast(device, args.precision):
+            loss, k = vader.vader_step(f, f, g, queue, v1, v2, matches, args.temperature, args.momentum,
+                                       args.shuffle_bn_splits)
+        loss = args.loss_weight * loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        queue.enqueue(k.detach())
+        k = k.flatten(0, 1)
+        queue.enqueue(k)
         keys["k"] = k
         loss.item()
 
@@ -258,16 +269,17 @@ def bench_clove(a):
         batches.append(locals_.transpose(0, 1).flatten(0, 1).contiguous(memory_format=fmt))
 
     torch.manual_seed(0)
-    student = clove.CLoVENet(args.arch, args.proj_hidden, args.embedding_dim, args.attention, args.heads,
+    student = clove.CLoVENet(args.arch, args.proj_hidden, args.embedding_dim, args.heads,
                              args.attention_temperature).to(device, memory_format=fmt)
     teacher = clove.make_teacher(student)
     student.train(), teacher.train()
-    optimizer = clove.build_optimizer(student, args, lr=1e-3)  # small: the weights must stay finite over the rounds
+    optimizer = clove.build_optimizer(student, 1e-3, args.weight_decay, args.sgd_momentum)  # small: stays finite
+    loss_fn = functools.partial(clove.clove_loss, lamb=args.lamb, margin=args.margin, topk=args.topk_negatives)
     saved = {}
 
     def full():  # the training loop's step (clove.train, one micro-batch), minus data loading and logging
         with common.autocast(device, args.precision):
-            loss, target = clove.clove_step(student, teacher, globals_, locals_, pos_global, pos_local, args)
+            loss, target = clove.clove_step(student, teacher, globals_, locals_, pos_global, pos_local, loss_fn, fmt)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -301,13 +313,11 @@ def bench_clove(a):
         s = student_views[0].unflatten(0, (2, n))
         local = student_views[1].unflatten(0, (n_local, n)) if n_local else None
         target = saved["target"]
-        kw = dict(lamb=args.lamb, margin=args.margin, topk=args.topk_negatives, loss=args.loss,
-                  official=args.official_loss)
         with common.autocast(device, args.precision):
             terms = []
             for t in (0, 1):
-                terms.append(clove.clove_loss(s[1 - t], target[t], pos_global[:, t], **kw))
-                terms += [clove.clove_loss(local[l], target[t], pos_local[:, t, l], **kw) for l in range(n_local)]
+                terms.append(loss_fn(s[1 - t], target[t], pos_global[:, t]))
+                terms += [loss_fn(local[l], target[t], pos_local[:, t, l]) for l in range(n_local)]
             loss = torch.stack(terms).mean()
         loss.backward()
 
@@ -550,9 +560,54 @@ def bench_probe_ceiling(a):
     return dict(image_size=a.image_size, train_images=len(xt), val_images=len(xv), probe=out)
 
 
+FINGERPRINT_RUNS = {
+    "vader": ("vader.py", []), "vader same-view": ("vader.py", ["--matching", "same-view"]),
+    "vader in-image r8": ("vader.py", ["--in-image-negatives", "--negative-radius", "8"]),
+    "vader shared": ("vader.py", ["--key-encoder", "shared"]), "vader global": ("vader.py", ["--objective", "global"]),
+    "clove": ("clove.py", []), "clove official-loss": ("clove.py", ["--official-loss"]),
+    "clove mhsa": ("clove.py", ["--attention", "mhsa"]), "clove inter": ("clove.py", ["--negatives", "inter"]),
+    "clove l2": ("clove.py", ["--loss", "l2"]), "clove accum2": ("clove.py", ["--accum-steps", "2"]),
+}
+
+
+def checkpoint_digest(path):
+    """sha256 (16 hex digits) of every tensor of a checkpoint's networks, queue and optimiser state, in key order."""
+    def tensors(obj, prefix):
+        if torch.is_tensor(obj):
+            yield prefix, obj
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                yield from tensors(obj[k], f"{prefix}/{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from tensors(v, f"{prefix}/{i}")
+    ckpt, digest = torch.load(path, map_location="cpu", weights_only=False), hashlib.sha256()
+    for part in ("model", "momentum_encoder", "teacher", "queue", "optimizer"):
+        for name, t in tensors(ckpt.get(part), part):
+            digest.update(name.encode())
+            digest.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def bench_fingerprint(a):
+    import subprocess
+    import tempfile
+    out = {}
+    for code in a.code:
+        for name, (script, flags) in FINGERPRINT_RUNS.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                r = subprocess.run([sys.executable, os.path.join(code, script), "--output-dir", tmp, "--max-steps", "3",
+                                    "--workers", "0", *flags], capture_output=True, text=True, cwd=code)
+                digest = checkpoint_digest(os.path.join(tmp, "checkpoint.pth")) if r.returncode == 0 else "failed"
+            out.setdefault(name, {})[code] = digest
+            print(f"{name:22s} {code}: {digest}", file=sys.stderr, flush=True)
+    identical = all(len(set(v.values())) == 1 and "failed" not in v.values() for v in out.values())
+    return dict(benchmark="fingerprint", identical=identical, digests=out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=["vader", "clove", "data", "clove-position", "probe-ceiling"],
+    p.add_argument("method", choices=["vader", "clove", "data", "clove-position", "probe-ceiling", "fingerprint"],
                    help="what to measure (see above)")
     p.add_argument("--weights", nargs="+", default=["random"], help="clove-position, probe-ceiling: 'random' and/or checkpoints")
     p.add_argument("--arch", default="resnet50", help="ResNet depth")
@@ -564,8 +619,8 @@ def main():
     p.add_argument("--precision", default="auto", choices=common.PRECISIONS, help="autocast dtype, as the training "
                    "scripts' flag ('auto': bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--code", nargs="+", default=[os.path.dirname(os.path.dirname(os.path.abspath(__file__)))],
-                   help="data: repository checkouts whose common/vader/clove to measure side by side (e.g. a "
-                   "`git worktree` of the commit before a change and one after)")
+                   help="data, fingerprint: repository checkouts to measure side by side (e.g. a `git worktree` of "
+                   "the commit before a change, and this one)")
     p.add_argument("--compare", default=None, help="vader: also time Eq. 2 and the EMA as the checkout at this path "
                    "implements them (e.g. a `git worktree` of the commit before a speed-up)")
     p.add_argument("--local-crops", type=int, default=6, help="clove: 96-px student-only views (the official code: 6)")
@@ -574,7 +629,9 @@ def main():
     p.add_argument("--profile", action="store_true", help="vader, clove: add torch.profiler's top ops of one step "
                    "and the ops where the step spends more than the bare network")
     a = p.parse_args()
-    if a.method == "clove-position":
+    if a.method == "fingerprint":
+        print(json.dumps(bench_fingerprint(a)))
+    elif a.method == "clove-position":
         print(json.dumps(bench_clove_position(a)))
     elif a.method == "data":
         print(json.dumps(bench_data(a)))

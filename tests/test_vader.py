@@ -60,14 +60,14 @@ def test_matches_are_distinct_cells_of_view_one():
 
 
 def test_same_view_matching_pairs_each_cell_with_itself():
-    views = vader.PairedViews(image_size=64, color=False, matching="same-view", num_matches=16)
+    views = vader.SameViewPairs(image_size=64, color=False, num_matches=16)
     v1, v2, matches = views(coordinate_image(100, 80), random.Random(0))
     assert torch.equal(matches[:, 0], matches[:, 1])
     assert torch.allclose(v1, v2)  # no colour ops: identical crops give identical views
 
 
 def test_unmatch_pairs_ignore_the_geometry():
-    views = vader.PairedViews(image_size=64, color=False, matching="unmatch", num_matches=32)
+    views = vader.UnmatchedPairs(image_size=64, color=False, num_matches=32)
     img = coordinate_image(256, 256)
     far = 0
     for seed in range(5):
@@ -116,8 +116,11 @@ def test_loss_equals_a_naive_loop_over_eq2_with_in_image_negatives_by_radius():
                         neg += math.exp(float(q[i] @ key[j]) / tau)
                         counted += 1
             total += -math.log(pos / (pos + neg))
-        mask = vader.in_image_negatives(matches, radius) if in_image else None
-        got = vader.vader_loss(q, key, queue, tau, mask)
+        if in_image:
+            mask = vader.in_image_negatives(matches, radius)
+            got = vader.in_image_loss(q, key, queue, tau, mask)
+        else:
+            got = vader.vader_loss(q, key, queue, tau)
         assert got.item() == pytest.approx(total / (n * m), rel=1e-5), (in_image, radius)
         if in_image:
             assert int(mask.sum()) == counted
@@ -381,7 +384,7 @@ def test_feature_picture_from_a_tiny_checkpoint(tmp_path, run_script):
     assert sim[0, 0, 0] == sim[0, 0, 1] == sim[0, 0, 2]  # the rest is a grey similarity map
 
 
-# ---- the reviewers' switches (issue 11) and one-process shuffle BN (issue 10) ----
+# ---- the reviewers' switches and one-process shuffle BN ----
 def test_one_process_shuffle_bn_normalises_keys_over_random_sub_batches():
     torch.manual_seed(0)
     g = vader.VADeRNet("resnet18").train()  # train-mode BN: the statistics depend on the sub-batch
@@ -431,7 +434,8 @@ def test_global_net_is_avg_pooled_c5_through_moco_v2s_mlp_head():
     with torch.no_grad():
         pooled = reference.eval()(x)  # 2 x 512
         expected = net.head[2](torch.relu(net.head[0](pooled)))
-        assert torch.allclose(net(x), expected, atol=1e-5)
+        assert net(x).shape == (2, 128, 1, 1)  # a one-cell map: vader_step with one match per image is MoCo v2
+        assert torch.allclose(net(x).flatten(1), expected, atol=1e-5)
 
 
 def test_global_objective_is_infonce_over_the_image_queue():
@@ -440,26 +444,27 @@ def test_global_objective_is_infonce_over_the_image_queue():
     g = vader.GlobalNet("resnet18").eval()
     queue = vader.PixelQueue(6, 128)
     view1, view2 = torch.randn(3, 3, 64, 64), torch.randn(3, 3, 64, 64)
-    args = vader.get_parser().parse_args(["--objective", "global", "--momentum", "1", "--shuffle-bn-splits", "1",
-                                          "--loss-weight", "1"])
-    vader.resolve_defaults(args)
+    args = vader.parse_args(["--objective", "global"])
     assert args.temperature == 0.2  # MoCo v2's
-    loss, keys = vader.forward_loss(f, f, g, queue, view1, view2, torch.zeros(3, 4, 4, dtype=torch.long), args)
+    matches = vader.TwoCrops(64)(Image.new("RGB", (80, 80)), random.Random(0))[2]
+    assert matches.shape == (1, 4) and not matches.any()  # one "cell" per image: the 1 x 1 map's
+    loss, keys = vader.vader_step(f, f, g, queue, view1, view2, matches.expand(3, 1, 4), tau=0.2, momentum=1.0,
+                                  bn_splits=1)
     with torch.no_grad():
-        q = torch.nn.functional.normalize(f(view1), dim=1)
-        k = torch.nn.functional.normalize(g(view2), dim=1)
+        q = torch.nn.functional.normalize(f(view1).flatten(1), dim=1)
+        k = torch.nn.functional.normalize(g(view2).flatten(1), dim=1)
     total = 0.0
     for i in range(3):
         pos = math.exp(float(q[i] @ k[i]) / 0.2)
         neg = sum(math.exp(float(q[i] @ queue.keys[j]) / 0.2) for j in range(6))
         total += -math.log(pos / (pos + neg))
     assert loss.item() == pytest.approx(total / 3, rel=1e-4)
-    assert torch.allclose(keys, k, atol=1e-5)  # one key per image enters the queue
+    assert keys.shape == (3, 1, 128) and torch.allclose(keys[:, 0], k, atol=1e-5)  # one key per image
 
 
 def test_crops_objective_views_both_come_from_one_non_overlapping_region():
     img = coordinate_image(200, 160)
-    views = vader.PairedViews(image_size=32, color=False, num_matches=4, independent=True, regions=2)
+    views = vader.RegionCrops(image_size=32, regions=2, color=False)
     seen = set()
     for seed in range(30):
         v1, v2, _ = views(img, random.Random(seed))
@@ -475,20 +480,26 @@ def test_crops_objective_views_both_come_from_one_non_overlapping_region():
     assert seen == {(0, 0), (0, 1), (1, 0), (1, 1)}  # each of the four regions is an instance
 
 
-def test_keys_per_image_enqueues_k_random_matched_keys_of_each_image():
-    torch.manual_seed(0)
-    f = vader.VADeRNet("resnet18").eval()
-    g = copy_of(f)
-    queue = vader.PixelQueue(16, 128)
-    view1, view2 = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
-    matches = random_matches(2, 6, grid=16)
-    args = vader.get_parser().parse_args(["--keys-per-image", "2", "--num-matches", "6", "--shuffle-bn-splits", "1"])
-    vader.resolve_defaults(args)
-    _, keys = vader.forward_loss(f, f, g, queue, view1, view2, matches, args)
+def test_keys_per_image_enqueues_k_random_matched_keys_of_each_image(tmp_path, run_script):
+    """One step with --keys-per-image 2: the queue's first rows are g's embeddings of the first 2 matches of each
+    image of the step's batch (rebuilt here from the sampler and the views), computed by the g the run saved."""
+    data, out = make_folder(tmp_path / "data", bad=False), tmp_path / "out"
+    r = run_script("vader.py", "--data", data, "--output-dir", out, "--max-steps", "1", *TINY, "--keys-per-image", "2",
+                   "--shuffle-bn-splits", "1")
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    dataset = common.ImageFolderDataset(str(data), vader.PairedViews(64, 8), seed=0)
+    sampler = common.ResumableSampler(len(dataset), 0, 1, seed=0)
+    batch = [dataset[i] for i in list(sampler)[:4]]  # step 1's four images
+    view2 = common.normalize(torch.stack([b[1] for b in batch]), torch.device("cpu"))
+    matches = torch.stack([b[2] for b in batch])  # 4 x 8 x 4
+    g = vader.VADeRNet("resnet18")
+    g.load_state_dict(ckpt["momentum_encoder"])
     with torch.no_grad():
-        z = torch.nn.functional.normalize(g(view2).flatten(2), dim=1)  # 2 x 128 x 256
-    expected = torch.stack([z[i][:, matches[i, j, 1]] for i in range(2) for j in range(2)])  # first 2 of each image
-    assert keys.shape == (4, 128) and torch.allclose(keys, expected, atol=1e-5)
+        keys = vader.gather_cells(g.train()(view2), matches[:, :, 1])  # 4 x 8 x 128, BN on the batch as in training
+    assert int(ckpt["queue"]["ptr"]) == 8  # 4 images x 2 keys
+    assert torch.allclose(ckpt["queue"]["keys"][:8], keys[:, :2].flatten(0, 1), atol=1e-5)
+    assert not torch.allclose(ckpt["queue"]["keys"][:8], keys[:, 2:4].flatten(0, 1), atol=1e-2)  # not any 2
 
 
 def copy_of(net):
