@@ -86,11 +86,11 @@ def get_parser():
                    help="'random', a vader.py / clove.py or MoCo checkpoint, or a torchvision ResNet state dict")
     p.add_argument("--arch", default="resnet50", help="ResNet depth for 'random' and for files that do not say it")
     p.add_argument("--protocol", default="timecycle", choices=sorted(PROTOCOLS),
-                   help="preset of the propagation knobs below (timecycle: the VADeR paper's); typed flags win")
+                   help="preset of the knobs whose default is None (timecycle: the VADeR paper's); typed flags win")
     p.add_argument("--resolution", default=None,
                    help="square input side (320 and 480 are TimeCycle's; any integer >= 32) or 'native' (480p)")
     p.add_argument("--stride", type=int, default=None, choices=[4, 8],
-                   help="feature stride: 4 = VADeR's grid, 8 = the baselines' (a 16x cheaper affinity)")
+                   help="feature stride: 4 = VADeR's grid; 8 = TimeCycle's, CRW's, DINO /8's (16x cheaper affinity)")
     p.add_argument("--n-context", type=int, default=None, help="previous predicted frames in the context")
     p.add_argument("--topk", type=int, default=None, help="neighbours whose labels are mixed")
     p.add_argument("--topk-mode", default=None, choices=["per-frame", "joint"],
@@ -102,7 +102,7 @@ def get_parser():
     p.add_argument("--radius-first-frame", action=argparse.BooleanOptionalAction, default=None,
                    help="apply --radius to the first frame too (DINO), not only to the previous frames (CRW)")
     p.add_argument("--minmax", default=None, choices=["none", "carried", "output"],
-                   help="rescale each channel to [0, 1]: every carried prediction (TimeCycle) or the output (DINO)")
+                   help="rescale each channel to [0, 1]: each carried prediction (TimeCycle) or only the output (DINO)")
     p.add_argument("--fill-context", action=argparse.BooleanOptionalAction, default=None,
                    help="start the context as --n-context copies of frame 0 (TimeCycle, CRW), not the frames seen")
     p.add_argument("--affinity", default="local", choices=["local", "full"],
@@ -370,8 +370,9 @@ def at_stride(model, stride):
     """The frozen network with its features at 1/stride; returns (model, description).
 
     common.dense_feature_model gives 1/4: VADeR's decoder, or a ResNet dilated to 1/4 (common.DilatedResNet, as §4.1
-    does for the baselines). At stride 8 that ResNet is re-dilated to 1/8 only (layer2 keeps its stride: the res4
-    grid of TimeCycle's and CRW's baselines), and VADeR's decoder output is average-pooled 2 x 2 (AveragePooled)."""
+    does for the baselines). At stride 8 that ResNet is re-dilated to 1/8 only (layer2 keeps its stride: the grid
+    on which TimeCycle and CRW read their res4 features; this is C5), and VADeR's decoder output is average-pooled
+    2 x 2 (AveragePooled)."""
     if stride == 4:
         return model, "at stride 4"
     if isinstance(model, common.DilatedResNet):
@@ -411,10 +412,10 @@ class FeatureStream:
 def label_grid(ids, num_objects, grid, resolution, stride=4):
     """H x W ids -> (N+1) x h x w soft labels: the fraction of each feature cell covered by each object.
 
-    In square mode the grid spans the whole (stretched) frame; at native size cell j covers pixels
-    [stride*j, stride*(j+1)), so the mask is edge-padded to stride*h x stride*w first. This area average is our
-    choice: TimeCycle and CRW resample the labels bilinearly, DINO takes the nearest pixel; all agree inside an
-    object."""
+    At native size cell j covers pixels [stride*j, stride*(j+1)), so the mask is edge-padded to stride*h x stride*w
+    first and the fractions are exact. In square mode the grid spans the whole frame and each cell averages the
+    whole pixels its span touches (adaptive average pooling). This area average is our choice: TimeCycle and CRW
+    resample the labels bilinearly, DINO takes the nearest pixel; all agree inside an object."""
     ids = torch.as_tensor(ids).long()
     ids = torch.where(ids > num_objects, torch.zeros_like(ids), ids)  # void (255) and ids unknown at frame 0 -> bg
     onehot = F.one_hot(ids, num_objects + 1).permute(2, 0, 1).float()  # (N+1) x H x W

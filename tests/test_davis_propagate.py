@@ -1,5 +1,5 @@
 """davis_propagate.py: propagation with oracle features, the official J&F against independent computations,
-chunking, PNG output, --eval-only and one-line errors on bad input. CPU, about a minute."""
+chunking, PNG output, --eval-only and one-line errors on bad input. CPU only."""
 import json
 import math
 import os
@@ -305,7 +305,8 @@ def test_label_grid_at_stride_8_covers_8x8_cells():
 
 def test_preset_radius_keeps_its_pixel_extent_at_another_stride():
     p = dp.get_parser()
-    for argv, radius, window in ((["--protocol", "crw"], 12, "disc"), (["--protocol", "crw", "--stride", "4"], 24, "disc"),
+    for argv, radius, window in ((["--protocol", "crw"], 12, "disc"),
+                                 (["--protocol", "crw", "--stride", "4"], 24, "disc"),
                                  (["--protocol", "dino", "--stride", "4", "--radius", "5"], 5, "square")):
         args = p.parse_args(["--data", ".", *argv])
         settings = dp.resolve_settings(p, args, ["--data", ".", *argv])
@@ -556,7 +557,8 @@ def test_metrics_json_holds_null_not_nan(run_script, tmp_path):
     """A sequence whose first frame has no object has no J-Mean: null in metrics.json, which stays strict JSON."""
     a = box_masks(5, 40, 40, [(1, 10, 10, 15, 15, 1, 1)])
     empty = [np.zeros((40, 40), np.uint8) for _ in range(5)]
-    root = write_davis(tmp_path / "davis", {"seqa": (grey_frames(5, 40, 40), a), "empty": (grey_frames(5, 40, 40), empty)})
+    root = write_davis(tmp_path / "davis", {"seqa": (grey_frames(5, 40, 40), a),
+                                            "empty": (grey_frames(5, 40, 40), empty)})
     results = tmp_path / "results"
     shutil.copytree(os.path.join(root, "Annotations", "480p"), results)
     r = run_script("davis_propagate.py", "--data", root, "--eval-only", results)
