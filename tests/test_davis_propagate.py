@@ -1,5 +1,5 @@
 """davis_propagate.py: propagation with oracle features, the official J&F against independent computations,
-chunking, PNG output, --eval-only and one-line errors on bad input. CPU, about a minute."""
+chunking, PNG output, --eval-only and one-line errors on bad input. CPU only."""
 import json
 import math
 import os
@@ -15,7 +15,7 @@ import common
 import davis_propagate as dp
 from vader import VADeRNet
 
-torch.set_num_threads(1)  # the in-process tensors are tiny: thread start-up on a shared CPU costs more than it gains
+torch.set_num_threads(1)  # the in-process tensors are tiny: starting threads costs more than it gains
 
 
 # ---- helpers: a hand-made DAVIS folder ----
@@ -92,9 +92,11 @@ def test_oracle_features_reproduce_a_translating_sequence(protocol):
     knobs.update(radius=2 if knobs["radius"] else 0, n_context=3)  # the motion is 1 cell per frame
     first = dp.label_grid(truth[0], 2, grid, "native")
     assert torch.equal(first.argmax(0), torch.from_numpy(truth_cells[0]).long())
-    predictions = list(dp.propagate(iter(oracle_features(num_frames, grid, cell_boxes)), first, knobs["n_context"],
-                                    knobs["topk"], knobs["topk_mode"], knobs["temperature"], knobs["radius"],
-                                    knobs["radius_first_frame"], knobs["minmax"], chunk_size=17))
+    predictions = list(dp.propagate(iter(oracle_features(num_frames, grid, cell_boxes)), first,
+                                    n_context=knobs["n_context"], topk=knobs["topk"], topk_mode=knobs["topk_mode"],
+                                    temperature=knobs["temperature"], radius=knobs["radius"],
+                                    radius_first_frame=knobs["radius_first_frame"], minmax=knobs["minmax"],
+                                    chunk_size=17))
     assert len(predictions) == num_frames - 1
     for t, soft in enumerate(predictions, start=1):
         cells = soft.argmax(0).numpy()
@@ -135,7 +137,8 @@ def test_chunked_and_unchunked_propagation_agree(mode):
     runs = []
     for chunk in (5, 10_000):
         out = dp.propagate(iter(feats), first, n_context=2, topk=5, topk_mode=mode, temperature=0.07, radius=3,
-                           radius_first_frame=False, minmax=mode == "per-frame", chunk_size=chunk)
+                           radius_first_frame=False, minmax="carried" if mode == "per-frame" else "none",
+                           chunk_size=chunk)
         runs.append(torch.stack(list(out)))
     assert runs[0].shape == (frames - 1, 4, *grid)
     assert torch.allclose(runs[0], runs[1], atol=1e-6)
@@ -302,7 +305,8 @@ def test_label_grid_at_stride_8_covers_8x8_cells():
 
 def test_preset_radius_keeps_its_pixel_extent_at_another_stride():
     p = dp.get_parser()
-    for argv, radius, window in ((["--protocol", "crw"], 12, "disc"), (["--protocol", "crw", "--stride", "4"], 24, "disc"),
+    for argv, radius, window in ((["--protocol", "crw"], 12, "disc"),
+                                 (["--protocol", "crw", "--stride", "4"], 24, "disc"),
                                  (["--protocol", "dino", "--stride", "4", "--radius", "5"], 5, "square")):
         args = p.parse_args(["--data", ".", *argv])
         settings = dp.resolve_settings(p, args, ["--data", ".", *argv])
@@ -553,7 +557,8 @@ def test_metrics_json_holds_null_not_nan(run_script, tmp_path):
     """A sequence whose first frame has no object has no J-Mean: null in metrics.json, which stays strict JSON."""
     a = box_masks(5, 40, 40, [(1, 10, 10, 15, 15, 1, 1)])
     empty = [np.zeros((40, 40), np.uint8) for _ in range(5)]
-    root = write_davis(tmp_path / "davis", {"seqa": (grey_frames(5, 40, 40), a), "empty": (grey_frames(5, 40, 40), empty)})
+    root = write_davis(tmp_path / "davis", {"seqa": (grey_frames(5, 40, 40), a),
+                                            "empty": (grey_frames(5, 40, 40), empty)})
     results = tmp_path / "results"
     shutil.copytree(os.path.join(root, "Annotations", "480p"), results)
     r = run_script("davis_propagate.py", "--data", root, "--eval-only", results)
