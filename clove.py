@@ -432,9 +432,9 @@ def train(args):
     parts.update(ablation_parts(args))
     views = CLoVEViews(args.image_size, args.local_crops, args.local_size, args.global_scale, args.local_scale,
                        args.t_pos, args.match_coords)
-    dataset = common.training_set(args.data, views, args.seed, args.synthetic_images)
+    dataset = common.ViewDataset(args.data, views, args.seed, args.synthetic_images)
     per_rank = args.batch_size // (d.world_size * args.accum_steps)  # a rank's micro-batch
-    sampler, loader = common.training_loader(dataset, d, per_rank, args.workers, args.seed)
+    sampler, loader = common.make_loader(dataset, d, per_rank, args.workers, args.seed)
     steps_per_epoch = len(sampler) // (per_rank * args.accum_steps)
     if steps_per_epoch == 0:
         raise common.UserError(f"--data {args.data}: {len(dataset)} images are fewer than one batch per rank "
@@ -461,11 +461,10 @@ def train(args):
                              optimizer=optimizer, scaler=scaler), may_change={"base_lr"},
                              remedy="Lower --base-lr or use --precision fp32")
     step = run.resume()
-    examples = [common.example_images((2 * per_rank, 3, args.image_size, args.image_size), d.device, memory_format)]
-    if args.local_crops:  # the shapes clove_step passes: view-major global views, then the local crops
-        examples.append(common.example_images((args.local_crops * per_rank, 3, args.local_size, args.local_size),
-                                              d.device, memory_format))
-    model = common.wrap_ddp(f, d, *examples)
+    shapes = [(2 * per_rank, 3, args.image_size, args.image_size)]  # clove_step's batches: the global views,
+    if args.local_crops:  # then the local crops
+        shapes.append((args.local_crops * per_rank, 3, args.local_size, args.local_size))
+    model = common.wrap_ddp(f, d, shapes, memory_format)
     run.start(step, total_steps, f"CLoVE: {args.arch}, global batch {args.batch_size} = {d.world_size} rank(s) x "
               f"{per_rank} x {args.accum_steps} accumulation step(s), 2 x {args.image_size}px + {args.local_crops} x "
               f"{args.local_size}px views, lr = {args.base_lr} x {args.batch_size}/256 = {lr:g}, device {d.device}",

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageFile, ImageFilter
+from PIL import Image, ImageDraw, ImageFile, ImageFilter
 from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,14 +56,12 @@ def warn(message):
 # ---- distributed ----
 @dataclass
 class Dist:
+    """This process's place in the job; `is_main` (rank 0) alone prints, shows progress and writes files."""
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self):
-        return self.rank == 0
+    is_main = property(lambda self: self.rank == 0)
 
 
 def init_distributed():
@@ -81,6 +79,7 @@ def init_distributed():
 
 
 def distributed():
+    """Whether a process group of several ranks is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -91,19 +90,20 @@ def finish_distributed():
         dist.destroy_process_group()
 
 
-def wrap_ddp(model, d, *example_inputs):
+def wrap_ddp(model, d, shapes, memory_format=torch.contiguous_format):
     """`model` in DistributedDataParallel (or itself on one process), with its gradient buckets settled.
 
     DDP rebuilds its buckets once, after the first backward, in the order the gradients became ready, and the ring
     all-reduce's summation order depends on a gradient's place in its bucket. One zero-weighted warm-up pass on
-    `example_inputs` (buffers restored, gradients cleared) makes every run, fresh or resumed, train on the same
-    rebuilt buckets, so that resumption stays bitwise exact.
+    fixed random inputs of `shapes` (one batch per shape; buffers restored, gradients cleared) makes every run,
+    fresh or resumed, train on the same rebuilt buckets, so that resumption stays bitwise exact.
     """
     if d.world_size == 1:
         return model
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     saved = [b.detach().clone() for b in model.buffers()]
-    outputs = ddp(*example_inputs)
+    generator = torch.Generator().manual_seed(0)  # not the global RNG: runs stay reproducible
+    outputs = ddp(*[torch.randn(s, generator=generator).to(d.device, memory_format=memory_format) for s in shapes])
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     (sum(o.float().sum() for o in outputs) * 0).backward()
     with torch.no_grad():
@@ -111,12 +111,6 @@ def wrap_ddp(model, d, *example_inputs):
             b.copy_(s)
     model.zero_grad(set_to_none=True)
     return ddp
-
-
-def example_images(shape, device, memory_format=torch.contiguous_format):
-    """A fixed random batch of `shape` (no global RNG draw, so runs stay reproducible)."""
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(shape, generator=generator).to(device, memory_format=memory_format)
 
 
 @torch.no_grad()
@@ -216,17 +210,23 @@ def list_images(root, name="--data"):
 
 
 class ViewDataset(torch.utils.data.Dataset):
-    """Base of the training sets: item i of epoch e is `transform(image_i, rng(seed, e, i))`, followed by the number
-    of unreadable files skipped to produce it (counted in the workers, logged by the loop)."""
+    """A training set: item i of epoch e is `transform(image_i, rng(seed, e, i))`, followed by the number of
+    unreadable files skipped to produce it (counted in the workers, logged by the loop). The images are the files
+    below a folder (`root`: any tree of images, or root/train), or `length` embedded dead leaves (root None)."""
 
-    def __init__(self, transform, seed=0):
+    def __init__(self, root, transform, seed=0, length=2048, size=160):
         self.transform, self.seed, self.epoch = transform, seed, 0
+        self.files = list_images(root) if root is not None else None
+        self.leaves, self.length = DeadLeaves(size=size, seed=seed), len(self.files) if self.files else length
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
+    def __len__(self):
+        return self.length
+
     def image(self, index):
-        raise NotImplementedError
+        return load_image(self.files[index]) if self.files else self.leaves.image(index)[0]
 
     def __getitem__(self, index):
         skipped = 0
@@ -238,44 +238,10 @@ class ViewDataset(torch.utils.data.Dataset):
             except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
                 skipped += 1
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                warn(f"skipping unreadable image {self.describe(i)}: {reason}")
+                warn(f"skipping unreadable image {self.files[i] if self.files else i}: {reason}")
         else:
             raise RuntimeError("every image of the data set is unreadable")
         return (*self.transform(img, sample_rng(self.seed, self.epoch, index)), skipped)
-
-    def describe(self, index):
-        return str(index)
-
-
-class ImageFolderDataset(ViewDataset):
-    """Images below a folder (ImageNet's train/<class>/<image> or any tree of images); labels are ignored."""
-
-    def __init__(self, root, transform, seed=0):
-        super().__init__(transform, seed)
-        self.files = list_images(root)
-
-    def __len__(self):
-        return len(self.files)
-
-    def image(self, index):
-        return load_image(self.files[index])
-
-    def describe(self, index):
-        return self.files[index]
-
-
-class SyntheticDataset(ViewDataset):
-    """The embedded data set: `length` dead-leaves images made on the fly, deterministic by (seed, index)."""
-
-    def __init__(self, transform, length=2048, size=160, seed=0):
-        super().__init__(transform, seed)
-        self.length, self.leaves = length, DeadLeaves(size=size, seed=seed)
-
-    def __len__(self):
-        return self.length
-
-    def image(self, index):
-        return self.leaves.image(index)[0]
 
 
 # ---- embedded procedural data: dead leaves ----
@@ -287,15 +253,13 @@ class DeadLeaves:
     characteristic hue (class k is centred on hue (k - 1) / num_classes) and draws both of its colours within
     +-HUE_SPREAD of it, a range wider than the spacing of the centres, so neighbouring classes share hues; the
     background (class 0) is a smooth gradient of any colours. Size, shape, orientation, saturation and value are
-    random. `image(i)` gives the picture with its exact per-pixel class and instance maps; `sequence(i, n)` gives a
-    short video of textured objects moving over a panning background, with exact instance masks. Everything is
-    deterministic by (seed, index). (With colours independent of the class, a linear probe at 1/4 resolution could
-    not read the 6-8 px texture period and scored random and trained features alike: tests/benchmarks.py
-    probe-ceiling.)
+    random. `image(i)` gives the picture with its exact per-pixel class and instance maps (davis_propagate.py
+    paints short videos with the same leaves). Everything is deterministic by (seed, index). With colours
+    independent of the class, a linear probe at 1/4 resolution could not read the 6-8 px texture period and scored
+    random and trained features alike (tests/benchmarks.py probe-ceiling).
     """
 
     HUE_SPREAD = 0.2
-
     TEXTURES = ("flat", "stripes", "checks", "dots", "rings", "noise")
 
     def __init__(self, size=160, num_classes=4, shapes=(12, 30), seed=0):
@@ -384,37 +348,6 @@ class DeadLeaves:
         pixels = np.clip(canvas * 255 + rng.normal(0, 3, canvas.shape), 0, 255).astype(np.uint8)
         return Image.fromarray(pixels), labels, instances
 
-    def sequence(self, index, num_frames=12, num_objects=(1, 3), height=None, width=None, speed=2.0):
-        """Frames (PIL) and instance masks (uint8, 0 = background, 1..N objects) of a short synthetic video.
-
-        A dead-leaves background pans slowly; N textured objects move with their own constant velocity (pixels per
-        frame, up to `speed`) in a fixed depth order, so the masks are the exact visible parts of each object.
-        """
-        rng = self._rng(1, index)
-        h, w = height or self.size, width or self.size
-        margin = int(speed * num_frames) + 2
-        big_h, big_w = h + 2 * margin, w + 2 * margin
-        bg = self._background(rng, big_h, big_w)
-        bl, bi = np.zeros((big_h, big_w), np.uint8), np.zeros((big_h, big_w), np.int32)
-        for _ in range(int(rng.integers(self.shapes[0], self.shapes[1] + 1)) * 2):
-            self._paint(bg, bl, bi, self._leaf(rng, big_h, big_w), 1)
-        pan = rng.uniform(-0.5, 0.5, 2) * speed
-        objects = []
-        for _ in range(int(rng.integers(num_objects[0], num_objects[1] + 1))):
-            leaf = self._leaf(rng, h, w)
-            leaf.update(r=rng.uniform(0.12, 0.22) * min(h, w), cy=rng.uniform(0.3, 0.7) * h, cx=rng.uniform(0.3, 0.7) * w)
-            objects.append((leaf, rng.uniform(-1, 1, 2) * speed))
-        frames, masks = [], []
-        for t in range(num_frames):
-            oy, ox = int(round(margin + pan[0] * t)), int(round(margin + pan[1] * t))
-            canvas = bg[oy:oy + h, ox:ox + w].copy()
-            labels, inst = np.zeros((h, w), np.uint8), np.zeros((h, w), np.int32)
-            for k, (leaf, velocity) in enumerate(objects):
-                self._paint(canvas, labels, inst, leaf, k + 1, offset=tuple(velocity * t))
-            frames.append(Image.fromarray(np.clip(canvas * 255, 0, 255).astype(np.uint8)))
-            masks.append(inst.astype(np.uint8))
-        return frames, masks
-
 
 # ---- crop-box geometry ----
 @dataclass(frozen=True)
@@ -424,14 +357,8 @@ class Box:
     y0: float
     x1: float
     y1: float
-
-    @property
-    def width(self):
-        return self.x1 - self.x0
-
-    @property
-    def height(self):
-        return self.y1 - self.y0
+    width = property(lambda self: self.x1 - self.x0)
+    height = property(lambda self: self.y1 - self.y0)
 
 
 def sample_crop_box(rng, width, height, scale, ratio=(3 / 4, 4 / 3)):
@@ -446,13 +373,11 @@ def sample_crop_box(rng, width, height, scale, ratio=(3 / 4, 4 / 3)):
         if 0 < w <= width and 0 < h <= height:
             x, y = rng.randint(0, width - w), rng.randint(0, height - h)
             return Box(x, y, x + w, y + h)
-    in_ratio = width / height
+    in_ratio, w, h = width / height, width, height  # the fallback: a centre crop clamped to `ratio`
     if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
+        h = int(round(width / min(ratio)))
     elif in_ratio > max(ratio):
-        w, h = int(round(height * max(ratio))), height
-    else:
-        w, h = width, height
+        w = int(round(height * max(ratio)))
     x, y = (width - w) // 2, (height - h) // 2
     return Box(x, y, x + w, y + h)
 
@@ -479,12 +404,10 @@ def cell_centres(box, flip, grid):
 # ---- appearance augmentations (never move pixels) ----
 def color_jitter(img, rng, brightness, contrast, saturation, hue):
     """torchvision ColorJitter: the four adjustments in random order with factors drawn from `rng`."""
-    ops = [
-        (TF.adjust_brightness, rng.uniform(max(0, 1 - brightness), 1 + brightness)),
-        (TF.adjust_contrast, rng.uniform(max(0, 1 - contrast), 1 + contrast)),
-        (TF.adjust_saturation, rng.uniform(max(0, 1 - saturation), 1 + saturation)),
-        (TF.adjust_hue, rng.uniform(-hue, hue)),
-    ]
+    ops = [(TF.adjust_brightness, rng.uniform(max(0, 1 - brightness), 1 + brightness)),
+           (TF.adjust_contrast, rng.uniform(max(0, 1 - contrast), 1 + contrast)),
+           (TF.adjust_saturation, rng.uniform(max(0, 1 - saturation), 1 + saturation)),
+           (TF.adjust_hue, rng.uniform(-hue, hue))]
     rng.shuffle(ops)
     for op, factor in ops:
         img = op(img, factor)
@@ -492,6 +415,7 @@ def color_jitter(img, rng, brightness, contrast, saturation, hue):
 
 
 def grayscale(img):
+    """torchvision Grayscale(3): the luma as three equal channels."""
     return img.convert("L").convert("RGB")
 
 
@@ -542,12 +466,14 @@ class ResumableSampler(torch.utils.data.Sampler):
         return self.per_rank - self.start
 
 
-def make_loader(dataset, sampler, batch_size, workers, device):
-    """Batches of uint8 views (pinned on a GPU). The loader has a generator of its own: every new iterator draws a
-    seed from it, and a draw from the global RNG would shift a resumed run's later random numbers."""
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
-        pin_memory=device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
+def make_loader(dataset, d, per_rank, workers, seed):
+    """(sampler, loader) of a training set: this rank's batches of uint8 views (pinned on a GPU), resumable
+    part-way through an epoch. The loader has a generator of its own: every new iterator draws a seed from it, and
+    a draw from the global RNG would shift a resumed run's later random numbers."""
+    sampler = ResumableSampler(len(dataset), d.rank, d.world_size, seed)
+    return sampler, torch.utils.data.DataLoader(
+        dataset, batch_size=per_rank, sampler=sampler, num_workers=workers, drop_last=True,
+        pin_memory=d.device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator().manual_seed(0))
 
 
@@ -750,19 +676,6 @@ class TrainingRun:
         return result
 
 
-def training_set(data, views, seed, synthetic_images):
-    """The pre-training images: the folder `data` (any tree of images), or `synthetic_images` embedded dead leaves."""
-    if data is None:
-        return SyntheticDataset(views, length=synthetic_images, size=160, seed=seed)
-    return ImageFolderDataset(data, views, seed=seed)
-
-
-def training_loader(dataset, d, per_rank, workers, seed):
-    """(sampler, loader) of a training set: this rank's share of each epoch, resumable part-way through."""
-    sampler = ResumableSampler(len(dataset), d.rank, d.world_size, seed)
-    return sampler, make_loader(dataset, sampler, per_rank, workers, d.device)
-
-
 def save_checkpoint(path, state):
     """Write atomically (a crash mid-write leaves the previous checkpoint); a fresh `id` lets a rank that finds a
     file of that name tell whether it is rank 0's latest."""
@@ -827,12 +740,10 @@ def resnet_channels(arch):
 
 def resnet_stages(net, x):
     """C2..C5 of a torchvision ResNet (strides 4, 8, 16, 32 unless dilated)."""
-    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-    c2 = net.layer1(x)
-    c3 = net.layer2(c2)
-    c4 = net.layer3(c3)
-    c5 = net.layer4(c4)
-    return [c2, c3, c4, c5]
+    stages = [net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))]
+    for layer in (net.layer2, net.layer3, net.layer4):
+        stages.append(layer(stages[-1]))
+    return stages
 
 
 def read_weights(path):
@@ -1002,13 +913,9 @@ def feature_picture(model, images, path, query=None):
     for r, row in enumerate(rows):
         for i, tile in enumerate(row):
             canvas.paste(Image.fromarray(tile).resize(size, Image.NEAREST), (i * size[0], r * size[1]))
-    # mark the query pixel with a red cross on the image and on its own similarity map
     cx, cy = int((qx + 0.5) * size[0] / w) + qi * size[0], int((qy + 0.5) * size[1] / h)
-    pixels = canvas.load()
-    for row in (0, 2):
-        for t in range(-4, 5):
-            for px, py in ((cx + t, cy + row * size[1]), (cx, cy + t + row * size[1])):
-                if 0 <= px < canvas.size[0] and 0 <= py < canvas.size[1]:
-                    pixels[px, py] = (255, 0, 0)
+    for row in (0, 2):  # a red cross on the query pixel, in the image and in its own similarity map
+        ImageDraw.Draw(canvas).line([(cx - 4, cy + row * size[1]), (cx + 4, cy + row * size[1])], fill=(255, 0, 0))
+        ImageDraw.Draw(canvas).line([(cx, cy - 4 + row * size[1]), (cx, cy + 4 + row * size[1])], fill=(255, 0, 0))
     canvas.save(path)
     return canvas

@@ -321,9 +321,9 @@ def train(args):
                  queue=PixelQueue, step=functools.partial(vader_step, tau=args.temperature, momentum=args.momentum,
                                                           bn_splits=args.shuffle_bn_splits))
     parts.update(ablation_parts(args))
-    dataset = common.training_set(args.data, parts["views"], args.seed, args.synthetic_images)
+    dataset = common.ViewDataset(args.data, parts["views"], args.seed, args.synthetic_images)
     per_rank = args.batch_size // d.world_size
-    sampler, loader = common.training_loader(dataset, d, per_rank, args.workers, args.seed)
+    sampler, loader = common.make_loader(dataset, d, per_rank, args.workers, args.seed)
     steps_per_epoch = len(sampler) // per_rank
     if steps_per_epoch == 0:
         raise common.UserError(f"--data {args.data}: {len(dataset)} images are fewer than one batch per rank "
@@ -348,8 +348,7 @@ def train(args):
                              optimizer=optimizer, scaler=scaler), may_change={"lr_encoder", "lr_decoder"},
                              remedy="Lower --lr-decoder/--lr-encoder or use --precision fp32")
     step = run.resume()
-    model = common.wrap_ddp(f, d, common.example_images((per_rank, 3, args.image_size, args.image_size), d.device,
-                                                        memory_format))
+    model = common.wrap_ddp(f, d, [(per_rank, 3, args.image_size, args.image_size)], memory_format)
     keys_per_image = args.keys_per_image or parts["views"].num_matches
     run.start(step, total_steps, f"VADeR: {args.arch}, {d.world_size} rank(s) x {per_rank} images, device {d.device}",
               per_rank_batch=per_rank, steps_per_epoch=steps_per_epoch,

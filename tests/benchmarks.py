@@ -379,6 +379,19 @@ def batch_bytes(sample):
             else (type(x).__name__, 8) for x in sample]
 
 
+def training_dataset(mods, method, args, d):
+    """The training set a checkout's script builds from `args` (its views on the --data folder)."""
+    mod, c = mods[method], mods["common"]
+    if hasattr(mod, "build_data"):  # checkouts before the teaching redesign
+        return mod.build_data(args, d)
+    if method == "vader":
+        views = mod.ablation_parts(args).get("views", mod.PairedViews(args.image_size, args.num_matches))
+        return c.ViewDataset(args.data, views, args.seed)
+    views = mod.CLoVEViews(args.image_size, args.local_crops, args.local_size, args.global_scale, args.local_scale,
+                           args.t_pos, args.match_coords)
+    return c.ViewDataset(args.data, views, args.seed)
+
+
 def bench_data(a):
     """Item 7: what crosses from the data-loading workers to the training process (shared memory) and from the host
     to the device, per batch, and what a worker spends per image in __getitem__, for each --code checkout."""
@@ -396,10 +409,10 @@ def bench_data(a):
                 mod = mods[method]
                 args = mod.get_parser().parse_args(flags)
                 d = mods["common"].init_distributed()
-                dataset = mod.build_data(args, d)
+                dataset = training_dataset(mods, method, args, d)
                 try:  # the checkout's own loader settings (workers, prefetch, pinned memory) at --workers default
-                    sampler = mods["common"].ResumableSampler(len(dataset))
-                    loader = mods["common"].make_loader(dataset, sampler, per_gpu, args.workers, torch.device("cuda"))
+                    gpu = mods["common"].Dist(device=torch.device("cuda"))
+                    loader = mods["common"].make_loader(dataset, gpu, per_gpu, args.workers, 0)[1]
                     loader_info = dict(workers=loader.num_workers, prefetch_factor=loader.prefetch_factor,
                                        pin_memory_on_gpu=loader.pin_memory)
                 except Exception as e:  # noqa: BLE001 - a changed signature: report it, measure the rest

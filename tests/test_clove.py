@@ -737,7 +737,7 @@ def test_benchmark_step_overhead_against_the_bare_network():
     args = clove.get_parser().parse_args(["--arch", arch, "--image-size", str(size), "--local-crops", str(n_local),
                                           "--local-size", str(local_size)])
     views = clove.CLoVEViews(size, n_local, local_size)
-    data = common.SyntheticDataset(views, length=batch, size=160)
+    data = common.ViewDataset(None, views, length=batch)
     t = time.perf_counter()
     items = [data[i] for i in range(batch)]
     t_views = time.perf_counter() - t

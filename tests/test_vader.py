@@ -488,7 +488,7 @@ def test_keys_per_image_enqueues_k_random_matched_keys_of_each_image(tmp_path, r
                    "--shuffle-bn-splits", "1")
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
-    dataset = common.ImageFolderDataset(str(data), vader.PairedViews(64, 8), seed=0)
+    dataset = common.ViewDataset(str(data), vader.PairedViews(64, 8), seed=0)
     sampler = common.ResumableSampler(len(dataset), 0, 1, seed=0)
     batch = [dataset[i] for i in list(sampler)[:4]]  # step 1's four images
     view2 = common.normalize(torch.stack([b[1] for b in batch]), torch.device("cpu"))
