@@ -134,7 +134,8 @@ def check_paths(args):
 
 def fill_defaults(parser, args, argv):
     """The embedded set's demo preset (no --data) for the flags not given, then the defaults that depend on the
-    mode and the task (the paper gives none): 20 probe epochs, 100 for pooled classification, 30 for fine-tuning.
+    mode and the task (our choices where the paper leaves them open): 20 probe epochs, 100 for pooled
+    classification, 30 for fine-tuning.
     Returns what the preset set."""
     classification = args.dataset == "imagefolder"
     preset = {}
@@ -669,6 +670,7 @@ def topk_correct(logits, target, ks=(1, 5)):
 
 
 def all_reduce_sum(tensor):
+    """`tensor` summed over the ranks, in place (unchanged in a single process)."""
     if common.distributed():
         dist.all_reduce(tensor)
     return tensor
@@ -749,12 +751,13 @@ def task_loss(outputs, labels, task):
 
 
 def sgd(model, lr, weight_decay):
-    """SGD with momentum 0.9 for the probes and for fine-tuning; fit decays its lr to 0 on a cosine. The paper names
-    no optimiser; the defaults (fill_defaults) are --lr 0.1 for the probe, 0.01 for the depth probe and fine-tuning."""
+    """SGD with momentum 0.9 for the probes and for fine-tuning; fit decays its lr to 0 on a cosine. Our choice where
+    the paper leaves it open, as are the default lrs (fill_defaults): 0.1 probe, 0.01 depth probe and fine-tuning."""
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
 def set_lr(optimizer, step, total, peak):
+    """The cosine learning rate of `step` of `total`, set on every parameter group; returns it."""
     lr = common.cosine(step, total, peak, 0.0)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -1028,23 +1031,23 @@ def from_detectron2_key(k):
     return k[len("stem."):] if k.startswith("stem.") else k
 
 
-DETECTRON2_CONFIG = ("INPUT.FORMAT RGB, MODEL.PIXEL_MEAN [123.675, 116.280, 103.530], MODEL.PIXEL_STD "
-                     "[58.395, 57.120, 57.375], MODEL.RESNETS.STRIDE_IN_1X1 False, MODEL.RESNETS.NORM SyncBN, "
-                     "MODEL.FPN.NORM SyncBN")
+# What Detectron2 must be told about an exported torchvision ResNet: its RGB mean/std times 255, and the stride in
+# the 3x3 convolution (torchvision's ResNet v1.5); batch norms synchronised over the GPUs
+DETECTRON2_CONFIG = {
+    "INPUT.FORMAT": "RGB",
+    "MODEL.PIXEL_MEAN": "[123.675, 116.280, 103.530]",
+    "MODEL.PIXEL_STD": "[58.395, 57.120, 57.375]",
+    "MODEL.RESNETS.STRIDE_IN_1X1": "False",
+    "MODEL.RESNETS.NORM": "SyncBN",
+    "MODEL.FPN.NORM": "SyncBN",
+}
 
 
 def export_detectron2(weights, path):
     """Write the ResNet encoder of `weights` (a vader.py / clove.py / MoCo / torchvision file) as a Detectron2 .pkl,
     pickled as {"model": ..., "__author__": ..., "matching_heuristics": True}; the FPN and decoder are not exported.
-    Returns (kind, number of tensors). Use it in a Detectron2 config with:
-
-        MODEL.WEIGHTS: "OUT.pkl"
-        MODEL.PIXEL_MEAN: [123.675, 116.280, 103.530]      MODEL.PIXEL_STD: [58.395, 57.120, 57.375]
-        INPUT.FORMAT: "RGB"                                  MODEL.RESNETS.STRIDE_IN_1X1: False
-        MODEL.RESNETS.NORM: "SyncBN"                         MODEL.FPN.NORM: "SyncBN"
-        MODEL.RESNETS.DEPTH: 50  (18/34 also need MODEL.RESNETS.RES2_OUT_CHANNELS: 64)
-
-    i.e. torchvision's RGB mean/std times 255 and the stride in the 3x3 convolution (torchvision's ResNet v1.5).
+    Returns (kind, number of tensors). A Detectron2 config uses it with MODEL.WEIGHTS: "OUT.pkl", MODEL.RESNETS.DEPTH:
+    50 (18/34 also need MODEL.RESNETS.RES2_OUT_CHANNELS: 64) and the settings of DETECTRON2_CONFIG (main prints them).
     """
     if weights == "random":
         raise common.UserError("--export-detectron2 needs --weights FILE "
@@ -1073,7 +1076,24 @@ def write_feature_picture(args):
 
 
 # ---- main ----
+def frozen_backbone(args):
+    """(model, description) of the frozen features the probes read; (None, None) with --finetune, whose network
+    train_finetune builds for each trial. Either way an unknown weights file fails here, before the data are read."""
+    if args.finetune:
+        if args.weights != "random":
+            common.read_weights(args.weights)
+        return None, None
+    return common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet})
+
+
+def validation_loader(val_set, shape, batch_size, workers, d):
+    """This rank's share of the validation images (no padding: every image is scored once), labels at native size."""
+    samples = Samples(val_set, list(range(len(val_set)))[d.rank::d.world_size], shape, native_labels=True)
+    return loader(samples, max(1, batch_size // d.world_size), workers, d.device, collate=collate_native)
+
+
 def data_name(args):
+    """The data set's name in the report: --dataset, or which embedded set."""
     return args.dataset if args.data else "synthetic-objects" if args.dataset == "imagefolder" else "synthetic"
 
 
@@ -1111,6 +1131,7 @@ def build_result(args, val_set, model, shape, train_images, per_trial, feature_p
 
 
 def print_table(per_trial, mean, std):
+    """The scores of every trial, their mean and std, as a plain table before the JSON line."""
     names = list(mean)
 
     def cell(v):
@@ -1128,10 +1149,7 @@ def run(args):
     d = common.init_distributed()
     t_start = time.time()
     common.seed_all(args.seed)  # a 'random' backbone is the same on every rank and in every run with this seed
-    if args.finetune and args.weights != "random":
-        common.read_weights(args.weights)  # an unknown file fails before the data sets are read
-    elif not args.finetune:
-        backbone, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet})
+    backbone, description = frozen_backbone(args)
     train_set, val_set = build_datasets(args)
     if not args.finetune and train_set.task == "classification":
         backbone, description = PooledFeatures(backbone), f"{description}, averaged over all positions"
@@ -1139,9 +1157,7 @@ def run(args):
     log = common.JsonLog(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
     subsets = [label_subset(len(train_set), args.label_fraction, args.seed + t) for t in range(args.trials)]
     shape = input_shape(train_set, args.image_size)
-    val_samples = Samples(val_set, list(range(len(val_set)))[d.rank::d.world_size], shape, native_labels=True)
-    val_loader = loader(val_samples, max(1, args.batch_size // d.world_size), args.workers, d.device,
-                        collate=collate_native)
+    val_loader = validation_loader(val_set, shape, args.batch_size, args.workers, d)
     depth_crop = args.depth_crop == "eigen"
     if d.is_main:
         print(f"{'fine-tuning' if args.finetune else 'frozen probe'} on {data_name(args)} ({train_set.task}): "
@@ -1186,7 +1202,7 @@ def main(argv=None):
     if args.export_detectron2:
         kind, count = export_detectron2(args.weights, args.export_detectron2)
         print(f"wrote {count} ResNet tensors of the {kind} weights {args.weights} to {args.export_detectron2}; "
-              f"Detectron2 config: {DETECTRON2_CONFIG}")
+              "Detectron2 config: " + ", ".join(f"{k} {v}" for k, v in DETECTRON2_CONFIG.items()))
         common.print_result(dict(export=args.export_detectron2, kind=kind, tensors=count, weights=args.weights))
         return
     preset = fill_defaults(parser, args, argv)
