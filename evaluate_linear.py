@@ -1,17 +1,15 @@
 """Transfer evaluation of dense representations: frozen-feature linear probes, low-label fine-tuning, pooled
 classification, Detectron2 export.
 
-A pretrained network is worth what it transfers. The frozen-feature protocol (VADeR §4.1, Table 1) trains only a
-1x1 convolution on fixed per-pixel features: softmax + cross-entropy for semantic segmentation (PASCAL VOC 2012,
-Cityscapes), one output + L1 for depth (NYU-depth v2). The fine-tuning protocol (§4.2, Figure 4) trains the whole
-ResNet + FPN + head with 2..100% of the labels. Both repeat --trials times and report mean and std. Pooled
-classification (the VADeR reviews, Reviewer 4: "results on classification by pooling the learnt features") trains a
-linear classifier on the same frozen features averaged over the image, top-1 and top-5 on an ImageNet-style folder.
-
-Paper: P. O. Pinheiro et al., "Unsupervised Learning of Dense Visual Representations", NeurIPS 2020 (§4.1, §4.2).
+The frozen-feature protocol (VADeR §4.1, Table 1) trains only a 1x1 convolution on fixed per-pixel features:
+cross-entropy for semantic segmentation (PASCAL VOC 2012, Cityscapes), L1 for depth (NYU-depth v2). Fine-tuning
+(§4.2, Figure 4) trains the whole ResNet + FPN + head on 2..100% of the labels. Pooled classification (asked for by
+the reviews) trains a linear classifier on the same features averaged over the image. Each repeats --trials times.
+Paper: P. O. Pinheiro et al., "Unsupervised Learning of Dense Visual Representations", NeurIPS 2020.
 
 Usage
-    python evaluate_linear.py            # embedded demo: random-init ResNet-18 probed on synthetic dead leaves, ~2 min CPU
+    python evaluate_linear.py            # demo: random-init ResNet-18 probed on embedded dead leaves, ~2 min CPU
+    python evaluate_linear.py --dataset imagefolder      # embedded classification set, random ResNet-18, ~2 min CPU
     python evaluate_linear.py --weights runs/vader-demo/checkpoint.pth          # probe the vader.py demo checkpoint
     python evaluate_linear.py --weights vader.pth --dataset voc --data /data/VOCdevkit/VOC2012       # Table 1, VOC
     python evaluate_linear.py --weights moco_v2_800ep_pretrain.pth.tar --dataset cityscapes --data /data/cityscapes
@@ -19,123 +17,30 @@ Usage
     torchrun --nproc_per_node=4 evaluate_linear.py --weights vader.pth --dataset voc --data ... \\
         --finetune --label-fraction 0.05                                      # Figure 4, one node
     python evaluate_linear.py --weights vader.pth --dataset imagefolder --data /data/imagenet   # pooled top-1/top-5
-    python evaluate_linear.py --dataset imagefolder      # embedded classification set, random ResNet-18, ~2 min CPU
-    python evaluate_linear.py --weights vader.pth --export-detectron2 vader_r50.pkl      # for Detectron2 (below)
+    python evaluate_linear.py --weights vader.pth --export-detectron2 vader_r50.pkl      # see export_detectron2
 --batch-size is global (split over ranks). Results: a table, then one JSON line on stdout and <output-dir>/metrics.json.
 
-Weights (--weights) and which features are probed
-    vader.py checkpoint        -> VADeR's decoder output, 128 x H/4 x W/4 (its own dense head)
-    clove.py checkpoint        -> its ResNet encoder, dilated to 1/4 (see below)
-    official MoCo checkpoint   -> state_dict with module.encoder_q.*; the ResNet, dilated to 1/4
-    torchvision ResNet file    -> a ResNet state dict (supervised ImageNet baseline), dilated to 1/4
-    random                     -> a randomly initialised ResNet (--arch), dilated to 1/4 (the lower bound)
-"Dilated to 1/4": the strided convolutions of layer2..layer4 become dilated ones, so C5 comes out at 1/4 of the
-input, the resolution of VADeR's decoder (§4.1, DeepLab's large field of view). The feature extractor is
-common.dense_feature_model, shared with davis_propagate.py. --arch only matters for 'random' (and as a fallback):
-checkpoints carry or reveal their depth.
+Features probed, by --weights (common.dense_feature_model, shared with davis_propagate.py)
+    vader.py checkpoint                     VADeR's decoder output, 128 x H/4 x W/4 (its own dense head); from a
+                                            run without a decoder (an image-level objective): its encoder, as below
+    clove.py checkpoint, official MoCo checkpoint (module.encoder_q.*), torchvision ResNet file, or 'random' (--arch)
+                                            the ResNet's C5 at 1/4 of the input, VADeR's decoder resolution:
+                                            layer2..layer4 dilated instead of strided (as DeepLab, §4.1)
 
-Data sets (--dataset, --data)
-    voc         VOC2012 layout: JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png (preferred) or
-                SegmentationClass/<id>.png (palette or grey index PNGs, 255 = void), ImageSets/Segmentation/
-                {train_aug,train,val}.txt. Trains on train_aug when that list exists (the paper's choice), else train.
-                21 classes.
-    cityscapes  the layout torchvision.datasets.Cityscapes reads: leftImg8bit/{train,val}/<city>/*_leftImg8bit.png,
-                gtFine/{train,val}/<city>/*_gtFine_labelIds.png; label ids -> the 19 train ids (others -> 255).
-    nyu         NYU-depth v2, the standard 795 / 654 split, as a folder (see "Preparing NYU-depth v2" below):
-                rgb/<name>.png, depth/<name>.png (16-bit, millimetres, 0 = no measurement), train.txt, val.txt.
-    imagefolder ImageNet's layout: train/<class>/<image> and val/<class>/<image> (classes numbered in sorted order of
-                the train folders); each image's class; no check of the files' headers at start (ImageNet is big).
-    (no --data) the embedded synthetic set: dead-leaves images (common.DeadLeaves) whose per-pixel class is the
-                class of the shape (4 classes + background), shown by its texture family and its overlapping hue
-                palette. With --dataset imagefolder: the embedded classification set, pictures of one large
-                dead-leaves object (6 classes: the texture families with their palettes) in front of smaller shapes,
-                labelled with the object's class (see object_image). Both run on a fresh machine.
-Images are resized to a fixed input of --image-size rows (columns: the data set's usual aspect ratio, a multiple of
-32: VOC/synthetic square, Cityscapes 1:2, NYU 3:4; classification: shorter side to size / 0.875, central square).
-Training labels are resampled to the input grid by pixel centres (`nearest-exact`, the sampling of PIL's resize of
-the image; plain `nearest` shifts them by half an input pixel, ~1.1 source pixels on VOC); validation logits are
-upsampled bilinearly to each label's own (native) size and scored there.
-
-Metrics
-    segmentation: one confusion matrix accumulated over all validation pixels (255 ignored); IoU_c = TP / (TP + FP + FN);
-                  mIoU = mean over the classes that occur in the ground truth or the predictions; pixel accuracy.
-    depth:        per image over the pixels with ground truth in (1e-3, 10) m inside the Eigen crop (rows 45:471,
-                  columns 41:601 of 480x640; --depth-crop none scores the whole frame), prediction clamped to
-                  [1e-3, 10] m: RMSE, abs-rel = mean |pred - gt| / gt, delta1 = fraction with max(pred/gt, gt/pred)
-                  < 1.25; averaged over images (Eigen et al.; BTS's eval_with_pngs.py). metrics.json's depth_eval
-                  records the crop and range used.
-    classification: top-1 and top-5 accuracy (top-k with k = the number of classes when there are fewer than 5).
-    A score with nothing to count (e.g. no depth pixel in range) is null in metrics.json, never NaN.
-    trials:       mean and sample standard deviation over --trials runs with seeds --seed, --seed + 1, ...
-
-Efficiency: one backbone pass feeds every trial, and features are cached when they fit
-    All trials' probes train side by side (ProbeBank): at every step one batch of frozen features, on the device,
-    goes to every trial's 1x1 convolution, so 5 trials cost about one trial's backbone passes. The trials therefore
-    differ in the probe's initialisation (seed + t), and below --label-fraction 1 in their labelled subset, but share
-    the batch order; metrics.json says so (trials_differ_in). The frozen probe uses no augmentation, so when the
-    features (fp16) and labels (uint8 class ids; float32 depth) of this rank's images fit in --cache-gb they are
-    computed once and every epoch reads them from host memory; otherwise (VOC train_aug with a dilated ResNet-50
-    would need ~136 GB) the backbone runs again each epoch and its features never leave the device. Validation runs
-    the backbone once per batch for all trials too.
-
-Choices the paper leaves open (our defaults, and why)
-    - Features are centred per channel and divided by one overall scale (the RMS of the channels' std), statistics
-      of the training features, before the 1x1 convolution. This is still a linear probe (it folds into the
-      convolution) but lets one learning rate fit VADeR's small decoder outputs and a dilated ResNet's large C5
-      activations alike; one scale rather than one per channel, so near-constant channels are not blown up.
-    - Optimiser: SGD (momentum 0.9, weight decay 1e-4), cosine learning-rate decay to 0; --lr 0.1 for the probe
-      (0.01 for depth, whose L1 gradients do not shrink as the fit improves) and 0.01 for fine-tuning; 20 probe
-      epochs, 30 fine-tuning epochs. The probe's weights start at N(0, 0.01^2), its bias at 0 (depth: the mean
-      training depth).
-    - Fine-tuning (§4.2): the network is VADeRNet (ResNet + FPN + semantic merge, the same for every initialisation)
-      with batch norm on the FPN layers, plus a 1x1 convolution. A vader.py checkpoint initialises encoder, FPN and
-      decoder (its FPN convolution biases are dropped: the new batch norms take their role); every other kind
-      initialises the encoder only, FPN and decoder start random. Under DDP on GPUs all batch norms become SyncBN;
-      PyTorch has no SyncBN on CPU, so CPU runs keep per-rank statistics. Augmentation: horizontal flip, and for
-      segmentation a random crop of 50-100% of the image area.
-    - --label-fraction keeps round(fraction x N) training images (at least 1), drawn by seed: trial t uses seed
-      --seed + t, so the trials also measure the spread over labelled subsets. The probes' steps then pass the union
-      of the trials' batches through the backbone (up to --trials x the images of one batch).
-    - Pooled classification: the features are the dense probe's (a vader.py checkpoint's decoder output; the
-      ResNets' C5 dilated to 1/4) averaged over all positions, standardised and fed to a linear layer (a LinearProbe
-      on 1 x 1 maps); default 100 epochs, batch 256, lr 0.1, on cached features. MoCo's linear classification
-      differs: C5 at stride 32 (not dilated), RandomResizedCrop + flip augmentation each epoch, lr 30, no weight
-      decay, no standardisation; ours sees each training image once, centre-cropped, like the dense probe.
-
-Preparing NYU-depth v2 (once, on a machine with h5py and scipy; not needed at run time)
-    Download nyu_depth_v2_labeled.mat (2.8 GB, the 1449 labelled frames) and splits.mat (trainNdxs: 795, testNdxs:
-    654, 1-based) from the NYU-depth v2 page, then run:
-        import os, h5py, numpy as np, scipy.io
-        from PIL import Image
-        out = "nyu_depth_v2"; os.makedirs(f"{out}/rgb"); os.makedirs(f"{out}/depth")
-        with h5py.File("nyu_depth_v2_labeled.mat", "r") as f:          # MATLAB v7.3: arrays are transposed
-            for i in range(f["images"].shape[0]):
-                rgb = np.transpose(f["images"][i], (2, 1, 0))             # 3 x W x H -> H x W x 3, uint8
-                depth = np.transpose(f["depths"][i], (1, 0))              # W x H -> H x W, metres (in-painted)
-                Image.fromarray(rgb).save(f"{out}/rgb/{i + 1:05d}.png")
-                Image.fromarray(np.round(depth * 1000).astype(np.uint16)).save(f"{out}/depth/{i + 1:05d}.png")
-        splits = scipy.io.loadmat("splits.mat")
-        for name, key in (("train", "trainNdxs"), ("val", "testNdxs")):
-            with open(f"{out}/{name}.txt", "w") as f:
-                f.writelines(f"{int(n):05d}\\n" for n in splits[key].ravel())
-    The 654 official test frames serve as the validation split, as in the paper.
-
-Detectron2 export (--export-detectron2 OUT.pkl)
-    Keeps the ResNet encoder of a vader.py / clove.py / MoCo / torchvision file and renames its keys the way MoCo's
-    and CLoVE's converters do (layerN -> resN+1, bnK -> convK.norm, downsample -> shortcut, stem.*), as numpy arrays
-    pickled as {"model": ..., "__author__": ..., "matching_heuristics": True}. The FPN and decoder are not exported.
-    Use it in a Detectron2 config with:
-        MODEL.WEIGHTS: "OUT.pkl"
-        MODEL.PIXEL_MEAN: [123.675, 116.280, 103.530]      MODEL.PIXEL_STD: [58.395, 57.120, 57.375]
-        INPUT.FORMAT: "RGB"                                  MODEL.RESNETS.STRIDE_IN_1X1: False
-        MODEL.RESNETS.NORM: "SyncBN"                         MODEL.FPN.NORM: "SyncBN"
-        MODEL.RESNETS.DEPTH: 50  (18/34 also need MODEL.RESNETS.RES2_OUT_CHANNELS: 64)
-    i.e. torchvision's RGB mean/std times 255 and stride in the 3x3 convolution (torchvision's ResNet v1.5).
-
-Public names: VOCSegmentation, CityscapesSegmentation, NYUDepth, SyntheticSegmentation, ImageFolderClasses,
-SyntheticClassification, object_image, Samples, resample_label, LinearProbe, ProbeBank, FinetuneNet, finetune_network,
-confusion_matrix, segmentation_scores, depth_image_errors, topk_correct, label_subset, train_probes, to_detectron2,
-from_detectron2_key, export_detectron2, evaluate, main.
+Protocol step -> the name that computes it
+    data sets and their layouts (--dataset)       VOCSegmentation, CityscapesSegmentation, NYUDepth, ImageFolderClasses,
+                                                  SyntheticSegmentation, SyntheticClassification (no --data)
+    input size, labels on the input grid          input_shape, Samples, resample_label, centre_crop
+    a trial's labelled subset                     label_subset
+    the probe: standardise + 1x1 convolution      LinearProbe, ProbeBank (all trials at once), PooledFeatures
+    the fine-tuned network (§4.2)                 FinetuneNet, finetune_network
+    loss, SGD with a cosine schedule              task_loss, fit
+    training                                      train_probes, train_finetune
+    mIoU, depth errors, top-1/top-5               segmentation_scores, depth_image_errors, topk_correct, evaluate
+    mean and std over the trials                  summarise
+    Detectron2 export                             to_detectron2, export_detectron2
+Each choice the paper leaves open is in the docstring of the code it concerns; the NYU-depth v2 preparation is
+in the notes at the end of this file.
 """
 import argparse
 import math
@@ -158,6 +63,7 @@ DEPTH_PNG_SCALE = 1000.0  # NYU depth PNGs store millimetres
 DEPTH_RANGE = (1e-3, 10.0)  # metres: ground truth outside it is not scored, predictions are clamped to it
 EIGEN_CROP = (45, 471, 41, 601)  # rows y0:y1, columns x0:x1 of NYU's 480 x 640 frames that are scored (Eigen et al.)
 
+
 # ---- arguments ----
 DEMO_PRESET = dict(  # used when --data is not given: random-init ResNet-18 on the embedded synthetic set, ~2 min CPU
     arch="resnet18", image_size=96, batch_size=16, epochs=10, synthetic_train=256, synthetic_val=64, workers=0,
@@ -173,48 +79,99 @@ def get_parser():
     p = argparse.ArgumentParser(description="Frozen-feature linear probes (VADeR §4.1), low-label fine-tuning (§4.2) "
                                 "and Detectron2 export.", allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--weights", default="random", help="vader.py/clove.py checkpoint, official MoCo checkpoint "
-                   "(module.encoder_q.*), torchvision ResNet state dict, or 'random'")
+    p.add_argument("--weights", default="random",
+                   help="vader.py/clove.py checkpoint, MoCo checkpoint, torchvision ResNet state dict, or 'random'")
     p.add_argument("--arch", default="resnet50", help="ResNet depth for 'random' (checkpoints carry or reveal theirs)")
     p.add_argument("--dataset", default=None, choices=["voc", "cityscapes", "nyu", "imagefolder"],
-                   help="layout of --data (see the module docstring); omit both for the embedded segmentation set, "
-                   "give 'imagefolder' without --data for the embedded classification set")
+                   help="layout of --data; without --data: the embedded segmentation (imagefolder: classification) set")
     p.add_argument("--data", default=None, help="data set root; omit it for an embedded set and its demo preset")
-    p.add_argument("--train-split", default="auto", help="VOC training list: 'auto' (train_aug when "
-                   "ImageSets/Segmentation/train_aug.txt exists, else train), 'train_aug' or 'train'")
+    p.add_argument("--train-split", default="auto",
+                   help="VOC training list: auto (train_aug when its list exists, else train), train_aug or train")
     p.add_argument("--output-dir", default="runs/evaluate", help="metrics.json and log.jsonl go here")
-    p.add_argument("--finetune", action="store_true", help="§4.2: train encoder + FPN + decoder + head instead of a "
-                   "1x1 conv on frozen features")
-    p.add_argument("--label-fraction", type=float, default=1.0, help="fraction of the training images used "
-                   "(paper: 0.02, 0.05, 0.1, 0.2, 0.5, 1); the subset is fixed by the trial's seed")
+    p.add_argument("--finetune", action="store_true",
+                   help="§4.2: train encoder + FPN + decoder + head instead of a 1x1 conv on frozen features")
+    p.add_argument("--label-fraction", type=float, default=1.0,
+                   help="fraction of the training images used, drawn by each trial's seed (paper: 0.02 to 1)")
     p.add_argument("--trials", type=int, default=5, help="repetitions with seeds seed, seed+1, ... (paper: 5)")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the training images (default: 20 for the "
-                   "dense probe, 100 for classification, 30 for fine-tuning); the cosine schedule spans them")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (images), split evenly over ranks "
-                   "(default: 16 for the dense tasks, 256 for imagefolder classification)")
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.1 probe, 0.01 depth probe and "
-                   "fine-tuning); lower it if the loss diverges, raise it when the probe underfits")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over the training images (default: 20 probe, 100 classification, 30 fine-tuning)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch in images, split over ranks (default: 16, 256 for classification)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak SGD learning rate (default: 0.1 probe, 0.01 depth probe and fine-tuning)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    p.add_argument("--image-size", type=int, default=None, help="input rows, a multiple of 32 (columns follow the "
-                   "data set's aspect ratio); default 224 VOC/NYU, 256 Cityscapes (x 512)")
-    p.add_argument("--cache-gb", type=float, default=16.0, help="cache the frozen training features (fp16) and labels "
-                   "in memory (per rank) when both fit in this many GB, else recompute the features every epoch (one "
-                   "backbone pass per batch feeds every trial's probe either way)")
-    p.add_argument("--depth-crop", default="eigen", choices=["eigen", "none"], help="NYU-depth v2 scoring: 'eigen' "
-                   "scores rows 45:471, columns 41:601 of the 480x640 frames (the literature's crop; other frame sizes "
-                   "get the same fractions), 'none' every pixel; either way only ground truth in [1e-3, 10] m counts")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input rows, a multiple of 32 (default: 224, Cityscapes 256); columns follow the aspect")
+    p.add_argument("--cache-gb", type=float, default=16.0,
+                   help="cache the frozen training features and labels (per rank) when they fit in this many GB")
+    p.add_argument("--depth-crop", default="eigen", choices=["eigen", "none"],
+                   help="NYU-depth v2 scoring region: the Eigen crop or every pixel")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per rank (0: in the main process)")
-    p.add_argument("--seed", type=int, default=0, help="seed of trial 0 (head initialisation and label subset); the "
-                   "probes' batch order follows --seed and is shared by all trials")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of trial 0 (probe initialisation, label subset) and of the shared batch order")
     p.add_argument("--precision", default="auto", choices=common.PRECISIONS, help=common.PRECISION_HELP)
     p.add_argument("--synthetic-train", type=int, default=1000, help="training images of an embedded set (no --data)")
     p.add_argument("--synthetic-val", type=int, default=200, help="validation images of an embedded set (no --data)")
-    p.add_argument("--export-detectron2", default=None, metavar="OUT.pkl", help="write the ResNet of --weights as a "
-                   "Detectron2 checkpoint and exit (no evaluation)")
-    p.add_argument("--feature-picture", default=None, metavar="OUT.png", help="write VADeR's Figures 2 and 5 for "
-                   "--weights (4 validation images, their features in PCA colours, a query pixel's similarity map) "
-                   "and exit (no evaluation)")
+    p.add_argument("--export-detectron2", default=None, metavar="OUT.pkl",
+                   help="write the ResNet of --weights as a Detectron2 checkpoint and exit")
+    p.add_argument("--feature-picture", default=None, metavar="OUT.png",
+                   help="write VADeR's Figures 2 and 5 for --weights on 4 validation images and exit")
     return p
+
+
+def check_paths(args):
+    """The files and folders the run needs, before anything is printed or read."""
+    if args.weights != "random" and not os.path.isfile(args.weights):
+        raise common.UserError(f"--weights {args.weights}: no such file; pass a vader.py/clove.py checkpoint, an "
+                               "official MoCo checkpoint, a torchvision ResNet state dict, or 'random'")
+    if args.data is not None and args.dataset is None:
+        raise common.UserError("--data given without --dataset; pass --dataset voc, cityscapes, nyu or imagefolder")
+    if args.data is not None and not os.path.isdir(args.data):
+        raise common.UserError(f"--data {args.data}: no such folder")
+    if args.data is None and args.dataset not in (None, "imagefolder"):
+        raise common.UserError(f"--dataset {args.dataset} needs --data (the data set's root folder)")
+
+
+def fill_defaults(parser, args, argv):
+    """The embedded set's demo preset (no --data) for the flags not given, then the defaults that depend on the
+    mode and the task (our choices where the paper leaves them open): 20 probe epochs, 100 for pooled
+    classification, 30 for fine-tuning.
+    Returns what the preset set."""
+    classification = args.dataset == "imagefolder"
+    preset = {}
+    if args.data is None:
+        preset = common.apply_preset(parser, args, CLASSIFICATION_DEMO_PRESET if classification else DEMO_PRESET, argv)
+    depth = args.dataset == "nyu"  # L1 on metres: the probe's gradients do not shrink as it fits, so a lower lr
+    defaults = (dict(epochs=30, lr=0.01) if args.finetune else
+                dict(epochs=100 if classification else 20, lr=0.01 if depth else 0.1))
+    defaults.update(batch_size=256 if classification else 16,
+                    image_size=CityscapesSegmentation.default_size if args.dataset == "cityscapes" else 224)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return preset
+
+
+def check_args(args, world_size):
+    """Every number, before any work: one line naming the flag."""
+    if args.image_size < 32 or args.image_size % 32:
+        raise common.UserError(f"--image-size {args.image_size}: must be a positive multiple of 32 (the FPN's "
+                               "coarsest stride), e.g. 224")
+    if args.batch_size < 1 or args.batch_size % world_size:
+        raise common.UserError(f"--batch-size {args.batch_size}: the global batch must be positive and split evenly "
+                               f"over {world_size} rank(s)")
+    for flag in ("trials", "epochs", "synthetic_train", "synthetic_val"):
+        if getattr(args, flag) < 1:
+            raise common.UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if not args.lr > 0 or not args.weight_decay >= 0 or not args.cache_gb >= 0 or args.workers < 0:
+        raise common.UserError("--lr must be positive; --weight-decay, --cache-gb and --workers at least 0")
+    if not 0 < args.label_fraction <= 1:
+        raise common.UserError(f"--label-fraction {args.label_fraction}: must be in (0, 1]")
+    if args.train_split not in ("auto", "train_aug", "train"):
+        raise common.UserError(f"--train-split {args.train_split}: expected auto, train_aug or train")
+    if args.finetune and args.dataset == "imagefolder":
+        raise common.UserError("--finetune trains the dense network (§4.2); imagefolder classification is a "
+                               "frozen-feature probe only")
 
 
 # ---- data ----
@@ -263,11 +220,11 @@ class DenseLabelSet:
         image_path, label_path = self.pairs[index]
         return common.load_image(image_path), self.read_label(label_path)
 
-    def describe(self, index):
-        return self.pairs[index][0]
-
 
 class VOCSegmentation(DenseLabelSet):
+    """PASCAL VOC 2012, 21 classes: JPEGImages/<id>.jpg, SegmentationClassAug/<id>.png (preferred) or
+    SegmentationClass/<id>.png (palette or grey index PNGs, 255 = void), ImageSets/Segmentation/<split>.txt."""
+
     num_classes = 21
 
     def __init__(self, root, split):
@@ -289,6 +246,9 @@ def cityscapes_train_ids():
 
 
 class CityscapesSegmentation(DenseLabelSet):
+    """Cityscapes in the layout torchvision.datasets.Cityscapes reads: leftImg8bit/<split>/<city>/*_leftImg8bit.png
+    and gtFine/<split>/<city>/*_gtFine_labelIds.png; label ids become the 19 train ids (the others 255)."""
+
     num_classes, aspect, default_size = 19, 2.0, 256
     TRAIN_IDS = cityscapes_train_ids()
 
@@ -302,7 +262,8 @@ class CityscapesSegmentation(DenseLabelSet):
             for name in sorted(os.listdir(os.path.join(image_dir, city))):
                 if name.endswith("_leftImg8bit.png"):
                     label = name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
-                    pairs.append((os.path.join(image_dir, city, name), os.path.join(root, "gtFine", split, city, label)))
+                    label_path = os.path.join(root, "gtFine", split, city, label)
+                    pairs.append((os.path.join(image_dir, city, name), label_path))
         if not pairs:
             raise common.UserError(f"{image_dir}: no *_leftImg8bit.png images")
         super().__init__(pairs)
@@ -312,6 +273,10 @@ class CityscapesSegmentation(DenseLabelSet):
 
 
 class NYUDepth(DenseLabelSet):
+    """NYU-depth v2 with the standard 795 / 654 split, as a folder: rgb/<name>.png (or .jpg), depth/<name>.png
+    (16-bit millimetres, 0 = no measurement), train.txt, val.txt. The notes at the end of this file make it from
+    the official files; the 654 test frames serve as the validation split, as in the paper."""
+
     task, aspect = "depth", 4 / 3
 
     def __init__(self, root, split):
@@ -329,7 +294,8 @@ class NYUDepth(DenseLabelSet):
 
 
 class SyntheticSegmentation(DenseLabelSet):
-    """The embedded set: dead-leaves images; a pixel's class is the texture family of the shape covering it."""
+    """The embedded set (no --data): dead-leaves images (common.DeadLeaves); a pixel's class is the texture family
+    of the shape covering it (4 classes + background), shown by its texture and an overlapping hue palette."""
 
     def __init__(self, length, size, seed, first_index=0):
         self.leaves = common.DeadLeaves(size=size, seed=seed)
@@ -342,9 +308,6 @@ class SyntheticSegmentation(DenseLabelSet):
     def read(self, index):
         image, classes, _ = self.leaves.image(self.first + index)
         return image, classes
-
-    def describe(self, index):
-        return f"synthetic image {self.first + index}"
 
 
 def object_image(leaves, index):
@@ -377,8 +340,9 @@ def object_image(leaves, index):
 
 
 class SyntheticClassification:
-    """The embedded classification set: `object_image` pictures, labelled with the class of their large object
-    (its texture family: flat, stripes, checks, dots, rings, noise, each with its hue palette)."""
+    """The embedded classification set (--dataset imagefolder, no --data): `object_image` pictures, labelled with the
+    class of their large object (its texture family: flat, stripes, checks, dots, rings, noise, each with its hue
+    palette)."""
 
     task, aspect = "classification", 1.0
 
@@ -394,13 +358,11 @@ class SyntheticClassification:
         image, label, _, _ = object_image(self.leaves, self.first + index)
         return image, label
 
-    def describe(self, index):
-        return f"synthetic object image {self.first + index}"
-
 
 class ImageFolderClasses:
     """ImageNet's layout: DIR/<split>/<class>/<image>; a class is a sub-folder, classes are numbered in sorted order
-    of the training split's folders, and the validation split must use the same names."""
+    of the training split's folders, and the validation split must use the same names. The files' headers are not
+    checked at start (ImageNet is big)."""
 
     task, aspect = "classification", 1.0
 
@@ -431,12 +393,10 @@ class ImageFolderClasses:
     def read(self, index):
         return common.load_image(self.items[index][0]), self.items[index][1]
 
-    def describe(self, index):
-        return self.items[index][0]
-
 
 def build_datasets(args):
-    """(train set, validation set) of --dataset; an embedded pair when --data is not given."""
+    """(train set, validation set) of --dataset; an embedded pair when --data is not given. VOC trains on train_aug
+    when its list exists (the paper's choice), else on train."""
     if args.data is None:
         kind = SyntheticClassification if args.dataset == "imagefolder" else SyntheticSegmentation
         return (kind(args.synthetic_train, args.image_size, args.seed),
@@ -458,14 +418,16 @@ def build_datasets(args):
 
 
 def input_shape(source, image_size):
-    """(rows, columns) of the network input: --image-size rows, the data set's aspect, multiples of 32."""
+    """(rows, columns) of the network input: --image-size rows, columns at the data set's usual aspect ratio
+    (VOC and the embedded sets square, Cityscapes 1:2, NYU 3:4), multiples of 32."""
     return image_size, max(32, int(round(image_size * source.aspect / 32)) * 32)
 
 
 def resample_label(label, shape):
     """A label map (H x W, any dtype) at `shape`, each output pixel taking the input pixel under its centre
     (`nearest-exact`: source row floor((i + 0.5) H / h)), the sampling of PIL's resize of the image; plain `nearest`
-    (floor(i H / h)) would shift the labels up-left by half an output pixel against the image."""
+    (floor(i H / h)) would shift the labels up-left by half an output pixel against the image (~1.1 source pixels
+    on VOC)."""
     return F.interpolate(label[None, None], size=shape, mode="nearest-exact")[0, 0]  # h x w, same dtype
 
 
@@ -528,7 +490,8 @@ def collate_native(batch):
 
 
 def label_subset(n, fraction, seed):
-    """The sorted indices of round(fraction x n) training images (at least 1), fixed by `seed`."""
+    """The sorted indices of round(fraction x n) training images (at least 1), fixed by `seed`. Trial t draws with
+    seed --seed + t, so below --label-fraction 1 the trials also measure the spread over labelled subsets."""
     if not 0 < fraction <= 1:
         raise common.UserError(f"--label-fraction {fraction}: must be in (0, 1]")
     keep = max(1, int(round(fraction * n)))
@@ -544,6 +507,7 @@ def shard(indices, rank, world):
 
 
 def loader(samples, batch_size, workers, device, shuffle_seed=None, drop_last=False, collate=None):
+    """A DataLoader over `samples`, shuffled by `shuffle_seed` when it is given."""
     generator = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
     return torch.utils.data.DataLoader(samples, batch_size=batch_size, shuffle=shuffle_seed is not None,
                                        generator=generator, num_workers=workers, drop_last=drop_last,
@@ -552,8 +516,13 @@ def loader(samples, batch_size, workers, device, shuffle_seed=None, drop_last=Fa
 
 # ---- models ----
 class LinearProbe(nn.Module):
-    """§4.1's linear predictor: standardisation (fixed statistics of the training features: per-channel mean, one
-    overall scale) and a 1x1 convolution. Both are affine, so the probe is exactly one 1x1 conv on the raw features."""
+    """§4.1's linear predictor: standardisation and a 1x1 convolution. Both are affine, so the probe is exactly one
+    1x1 conv on the raw features.
+
+    The statistics are fixed, from the training features: a per-channel mean and one overall scale (the RMS of the
+    channels' std). The paper leaves this open; it lets one learning rate fit VADeR's small decoder outputs and a
+    dilated ResNet's large C5 activations alike, and one scale rather than one per channel does not blow up
+    near-constant channels."""
 
     def __init__(self, channels, outputs, mean, std):
         super().__init__()
@@ -588,7 +557,11 @@ class ProbeBank(nn.Module):
 
 
 class PooledFeatures(nn.Module):
-    """The classification probe's input: a dense feature model's output averaged over all positions, N x C x 1 x 1."""
+    """The classification probe's input: a dense feature model's output averaged over all positions, N x C x 1 x 1,
+    so a LinearProbe on 1 x 1 maps is the linear classifier (VADeR's reviews, Reviewer 4: "results on classification
+    by pooling the learnt features"). MoCo's linear classification differs: C5 at stride 32 (not dilated),
+    RandomResizedCrop + flip each epoch, lr 30, no weight decay, no standardisation; ours sees each training image
+    once, centre-cropped, like the dense probe."""
 
     def __init__(self, dense):
         super().__init__()
@@ -599,7 +572,8 @@ class PooledFeatures(nn.Module):
 
 
 class FinetuneNet(nn.Module):
-    """§4.2's network: VADeRNet (ResNet + FPN with batch norm + semantic merge) and a 1x1 convolution."""
+    """§4.2's network, the same for every initialisation: VADeRNet (ResNet + FPN with batch norm + semantic merge)
+    and a 1x1 convolution."""
 
     def __init__(self, arch, outputs, dim=128):
         super().__init__()
@@ -648,8 +622,8 @@ def confusion_matrix(pred, target, num_classes):
 
 
 def segmentation_scores(confusion):
-    """mIoU over the classes present in ground truth or prediction, pixel accuracy, and per-class IoU (None when a
-    class never occurs)."""
+    """From one confusion matrix over all validation pixels: IoU_c = TP / (TP + FP + FN), mIoU over the classes
+    present in ground truth or prediction, pixel accuracy, and per-class IoU (None when a class never occurs)."""
     confusion = confusion.double()
     tp = confusion.diag()
     union = confusion.sum(0) + confusion.sum(1) - tp  # TP + FP + FN
@@ -673,7 +647,9 @@ def eigen_crop_mask(shape):
 
 def depth_image_errors(pred, gt, crop=True):
     """(RMSE, abs-rel, delta1) of one image over the pixels with ground truth in DEPTH_RANGE (strictly inside, as in
-    BTS) and, with `crop`, inside the Eigen crop; predictions are clamped to DEPTH_RANGE. None when no pixel counts."""
+    BTS) and, with `crop`, inside the Eigen crop; predictions are clamped to DEPTH_RANGE. None when no pixel counts.
+    abs-rel = mean |pred - gt| / gt; delta1 = the fraction with max(pred / gt, gt / pred) < 1.25. The scores are
+    averaged over images (Eigen et al.)."""
     valid = (gt > DEPTH_RANGE[0]) & (gt < DEPTH_RANGE[1])
     if crop:
         valid &= eigen_crop_mask(gt.shape)
@@ -693,18 +669,8 @@ def topk_correct(logits, target, ks=(1, 5)):
     return [int(hits[:, :k].any(1).sum()) for k in ks]
 
 
-def finite_or_none(value):
-    """`value` with every NaN or infinite float (also inside lists and dicts) replaced by None: JSON has no NaN."""
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def all_reduce_sum(tensor):
+    """`tensor` summed over the ranks, in place (unchanged in a single process)."""
     if common.distributed():
         dist.all_reduce(tensor)
     return tensor
@@ -749,21 +715,53 @@ def evaluate(encode, heads, val_loader, task, num_classes, d, precision, desc="v
             dict(rmse=None, abs_rel=None, delta1=None) for s in sums]
 
 
+def summarise(per_trial):
+    """Mean and sample std (0 for one trial) of every scalar metric over the trials; None where a trial has None."""
+    names = [k for k, v in per_trial[0].items() if v is None or isinstance(v, float)]
+    values = {k: [t[k] for t in per_trial] for k in names}
+    mean = {k: None if None in v else float(np.mean(v)) for k, v in values.items()}
+    std = {k: None if None in v else float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}
+    return mean, std
+
+
+def finite_or_none(value):
+    """`value` with every NaN or infinite float (also inside lists and dicts) replaced by None: JSON has no NaN, so
+    a score with nothing to count is null in metrics.json."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 # ---- training ----
 def task_loss(outputs, labels, task):
     """Cross-entropy (ignore 255) on class ids, or L1 on the pixels with depth in DEPTH_RANGE, after upsampling the
     dense outputs to the label size (§4.1); classification: cross-entropy on the pooled logits (N x K x 1 x 1)."""
     if task == "classification":
         return F.cross_entropy(outputs.float().flatten(1), labels)
-    outputs = F.interpolate(outputs.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)  # N x K x H x W
+    outputs = F.interpolate(outputs.float(), size=labels.shape[-2:], mode="bilinear",
+                            align_corners=False)  # N x K x H x W
     if task == "segmentation":
         return F.cross_entropy(outputs, labels.long(), ignore_index=IGNORE)  # uint8 labels become int64 on the device
     valid = (labels > DEPTH_RANGE[0]) & (labels < DEPTH_RANGE[1])  # N x H x W
     return (outputs[:, 0] - labels).abs()[valid].mean() if valid.any() else outputs.sum() * 0
 
 
-def sgd(model, args):
-    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+def sgd(model, lr, weight_decay):
+    """SGD with momentum 0.9 for the probes and for fine-tuning; fit decays its lr to 0 on a cosine. Our choice where
+    the paper leaves it open, as are the default lrs (fill_defaults): 0.1 probe, 0.01 depth probe and fine-tuning."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def set_lr(optimizer, step, total, peak):
+    """The cosine learning rate of `step` of `total`, set on every parameter group; returns it."""
+    lr = common.cosine(step, total, peak, 0.0)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def steps_per_epoch(indices, subset, per_rank):
@@ -775,18 +773,18 @@ def steps_per_epoch(indices, subset, per_rank):
     return steps
 
 
-def fit(model, optimizer, epoch_batches, steps, losses, args, d, log, mode, trials, desc):
-    """SGD with cosine lr over args.epochs epochs of `steps` steps. epoch_batches(epoch) yields (inputs, labels,
-    rows) on the device; losses(inputs, labels, rows) gives one loss per trial in `trials` (the probe bank: all of
-    them at once; fine-tuning: one). Their sum is minimised: the trials share no parameter, so each trial's
-    parameters get exactly the gradient of its own loss. Used by the probes and by fine-tuning."""
-    total, step = args.epochs * steps, 0
+def fit(model, optimizer, epoch_batches, steps, losses, epochs, peak_lr, precision, d, log, mode, trials, desc):
+    """SGD with a cosine lr from `peak_lr` to 0 over `epochs` epochs of `steps` steps; used by the probes and by
+    fine-tuning. epoch_batches(epoch) yields (inputs, labels, rows) on the device; losses(inputs, labels, rows) gives
+    one loss per trial in `trials` (the probe bank: all of them at once; fine-tuning: one). Their sum is minimised:
+    the trials share no parameter, so each trial's parameters get exactly the gradient of its own loss."""
+    total, step = epochs * steps, 0
     bar = common.throughput_bar(None, total, d.is_main, desc=desc)
-    for epoch in range(args.epochs):
+    for epoch in range(epochs):
         running = torch.zeros(len(trials), dtype=torch.float64)
         for inputs, labels, rows in epoch_batches(epoch):
-            lr = set_lr(optimizer, step, total, args.lr)
-            with common.autocast(d.device, args.precision):
+            lr = set_lr(optimizer, step, total, peak_lr)
+            with common.autocast(d.device, precision):
                 loss = losses(inputs, labels, rows)  # T
             optimizer.zero_grad(set_to_none=True)
             loss.sum().backward()
@@ -805,13 +803,7 @@ def fit(model, optimizer, epoch_batches, steps, losses, args, d, log, mode, tria
     bar.close()
 
 
-def set_lr(optimizer, step, total, peak):
-    lr = common.cosine(step, total, peak, 0.0)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
-
-
+# ---- training: the frozen probe ----
 @torch.no_grad()
 def frozen_features(backbone, images, d, precision):
     """The frozen backbone's features of a batch, left on the device. A function, not a `with` block around a
@@ -823,13 +815,15 @@ def frozen_features(backbone, images, d, precision):
 
 class FeatureCache:
     """The frozen backbone's features (fp16) and labels (as the data set gives them: uint8 class ids, float32 metres,
-    int64 classes) of this rank's training images, computed once and kept in host memory."""
+    int64 classes) of this rank's training images, computed once and kept in host memory. The probe uses no
+    augmentation, so every epoch can read them; train_probes recomputes them instead when they exceed --cache-gb
+    (VOC train_aug with a dilated ResNet-50 would need ~136 GB)."""
 
-    def __init__(self, backbone, samples, args, d):
+    def __init__(self, backbone, samples, batch_size, workers, precision, d):
         self.features, self.labels, self.position, filled = None, None, {}, 0
-        batches = loader(samples, max(1, args.batch_size // d.world_size), args.workers, d.device)
+        batches = loader(samples, batch_size, workers, d.device)
         for images, labels, indices in common.throughput_bar(batches, len(batches), d.is_main, desc="features"):
-            f = frozen_features(backbone, images, d, args.precision).to("cpu", torch.float16)  # N x C x h x w
+            f = frozen_features(backbone, images, d, precision).to("cpu", torch.float16)  # N x C x h x w
             if self.features is None:
                 self.features = torch.empty(len(samples), *f.shape[1:], dtype=torch.float16)
                 self.labels = torch.empty(len(samples), *labels.shape[1:], dtype=labels.dtype)
@@ -866,6 +860,15 @@ def epoch_steps(shards, per_rank, seed):
     return steps
 
 
+def recomputed_batches(backbone, by_index, plan, workers, precision, d):
+    """The steps of `plan` (epoch_steps) as (features, labels, rows) on the device, the backbone run on every step's
+    images; `by_index` is a Samples whose item k is image k."""
+    batches = torch.utils.data.DataLoader(by_index, batch_sampler=[images for images, _ in plan],
+                                          num_workers=workers, pin_memory=d.device.type == "cuda")
+    for (images, labels, _), (_, rows) in zip(batches, plan):
+        yield frozen_features(backbone, images, d, precision), labels.to(d.device, non_blocking=True), rows
+
+
 def feature_statistics(batches, trials, task, d):
     """Per trial: per-channel mean and one overall std of its training features (summed over ranks), and its mean
     training depth. `batches` yields (features, labels, rows) as the training loop sees them."""
@@ -894,36 +897,43 @@ def feature_statistics(batches, trials, task, d):
     return mean.float(), std.float().contiguous(), mean_depth.tolist()
 
 
+def new_probes(channels, outputs, mean, std, mean_depth, seed, depth):
+    """Trial t's LinearProbe, initialised from seed + t (the same on every rank); a depth probe's bias starts at the
+    trial's mean training depth."""
+    heads = []
+    for t in range(len(mean)):
+        torch.manual_seed(seed + t)
+        heads.append(LinearProbe(channels, outputs, mean[t], std[t]))
+        if depth:
+            nn.init.constant_(heads[-1].conv.bias, mean_depth[t])
+    return heads
+
+
 def train_probes(backbone, train_set, subsets, args, d, log):
     """Every trial's LinearProbe, trained side by side (ProbeBank): at each step one backbone pass (or one cache
-    look-up) gives the batch's features, on the device, and every trial's probe takes its step on them. The trials
-    differ in the probe's initialisation (seed + t) and, below --label-fraction 1, in their labelled subset; they
-    share the batch order. Returns (probes in eval mode, a description of the feature path)."""
+    look-up) gives the batch's features, on the device, and every trial's probe takes its step on them, so 5 trials
+    cost about one trial's backbone passes. The trials differ in the probe's initialisation (seed + t) and, below
+    --label-fraction 1, in their labelled subset; they share the batch order (metrics.json: trials_differ_in).
+    Returns (probes in eval mode, "cached" or "recomputed")."""
     task, trials = train_set.task, len(subsets)
     shape = input_shape(train_set, args.image_size)
     per_rank = max(1, args.batch_size // d.world_size)
     shards = [shard(s, d.rank, d.world_size) for s in subsets]
     steps = steps_per_epoch(shards[0], subsets[0], per_rank)
-    mine = sorted(set().union(*shards))  # this rank's images, all trials
-    samples = Samples(train_set, mine, shape)
+    samples = Samples(train_set, sorted(set().union(*shards)), shape)  # this rank's images, all trials
     image, label, _ = samples[0]
     channels, h, w = frozen_features(backbone, image[None], d, args.precision).shape[1:]
-    cache_gb = len(mine) * (channels * h * w * 2 + label.numel() * label.element_size()) / 1e9  # fp16 + labels
+    cache_gb = len(samples) * (channels * h * w * 2 + label.numel() * label.element_size()) / 1e9  # fp16 + labels
     cached = cache_gb <= args.cache_gb
-    cache = FeatureCache(backbone, samples, args, d) if cached else None
+    cache = FeatureCache(backbone, samples, per_rank, args.workers, args.precision, d) if cached else None
     dtype = common.autocast_dtype(d.device, args.precision) or torch.float32
     by_index = Samples(train_set, range(len(train_set)), shape)  # item k is image k
 
     def epoch_batches(epoch, limit=None):
         plan = epoch_steps(shards, per_rank, args.seed * 1000 + epoch)[:limit]
         if cached:
-            for images, rows in plan:
-                yield (*cache.batch(images, dtype, d.device), rows)
-            return
-        batches = torch.utils.data.DataLoader(by_index, batch_sampler=[images for images, _ in plan],
-                                              num_workers=args.workers, pin_memory=d.device.type == "cuda")
-        for (images, labels, _), (_, rows) in zip(batches, plan):
-            yield frozen_features(backbone, images, d, args.precision), labels.to(d.device, non_blocking=True), rows
+            return ((*cache.batch(images, dtype, d.device), rows) for images, rows in plan)
+        return recomputed_batches(backbone, by_index, plan, args.workers, args.precision, d)
 
     path = (f"cached ({cache_gb:.2f} GB on this rank)" if cached else
             f"recomputed each epoch (a cache would need {cache_gb:.1f} GB > --cache-gb {args.cache_gb})")
@@ -933,13 +943,7 @@ def train_probes(backbone, train_set, subsets, args, d, log):
     # the statistics: all cached features, or the first 20 batches of epoch 0 when they are recomputed
     mean, std, mean_depth = feature_statistics(epoch_batches(0, None if cached else 20), trials, task, d)
     outputs = 1 if task == "depth" else train_set.num_classes
-    heads = []
-    for t in range(trials):
-        torch.manual_seed(args.seed + t)  # trial t's initialisation: the same on every rank
-        heads.append(LinearProbe(channels, outputs, mean[t], std[t]))
-        if task == "depth":
-            nn.init.constant_(heads[-1].conv.bias, mean_depth[t])
-    bank = ProbeBank(heads).to(d.device)
+    bank = ProbeBank(new_probes(channels, outputs, mean, std, mean_depth, args.seed, task == "depth")).to(d.device)
     model = nn.parallel.DistributedDataParallel(bank) if d.world_size > 1 else bank
 
     def losses(features, labels, rows):
@@ -947,13 +951,24 @@ def train_probes(backbone, train_set, subsets, args, d, log):
         return torch.stack([task_loss(o, labels if r is None else labels[r], task)
                             for o, r in zip(out, rows or [None] * trials)])  # T
 
-    fit(model, sgd(bank, args), epoch_batches, steps, losses, args, d, log, "probe", list(range(trials)),
-        desc=f"probe x{trials}")
+    fit(model, sgd(bank, args.lr, args.weight_decay), epoch_batches, steps, losses, args.epochs, args.lr,
+        args.precision, d, log, "probe", list(range(trials)), desc=f"probe x{trials}")
     return [head.eval() for head in bank.heads], ("cached" if cached else "recomputed")
 
 
+# ---- training: fine-tuning ----
+def finetune_batches(samples, per_rank, workers, device, seed, epoch):
+    """One epoch of augmented (images, labels, None) on the device, shuffled by (seed, epoch)."""
+    samples.set_epoch(epoch)
+    for images, labels, _ in loader(samples, per_rank, workers, device, shuffle_seed=seed * 1000 + epoch,
+                                    drop_last=True):
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True), None
+
+
 def train_finetune(weights, train_set, subset, trial, args, d, log):
-    """§4.2: one FinetuneNet trained end to end on `subset`; returns the unwrapped network in eval mode."""
+    """§4.2: one FinetuneNet trained end to end on `subset`; returns (the unwrapped network in eval mode, its
+    description). Under DDP on GPUs every batch norm becomes SyncBN; PyTorch has none on CPU, so CPU runs keep
+    per-rank statistics. A depth head's bias starts at the mean measured depth of the first 20 training images."""
     seed = args.seed + trial
     outputs = train_set.num_classes if train_set.task == "segmentation" else 1
     torch.manual_seed(seed)  # the random parts (FPN, decoder, head): same on every rank
@@ -966,21 +981,22 @@ def train_finetune(weights, train_set, subset, trial, args, d, log):
     if d.world_size > 1:
         if d.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+        device_ids = [d.local_rank] if d.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     per_rank = max(1, args.batch_size // d.world_size)
     indices = shard(subset, d.rank, d.world_size)
     samples = Samples(train_set, indices, input_shape(train_set, args.image_size), augment=True, seed=seed)
     steps = steps_per_epoch(indices, subset, per_rank)
 
     def epoch_batches(epoch):
-        samples.set_epoch(epoch)
-        for images, labels, _ in loader(samples, per_rank, args.workers, d.device, shuffle_seed=seed * 1000 + epoch,
-                                        drop_last=True):
-            yield images.to(d.device, non_blocking=True), labels.to(d.device, non_blocking=True), None
+        return finetune_batches(samples, per_rank, args.workers, d.device, seed, epoch)
+
+    def losses(images, labels, _):
+        return task_loss(model(images), labels, train_set.task)[None]  # 1
 
     model.train()
-    fit(model, sgd(net, args), epoch_batches, steps, lambda x, y, _: task_loss(model(x), y, train_set.task)[None],
-        args, d, log, "finetune", [trial], desc=f"finetune {trial + 1}/{args.trials}")
+    fit(model, sgd(net, args.lr, args.weight_decay), epoch_batches, steps, losses, args.epochs, args.lr,
+        args.precision, d, log, "finetune", [trial], desc=f"finetune {trial + 1}/{args.trials}")
     return net.eval(), description
 
 
@@ -1015,10 +1031,27 @@ def from_detectron2_key(k):
     return k[len("stem."):] if k.startswith("stem.") else k
 
 
+# What Detectron2 must be told about an exported torchvision ResNet: its RGB mean/std times 255, and the stride in
+# the 3x3 convolution (torchvision's ResNet v1.5); batch norms synchronised over the GPUs
+DETECTRON2_CONFIG = {
+    "INPUT.FORMAT": "RGB",
+    "MODEL.PIXEL_MEAN": "[123.675, 116.280, 103.530]",
+    "MODEL.PIXEL_STD": "[58.395, 57.120, 57.375]",
+    "MODEL.RESNETS.STRIDE_IN_1X1": "False",
+    "MODEL.RESNETS.NORM": "SyncBN",
+    "MODEL.FPN.NORM": "SyncBN",
+}
+
+
 def export_detectron2(weights, path):
-    """Write the ResNet encoder of `weights` as a Detectron2 .pkl; returns (kind, number of tensors)."""
+    """Write the ResNet encoder of `weights` (a vader.py / clove.py / MoCo / torchvision file) as a Detectron2 .pkl,
+    pickled as {"model": ..., "__author__": ..., "matching_heuristics": True}; the FPN and decoder are not exported.
+    Returns (kind, number of tensors). A Detectron2 config uses it with MODEL.WEIGHTS: "OUT.pkl", MODEL.RESNETS.DEPTH:
+    50 (18/34 also need MODEL.RESNETS.RES2_OUT_CHANNELS: 64) and the settings of DETECTRON2_CONFIG (main prints them).
+    """
     if weights == "random":
-        raise common.UserError("--export-detectron2 needs --weights FILE (a vader.py/clove.py, MoCo or torchvision file)")
+        raise common.UserError("--export-detectron2 needs --weights FILE "
+                               "(a vader.py/clove.py, MoCo or torchvision file)")
     kind, state, _ = common.read_weights(weights)
     if kind in ("vader", "clove"):
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
@@ -1029,8 +1062,9 @@ def export_detectron2(weights, path):
     return kind, len(exported["model"])
 
 
-def feature_picture(args):
-    """VADeR Figures 2 and 5 for any weights, on the first 4 validation images of the data set."""
+def write_feature_picture(args):
+    """VADeR Figures 2 and 5 for any weights (features in PCA colours, a query pixel's similarity map), on the first
+    4 validation images of the data set."""
     model, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet})
     _, val_set = build_datasets(args)
     shape = input_shape(val_set, args.image_size)
@@ -1042,18 +1076,67 @@ def feature_picture(args):
 
 
 # ---- main ----
-def summarise(per_trial):
-    """Mean and sample std (0 for one trial) of every scalar metric over the trials; None where a trial has None."""
-    names = [k for k, v in per_trial[0].items() if v is None or isinstance(v, float)]
-    values = {k: [t[k] for t in per_trial] for k in names}
-    mean = {k: None if None in v else float(np.mean(v)) for k, v in values.items()}
-    std = {k: None if None in v else float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}
-    return mean, std
+def frozen_backbone(args):
+    """(model, description) of the frozen features the probes read; (None, None) with --finetune, whose network
+    train_finetune builds for each trial. Either way an unknown weights file fails here, before the data are read."""
+    if args.finetune:
+        if args.weights != "random":
+            common.read_weights(args.weights)
+        return None, None
+    return common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet})
+
+
+def validation_loader(val_set, shape, batch_size, workers, d):
+    """This rank's share of the validation images (no padding: every image is scored once), labels at native size."""
+    samples = Samples(val_set, list(range(len(val_set)))[d.rank::d.world_size], shape, native_labels=True)
+    return loader(samples, max(1, batch_size // d.world_size), workers, d.device, collate=collate_native)
+
+
+def data_name(args):
+    """The data set's name in the report: --dataset, or which embedded set."""
+    return args.dataset if args.data else "synthetic-objects" if args.dataset == "imagefolder" else "synthetic"
+
+
+def trials_differ_in(finetune, label_fraction):
+    """What separates the trials, for metrics.json: the probes share one batch order by design."""
+    subset = ", labelled subset" if label_fraction < 1 else ""
+    if finetune:
+        return f"network initialisation (FPN, decoder, head), batch order, augmentation{subset}"
+    return f"probe initialisation{subset} (the batch order is shared: one backbone pass per batch feeds every trial)"
+
+
+def build_result(args, val_set, model, shape, train_images, per_trial, feature_path):
+    """The run's report (metrics.json and the last line on stdout), timings apart."""
+    task, num_classes = val_set.task, val_set.num_classes
+    mean, std = summarise(per_trial)
+    result = dict(mode="finetune" if args.finetune else "probe", dataset=data_name(args), task=task,
+                  weights=args.weights, model=model, label_fraction=args.label_fraction, trials=args.trials,
+                  trials_differ_in=trials_differ_in(args.finetune, args.label_fraction), epochs=args.epochs,
+                  lr=args.lr, batch_size=args.batch_size, image_size=list(shape), train_images=train_images,
+                  val_images=len(val_set), mean=mean, std=std,
+                  per_trial=[{k: v for k, v in t.items() if v is None or isinstance(v, float)} for t in per_trial])
+    if feature_path:
+        result["probe_features"] = feature_path
+    if task == "segmentation":
+        ious = np.array([[np.nan if v is None else v for v in t["per_class_iou"]] for t in per_trial])
+        result["per_class_iou"] = [None if np.isnan(c).all() else float(np.nanmean(c)) for c in ious.T]
+    if task == "depth":
+        eigen = args.depth_crop == "eigen"
+        result["depth_eval"] = dict(crop=list(EIGEN_CROP) if eigen else None, crop_of="480x640" if eigen else None,
+                                    range_m=list(DEPTH_RANGE))
+    if task == "classification":
+        result["classes"] = num_classes
+        result["top5_k"] = min(5, num_classes)
+    return result
 
 
 def print_table(per_trial, mean, std):
+    """The scores of every trial, their mean and std, as a plain table before the JSON line."""
     names = list(mean)
-    cell = lambda v: f"{v:>10.4f}" if v is not None else f"{'-':>10}"  # noqa: E731
+
+    def cell(v):
+        return f"{v:>10.4f}" if v is not None else f"{'-':>10}"
+
     print("trial  " + "  ".join(f"{n:>10}" for n in names))
     for t, scores in enumerate(per_trial):
         print(f"{t:>5}  " + "  ".join(cell(scores[n]) for n in names))
@@ -1061,50 +1144,12 @@ def print_table(per_trial, mean, std):
     print("  std  " + "  ".join(cell(std[n]) for n in names))
 
 
-def check_paths(args):
-    """The files and folders the run needs, before anything is printed or read."""
-    if args.weights != "random" and not os.path.isfile(args.weights):
-        raise common.UserError(f"--weights {args.weights}: no such file; pass a vader.py/clove.py checkpoint, an "
-                               "official MoCo checkpoint, a torchvision ResNet state dict, or 'random'")
-    if args.data is not None and args.dataset is None:
-        raise common.UserError("--data given without --dataset; pass --dataset voc, cityscapes, nyu or imagefolder")
-    if args.data is not None and not os.path.isdir(args.data):
-        raise common.UserError(f"--data {args.data}: no such folder")
-    if args.data is None and args.dataset not in (None, "imagefolder"):
-        raise common.UserError(f"--dataset {args.dataset} needs --data (the data set's root folder)")
-
-
-def check_args(args, world_size):
-    """Every number, before any work: one line naming the flag."""
-    if args.image_size < 32 or args.image_size % 32:
-        raise common.UserError(f"--image-size {args.image_size}: must be a positive multiple of 32 (the FPN's "
-                               "coarsest stride), e.g. 224")
-    if args.batch_size < 1 or args.batch_size % world_size:
-        raise common.UserError(f"--batch-size {args.batch_size}: the global batch must be positive and split evenly "
-                               f"over {world_size} rank(s)")
-    for flag in ("trials", "epochs", "synthetic_train", "synthetic_val"):
-        if getattr(args, flag) < 1:
-            raise common.UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-    if not args.lr > 0 or not args.weight_decay >= 0 or not args.cache_gb >= 0 or args.workers < 0:
-        raise common.UserError("--lr must be positive; --weight-decay, --cache-gb and --workers at least 0")
-    if not 0 < args.label_fraction <= 1:
-        raise common.UserError(f"--label-fraction {args.label_fraction}: must be in (0, 1]")
-    if args.train_split not in ("auto", "train_aug", "train"):
-        raise common.UserError(f"--train-split {args.train_split}: expected auto, train_aug or train")
-    if args.finetune and args.dataset == "imagefolder":
-        raise common.UserError("--finetune trains the dense network (§4.2); imagefolder classification is a "
-                               "frozen-feature probe only")
-
-
 def run(args):
+    """Setup, train, evaluate, report; returns the result that metrics.json and the last stdout line hold."""
     d = common.init_distributed()
-    say = print if d.is_main else (lambda *a, **k: None)
     t_start = time.time()
     common.seed_all(args.seed)  # a 'random' backbone is the same on every rank and in every run with this seed
-    if args.finetune and args.weights != "random":
-        common.read_weights(args.weights)  # an unknown file fails before the data sets are read
-    elif not args.finetune:
-        backbone, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet})
+    backbone, description = frozen_backbone(args)
     train_set, val_set = build_datasets(args)
     if not args.finetune and train_set.task == "classification":
         backbone, description = PooledFeatures(backbone), f"{description}, averaged over all positions"
@@ -1112,18 +1157,16 @@ def run(args):
     log = common.JsonLog(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
     subsets = [label_subset(len(train_set), args.label_fraction, args.seed + t) for t in range(args.trials)]
     shape = input_shape(train_set, args.image_size)
-    val_samples = Samples(val_set, list(range(len(val_set)))[d.rank::d.world_size], shape, native_labels=True)
-    val_loader = loader(val_samples, max(1, args.batch_size // d.world_size), args.workers, d.device,
-                        collate=collate_native)
-    data_name = args.dataset if args.data else "synthetic-objects" if args.dataset == "imagefolder" else "synthetic"
+    val_loader = validation_loader(val_set, shape, args.batch_size, args.workers, d)
     depth_crop = args.depth_crop == "eigen"
-    say(f"{'fine-tuning' if args.finetune else 'frozen probe'} on {data_name} ({train_set.task}): "
-        f"{len(subsets[0])} of {len(train_set)} training images (--label-fraction {args.label_fraction}), "
-        f"{len(val_set)} validation images, {shape[0]}x{shape[1]} inputs, {args.trials} trial(s) x {args.epochs} "
-        f"epochs, {d.world_size} rank(s), device {d.device}")
+    if d.is_main:
+        print(f"{'fine-tuning' if args.finetune else 'frozen probe'} on {data_name(args)} ({train_set.task}): "
+              f"{len(subsets[0])} of {len(train_set)} training images (--label-fraction {args.label_fraction}), "
+              f"{len(val_set)} validation images, {shape[0]}x{shape[1]} inputs, {args.trials} trial(s) x "
+              f"{args.epochs} epochs, {d.world_size} rank(s), device {d.device}")
 
-    t_train, train_seconds = time.time(), 0.0  # training time alone (no validation), for cost comparisons
-    if args.finetune:
+    train_seconds, feature_path = 0.0, None  # training time alone (no validation), for cost comparisons
+    if args.finetune:  # one trial at a time: train, then score
         per_trial = []
         for trial, subset in enumerate(subsets):
             t_train = time.time()
@@ -1131,35 +1174,17 @@ def run(args):
             train_seconds += time.time() - t_train
             per_trial += evaluate(lambda x: x, [net], val_loader, val_set.task, val_set.num_classes, d,
                                   args.precision, desc=f"val {trial + 1}/{args.trials}", depth_crop=depth_crop)
-        feature_path = None
-        differ = "network initialisation (FPN, decoder, head), batch order, augmentation{}"
-    else:
+    else:  # every trial's probe at once, then one validation pass for all
+        t_train = time.time()
         backbone = backbone.to(d.device).eval().requires_grad_(False)
-        say(f"features: {description}")
+        if d.is_main:
+            print(f"features: {description}")
         heads, feature_path = train_probes(backbone, train_set, subsets, args, d, log)
         train_seconds = time.time() - t_train
         per_trial = evaluate(backbone, heads, val_loader, val_set.task, val_set.num_classes, d, args.precision,
                              depth_crop=depth_crop)
-        differ = "probe initialisation{} (the batch order is shared: one backbone pass per batch feeds every trial)"
-    differ = differ.format(", labelled subset" if args.label_fraction < 1 else "")
 
-    mean, std = summarise(per_trial)
-    result = dict(mode="finetune" if args.finetune else "probe", dataset=data_name, task=val_set.task,
-                  weights=args.weights, model=description, label_fraction=args.label_fraction, trials=args.trials,
-                  trials_differ_in=differ, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                  image_size=list(shape), train_images=len(subsets[0]), val_images=len(val_set), mean=mean, std=std,
-                  per_trial=[{k: v for k, v in t.items() if v is None or isinstance(v, float)} for t in per_trial])
-    if feature_path:
-        result["probe_features"] = feature_path
-    if val_set.task == "segmentation":
-        ious = np.array([[np.nan if v is None else v for v in t["per_class_iou"]] for t in per_trial])
-        result["per_class_iou"] = [None if np.isnan(c).all() else float(np.nanmean(c)) for c in ious.T]
-    if val_set.task == "depth":
-        result["depth_eval"] = dict(crop=list(EIGEN_CROP) if depth_crop else None, crop_of="480x640" if depth_crop
-                                    else None, range_m=list(DEPTH_RANGE))
-    if val_set.task == "classification":
-        result["classes"] = val_set.num_classes
-        result["top5_k"] = min(5, val_set.num_classes)
+    result = build_result(args, val_set, description, shape, len(subsets[0]), per_trial, feature_path)
     result.update(train_seconds=round(train_seconds, 2), seconds=round(time.time() - t_start, 1))
     result = finite_or_none(result)
     log.write(event="end", **{k: v for k, v in result.items() if k != "per_trial"})
@@ -1177,35 +1202,43 @@ def main(argv=None):
     if args.export_detectron2:
         kind, count = export_detectron2(args.weights, args.export_detectron2)
         print(f"wrote {count} ResNet tensors of the {kind} weights {args.weights} to {args.export_detectron2}; "
-              "Detectron2 config: INPUT.FORMAT RGB, MODEL.PIXEL_MEAN [123.675, 116.280, 103.530], MODEL.PIXEL_STD "
-              "[58.395, 57.120, 57.375], MODEL.RESNETS.STRIDE_IN_1X1 False, MODEL.RESNETS.NORM SyncBN, MODEL.FPN.NORM SyncBN")
+              "Detectron2 config: " + ", ".join(f"{k} {v}" for k, v in DETECTRON2_CONFIG.items()))
         common.print_result(dict(export=args.export_detectron2, kind=kind, tensors=count, weights=args.weights))
         return
-    classification = args.dataset == "imagefolder"
-    preset = {}
-    if args.data is None:  # the embedded set: its preset fills the flags not given
-        preset = common.apply_preset(parser, args, CLASSIFICATION_DEMO_PRESET if classification else DEMO_PRESET, argv)
-    depth = args.dataset == "nyu"  # L1 on metres: the probe's gradients do not shrink as it fits, so a lower lr
-    defaults = (dict(epochs=30, lr=0.01) if args.finetune else
-                dict(epochs=100 if classification else 20, lr=0.01 if depth else 0.1))
-    defaults.update(batch_size=256 if classification else 16,
-                    image_size=CityscapesSegmentation.default_size if args.dataset == "cityscapes" else 224)
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    preset = fill_defaults(parser, args, argv)
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     if not args.feature_picture:
         try:
             os.makedirs(args.output_dir, exist_ok=True)
         except OSError as e:
             raise common.UserError(f"--output-dir {args.output_dir}: cannot create it ({e.strerror})") from None
-    if args.data is None and int(os.environ.get("RANK", 0)) == 0:
-        print(f"no --data: the embedded {'classification' if classification else 'segmentation'} set and the CPU "
-              "demo preset " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items()), flush=True)
+    if args.data is None and int(os.environ.get("RANK", 0)) == 0:  # after the checks: a bad flag prints nothing
+        kind = "classification" if args.dataset == "imagefolder" else "segmentation"
+        print(f"no --data: the embedded {kind} set and the CPU demo preset "
+              + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items()), flush=True)
     if args.feature_picture:
-        return feature_picture(args)
+        return write_feature_picture(args)
     run(args)
 
 
 if __name__ == "__main__":
     common.run_main(main)
+
+
+# ---- notes ----
+# Preparing NYU-depth v2 (once, on a machine with h5py and scipy; not needed at run time). Download
+# nyu_depth_v2_labeled.mat (2.8 GB, the 1449 labelled frames) and splits.mat (trainNdxs: 795, testNdxs: 654,
+# 1-based) from the NYU-depth v2 page, then run:
+#     import os, h5py, numpy as np, scipy.io
+#     from PIL import Image
+#     out = "nyu_depth_v2"; os.makedirs(f"{out}/rgb"); os.makedirs(f"{out}/depth")
+#     with h5py.File("nyu_depth_v2_labeled.mat", "r") as f:          # MATLAB v7.3: arrays are transposed
+#         for i in range(f["images"].shape[0]):
+#             rgb = np.transpose(f["images"][i], (2, 1, 0))             # 3 x W x H -> H x W x 3, uint8
+#             depth = np.transpose(f["depths"][i], (1, 0))              # W x H -> H x W, metres (in-painted)
+#             Image.fromarray(rgb).save(f"{out}/rgb/{i + 1:05d}.png")
+#             Image.fromarray(np.round(depth * 1000).astype(np.uint16)).save(f"{out}/depth/{i + 1:05d}.png")
+#     splits = scipy.io.loadmat("splits.mat")
+#     for name, key in (("train", "trainNdxs"), ("val", "testNdxs")):
+#         with open(f"{out}/{name}.txt", "w") as f:
+#             f.writelines(f"{int(n):05d}\n" for n in splits[key].ravel())

@@ -213,7 +213,8 @@ def save_weights(tmp_path):
              "vader": str(tmp_path / "vader.pth")}
     torch.save(state, paths["torchvision"])
     moco = {f"module.encoder_q.{k}": v for k, v in state.items() if not k.startswith("fc.")}
-    moco.update({"module.encoder_q.fc.0.weight": torch.randn(512, 512), "module.encoder_q.fc.2.weight": torch.randn(128, 512),
+    moco.update({"module.encoder_q.fc.0.weight": torch.randn(512, 512),
+                 "module.encoder_q.fc.2.weight": torch.randn(128, 512),
                  "module.encoder_k.conv1.weight": torch.randn(64, 3, 7, 7), "module.queue": torch.randn(128, 16)})
     torch.save({"epoch": 800, "arch": "resnet18", "state_dict": moco}, paths["moco"])
     vader = VADeRNet("resnet18")
@@ -232,7 +233,8 @@ def test_every_weights_kind_loads_for_the_probe_and_for_fine_tuning(tmp_path):
         net, description = E.finetune_network(paths[kind], "resnet50", 21)
         assert torch.equal(net.body.encoder.layer3[0].downsample[0].weight, state["layer3.0.downsample.0.weight"])
     probe, _ = common.dense_feature_model(paths["vader"], "resnet50", {"vader": VADeRNet})
-    assert isinstance(probe, VADeRNet) and torch.equal(probe.decoder.predictor.weight, vader_state["decoder.predictor.weight"])
+    assert isinstance(probe, VADeRNet)
+    assert torch.equal(probe.decoder.predictor.weight, vader_state["decoder.predictor.weight"])
     net, description = E.finetune_network(paths["vader"], "resnet50", 1)
     assert "FPN batch norms new" in description
     assert torch.equal(net.body.encoder.conv1.weight, state["conv1.weight"])
@@ -255,7 +257,7 @@ def test_detectron2_export_round_trips(tmp_path, run_script):
         exported = pickle.load(f)
     assert exported["matching_heuristics"] is True and "__author__" in exported
     model = exported["model"]
-    assert "stem.conv1.weight" in model and "res5.1.conv2.norm.running_var" in model and "res3.0.shortcut.weight" in model
+    assert {"stem.conv1.weight", "res5.1.conv2.norm.running_var", "res3.0.shortcut.weight"} <= set(model)
     assert not any(k.startswith(("layer", "fc")) or ".bn" in k for k in model)
     for key, array in model.items():
         assert isinstance(array, np.ndarray)
@@ -334,7 +336,8 @@ def test_missing_split_file_is_a_one_line_error(tmp_path, run_script):
 
 def test_image_label_size_mismatch_is_a_one_line_error(tmp_path, run_script):
     names = make_voc(str(tmp_path / "voc"))
-    Image.fromarray(np.zeros((10, 12), np.uint8)).save(tmp_path / "voc" / "SegmentationClass" / f"{names['val'][1]}.png")
+    odd_label = tmp_path / "voc" / "SegmentationClass" / f"{names['val'][1]}.png"
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(odd_label)
     r = run_script("evaluate_linear.py", "--dataset", "voc", "--data", tmp_path / "voc", "--workers", "0",
                    "--output-dir", tmp_path / "run")
     assert_one_line_error(r, names["val"][1], "64x64", "12x10")
@@ -350,8 +353,7 @@ def test_unknown_weights_are_a_one_line_error(tmp_path, run_script):
     assert_one_line_error(r, "odd.pth")
 
 
-
-# ---- the probe's feature path (issue 13 items 1-2) ----
+# ---- the probe's feature path: one backbone pass per batch, cached or recomputed ----
 class CountingBackbone(torch.nn.Module):
     """A frozen stand-in for a ResNet: a fixed 4x4 stride-4 convolution (8 channels at 1/4) that counts the images
     it has seen."""
@@ -378,7 +380,8 @@ def train_tiny_probes(tmp_path, trials, fraction=1.0, **changes):
     args = probe_args(**changes)
     subsets = [E.label_subset(len(train_set), fraction, args.seed + t) for t in range(trials)]
     backbone = CountingBackbone().requires_grad_(False)
-    heads, path = E.train_probes(backbone, train_set, subsets, args, common.Dist(), common.JsonLog(tmp_path / "l", False))
+    log = common.JsonLog(tmp_path / "l", False)
+    heads, path = E.train_probes(backbone, train_set, subsets, args, common.Dist(), log)
     return heads, path, backbone.images
 
 
@@ -429,7 +432,7 @@ def test_labels_are_cached_as_uint8_and_counted_in_the_cache_budget(tmp_path):
     _, path, _ = train_tiny_probes(tmp_path, trials=1, cache_gb=17e-6)
     assert path == "cached"
     samples = E.Samples(E.SyntheticSegmentation(4, 32, seed=0), range(4), (32, 32))
-    cache = E.FeatureCache(CountingBackbone(), samples, probe_args(), common.Dist())
+    cache = E.FeatureCache(CountingBackbone(), samples, batch_size=4, workers=0, precision="fp32", d=common.Dist())
     assert cache.labels.dtype == torch.uint8 and cache.labels.shape == (4, 32, 32)
 
 
@@ -461,7 +464,7 @@ def test_training_labels_are_resampled_by_pixel_centres():
 
 
 def test_probe_without_a_cache_runs_end_to_end(tmp_path):
-    """The issue's failing command, at toy size: --cache-gb 0 through main()."""
+    """A probe without a feature cache (--cache-gb 0), at toy size, through main()."""
     make_voc(str(tmp_path / "voc"), n_train=4, n_val=2)
     out = tmp_path / "run"
     E.main(["--dataset", "voc", "--data", str(tmp_path / "voc"), "--arch", "resnet18", "--image-size", "32",
@@ -472,7 +475,7 @@ def test_probe_without_a_cache_runs_end_to_end(tmp_path):
     assert result["trials_differ_in"].startswith("probe initialisation (the batch order is shared")
 
 
-# ---- NYU-depth v2 as the literature scores it (item 3) ----
+# ---- NYU-depth v2 as the literature scores it ----
 def test_depth_scores_use_the_eigen_crop_and_the_depth_range():
     rng = np.random.default_rng(0)
     gt = rng.uniform(0.5, 12.0, (480, 640))
@@ -517,7 +520,7 @@ def test_finite_or_none_replaces_every_nan_and_infinity():
     assert E.finite_or_none(value) == {"a": None, "b": [1.0, None, {"c": None}], "d": 2, "e": None}
 
 
-# ---- what users will give (item 6) ----
+# ---- what users will give ----
 @pytest.mark.parametrize("flags, words", [
     (["--image-size", "0"], ["--image-size 0", "multiple of 32"]),
     (["--image-size", "48"], ["--image-size 48"]),
@@ -547,13 +550,14 @@ def test_vader_checkpoint_with_another_embedding_dim_is_probed_and_fine_tuned(tm
     for mode in ([], ["--finetune"]):
         out = tmp_path / f"run{len(mode)}"
         E.main(["--dataset", "voc", "--data", str(tmp_path / "voc"), "--weights", str(path), "--image-size", "32",
-                "--epochs", "1", "--batch-size", "2", "--trials", "1", "--workers", "0", "--output-dir", str(out)] + mode)
+                "--epochs", "1", "--batch-size", "2", "--trials", "1", "--workers", "0",
+                "--output-dir", str(out)] + mode)
         assert 0 <= metrics(out)["mean"]["miou"] <= 1
     net, _ = E.finetune_network(str(path), "resnet50", 21)
     assert net.head.in_channels == 32
 
 
-# ---- Detectron2 export (item 8) ----
+# ---- Detectron2 export ----
 def test_detectron2_key_renaming_is_moco_s():
     """MoCo's convert-pretrain-to-detectron2.py, by hand: stem, resN+1, convK.norm, shortcut(.norm)."""
     pairs = {"conv1.weight": "stem.conv1.weight", "bn1.running_mean": "stem.conv1.norm.running_mean",
@@ -570,7 +574,7 @@ def test_detectron2_key_renaming_is_moco_s():
     assert not hasattr(common, "to_detectron2") and not hasattr(common, "from_detectron2_key")
 
 
-# ---- pooled classification (issue 11 item 6) ----
+# ---- pooled classification ----
 def test_topk_accuracy_matches_a_naive_ranking():
     rng = np.random.default_rng(0)
     for k_classes in (7, 3):
