@@ -267,11 +267,11 @@ class DeadLeaves:
             raise ValueError(f"num_classes must be 1..{len(self.TEXTURES)}")
         self.size, self.num_classes, self.shapes, self.seed = size, num_classes, shapes, seed
 
-    def _rng(self, kind, index):
+    def rng(self, kind, index):
         return np.random.default_rng([self.seed, kind, index])
 
     @staticmethod
-    def _texture(cls, yy, xx, rng):
+    def texture(cls, yy, xx, rng):
         """Pattern in [0, 1] for one class; the class decides the family, `rng` its phase and orientation."""
         angle, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
         u = xx * np.cos(angle) + yy * np.sin(angle)
@@ -290,7 +290,7 @@ class DeadLeaves:
         return rng.random(np.broadcast(yy, xx).shape)
 
     @staticmethod
-    def _shape_mask(kind, yy, xx, cy, cx, r, angle):
+    def shape_mask(kind, yy, xx, cy, cx, r, angle):
         dy, dx = yy - cy, xx - cx
         u = dx * np.cos(angle) + dy * np.sin(angle)
         v = -dx * np.sin(angle) + dy * np.cos(angle)
@@ -302,19 +302,19 @@ class DeadLeaves:
             return (u / r) ** 2 + (v / (0.5 * r)) ** 2 <= 1
         return (v >= -0.5 * r) & (v <= r - 1.7 * np.abs(u))  # triangle
 
-    def _leaf(self, rng, height, width):
+    def leaf(self, rng, height, width):
         r = self.size * float(np.exp(rng.uniform(np.log(0.04), np.log(0.3))))
         cls = int(rng.integers(1, self.num_classes + 1))
         return dict(cls=cls, kind=int(rng.integers(0, 4)), r=r,
                     cy=rng.uniform(0, height), cx=rng.uniform(0, width), angle=rng.uniform(0, np.pi),
-                    c0=self._colour(rng, cls), c1=self._colour(rng, cls), tex_seed=int(rng.integers(2**31)))
+                    c0=self.colour(rng, cls), c1=self.colour(rng, cls), tex_seed=int(rng.integers(2**31)))
 
-    def _colour(self, rng, cls):
+    def colour(self, rng, cls):
         """An RGB colour in [0, 1] from class `cls`'s palette: hue within HUE_SPREAD of the class centre."""
         hue = ((cls - 1) / self.num_classes + rng.uniform(-self.HUE_SPREAD, self.HUE_SPREAD)) % 1.0
         return np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.3, 1), rng.uniform(0.3, 1)))
 
-    def _paint(self, canvas, labels, instances, leaf, instance_id, offset=(0.0, 0.0)):
+    def paint(self, canvas, labels, instances, leaf, instance_id, offset=(0.0, 0.0)):
         h, w = labels.shape
         cy, cx = leaf["cy"] + offset[0], leaf["cx"] + offset[1]
         r = leaf["r"]
@@ -323,15 +323,15 @@ class DeadLeaves:
         if y0 >= y1 or x0 >= x1:
             return
         yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float64) + 0.5
-        mask = self._shape_mask(leaf["kind"], yy, xx, cy, cx, r, leaf["angle"])
+        mask = self.shape_mask(leaf["kind"], yy, xx, cy, cx, r, leaf["angle"])
         # the texture is attached to the shape (shape-relative coordinates), so it moves with the shape
-        t = self._texture(leaf["cls"], yy - cy, xx - cx, np.random.default_rng(leaf["tex_seed"]))[..., None]
+        t = self.texture(leaf["cls"], yy - cy, xx - cx, np.random.default_rng(leaf["tex_seed"]))[..., None]
         colour = (1 - t) * leaf["c0"] + t * leaf["c1"]
         canvas[y0:y1, x0:x1][mask] = colour[mask]
         labels[y0:y1, x0:x1][mask] = leaf["cls"]
         instances[y0:y1, x0:x1][mask] = instance_id
 
-    def _background(self, rng, height, width):
+    def background(self, rng, height, width):
         yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
         a, b = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
         t = (0.5 + 0.5 * np.sin(2 * np.pi * (rng.uniform(0.3, 1) * xx + rng.uniform(0.3, 1) * yy)))[..., None]
@@ -339,12 +339,12 @@ class DeadLeaves:
 
     def image(self, index):
         """(PIL RGB image, class map uint8 HxW with 0 = background, instance map int32 HxW with 0 = background)."""
-        rng = self._rng(0, index)
+        rng = self.rng(0, index)
         s = self.size
-        canvas = self._background(rng, s, s)
+        canvas = self.background(rng, s, s)
         labels, instances = np.zeros((s, s), np.uint8), np.zeros((s, s), np.int32)
         for i in range(int(rng.integers(self.shapes[0], self.shapes[1] + 1))):
-            self._paint(canvas, labels, instances, self._leaf(rng, s, s), i + 1)
+            self.paint(canvas, labels, instances, self.leaf(rng, s, s), i + 1)
         pixels = np.clip(canvas * 255 + rng.normal(0, 3, canvas.shape), 0, 255).astype(np.uint8)
         return Image.fromarray(pixels), labels, instances
 

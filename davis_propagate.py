@@ -286,18 +286,18 @@ def synthetic_sequence(leaves, index, num_frames=12, num_objects=(1, 3), height=
     `leaves` (a common.DeadLeaves): a dead-leaves background pans slowly and N textured objects move with their own
     constant velocity (pixels per frame, up to `speed`) in a fixed depth order, so the masks are the exact visible
     parts of each object. Deterministic by (leaves.seed, index); a random stream of its own (kind 1)."""
-    rng = leaves._rng(1, index)
+    rng = leaves.rng(1, index)
     h, w = height, width
     margin = int(speed * num_frames) + 2
     big_h, big_w = h + 2 * margin, w + 2 * margin
-    bg = leaves._background(rng, big_h, big_w)
+    bg = leaves.background(rng, big_h, big_w)
     bl, bi = np.zeros((big_h, big_w), np.uint8), np.zeros((big_h, big_w), np.int32)
     for _ in range(int(rng.integers(leaves.shapes[0], leaves.shapes[1] + 1)) * 2):
-        leaves._paint(bg, bl, bi, leaves._leaf(rng, big_h, big_w), 1)
+        leaves.paint(bg, bl, bi, leaves.leaf(rng, big_h, big_w), 1)
     pan = rng.uniform(-0.5, 0.5, 2) * speed
     objects = []
     for _ in range(int(rng.integers(num_objects[0], num_objects[1] + 1))):
-        leaf = leaves._leaf(rng, h, w)
+        leaf = leaves.leaf(rng, h, w)
         leaf.update(r=rng.uniform(0.12, 0.22) * min(h, w), cy=rng.uniform(0.3, 0.7) * h, cx=rng.uniform(0.3, 0.7) * w)
         objects.append((leaf, rng.uniform(-1, 1, 2) * speed))
     frames, masks = [], []
@@ -306,7 +306,7 @@ def synthetic_sequence(leaves, index, num_frames=12, num_objects=(1, 3), height=
         canvas = bg[oy:oy + h, ox:ox + w].copy()
         labels, inst = np.zeros((h, w), np.uint8), np.zeros((h, w), np.int32)
         for k, (leaf, velocity) in enumerate(objects):
-            leaves._paint(canvas, labels, inst, leaf, k + 1, offset=tuple(velocity * t))
+            leaves.paint(canvas, labels, inst, leaf, k + 1, offset=tuple(velocity * t))
         frames.append(Image.fromarray(np.clip(canvas * 255, 0, 255).astype(np.uint8)))
         masks.append(inst.astype(np.uint8))
     return frames, masks

@@ -323,18 +323,18 @@ def object_image(leaves, index):
     """
     rng = np.random.default_rng([leaves.seed, 2, index])
     s = leaves.size
-    canvas = leaves._background(rng, s, s)
+    canvas = leaves.background(rng, s, s)
     classes, instances = np.zeros((s, s), np.uint8), np.zeros((s, s), np.int32)
     clutter = int(rng.integers(leaves.shapes[0], leaves.shapes[1] + 1)) // 2
     for i in range(clutter):
-        leaf = leaves._leaf(rng, s, s)
+        leaf = leaves.leaf(rng, s, s)
         leaf["r"] = min(leaf["r"], 0.12 * s)
-        leaves._paint(canvas, classes, instances, leaf, i + 1)
+        leaves.paint(canvas, classes, instances, leaf, i + 1)
     cls = index % leaves.num_classes + 1  # balanced classes
-    leaf = leaves._leaf(rng, s, s)
-    leaf.update(cls=cls, c0=leaves._colour(rng, cls), c1=leaves._colour(rng, cls), r=rng.uniform(0.3, 0.42) * s,
+    leaf = leaves.leaf(rng, s, s)
+    leaf.update(cls=cls, c0=leaves.colour(rng, cls), c1=leaves.colour(rng, cls), r=rng.uniform(0.3, 0.42) * s,
                 cy=rng.uniform(0.4, 0.6) * s, cx=rng.uniform(0.4, 0.6) * s)
-    leaves._paint(canvas, classes, instances, leaf, clutter + 1)
+    leaves.paint(canvas, classes, instances, leaf, clutter + 1)
     pixels = np.clip(canvas * 255 + rng.normal(0, 3, canvas.shape), 0, 255).astype(np.uint8)
     return Image.fromarray(pixels), cls - 1, classes, instances
 

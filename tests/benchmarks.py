@@ -235,7 +235,7 @@ def bench_vader(a):
 
 
 def finish_report(out, profiled, device, load_before):
-    """Add the profile's top ops (when `profiled` maps names to step functions), peak memory and the load average."""
+    """Add the profile's top ops (when `profiled` maps names to step functions), peak memory and the load before and after."""
     if profiled:
         out["profile"] = profile_top(profiled, device)
     out["peak_memory_gib"] = peak_memory(device)
