@@ -104,6 +104,7 @@ def get_parser():
     p.add_argument("--sgd-momentum", type=float, default=0.9, help="momentum inside LARS")
     p.add_argument("--precision", default="auto", choices=common.PRECISIONS, help=common.PRECISION_HELP)
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help="NHWC (auto: on a GPU)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms where PyTorch has them")
     p.add_argument("--synthetic-images", type=int, default=2048, help="size of the embedded data set (no --data)")
     a = p.add_argument_group("ablations (the bottom of the file)")
     a.add_argument("--loss", default="rank", choices=["rank", "l2"], help="Table 8: Eq. 2 or BYOL's 2 - 2 cos")
@@ -421,7 +422,7 @@ def learning_rate(step, total, warmup, peak, start_ratio, final_ratio):
 
 # ---- training ----
 def train(args):
-    d = common.init_distributed()
+    d = common.init_distributed(args.deterministic)
     check_args(args, d)
     common.seed_all(args.seed)  # the same initialisation on every rank
 
@@ -455,21 +456,22 @@ def train(args):
     queue = queue.to(d.device)
     loss_fn = parts["loss"](queue)
     optimizer = build_optimizer(f, lr, args.weight_decay, args.sgd_momentum)
-    scaler = torch.amp.GradScaler("cuda", enabled=d.device.type == "cuda" and args.precision == "fp16")
+    scaler = common.grad_scaler(d.device, args.precision)
 
     run = common.TrainingRun("clove", args, d, dataset, dict(model=f, teacher=teacher, queue=queue,
                              optimizer=optimizer, scaler=scaler), may_change={"base_lr"},
                              remedy="Lower --base-lr or use --precision fp32")
     step = run.resume()
-    shapes = [(2 * per_rank, 3, args.image_size, args.image_size)]  # clove_step's batches: the global views,
+    shapes = [(2, 3, args.image_size, args.image_size)]  # clove_step's batches for one image: the global views,
     if args.local_crops:  # then the local crops
-        shapes.append((args.local_crops * per_rank, 3, args.local_size, args.local_size))
-    model = common.wrap_ddp(f, d, shapes, memory_format)
+        shapes.append((args.local_crops, 3, args.local_size, args.local_size))
+    model = common.wrap_ddp(f, d, shapes, memory_format, args.precision)
     run.start(step, total_steps, f"CLoVE: {args.arch}, global batch {args.batch_size} = {d.world_size} rank(s) x "
               f"{per_rank} x {args.accum_steps} accumulation step(s), 2 x {args.image_size}px + {args.local_crops} x "
               f"{args.local_size}px views, lr = {args.base_lr} x {args.batch_size}/256 = {lr:g}, device {d.device}",
               per_rank_batch=per_rank, accum_steps=args.accum_steps, global_batch=args.batch_size, lr=lr,
-              warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch, planned_steps=planned_steps)
+              warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch, planned_steps=planned_steps,
+              chance_loss=args.margin)  # Eq. 2 with every cosine 0 (random features)
     step_loss, step_pairs = 0.0, 0.0
     f.train(), teacher.train()  # the teacher's BN normalises with batch statistics too (BYOL)
     while step < total_steps:

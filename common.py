@@ -12,6 +12,8 @@ import json
 import math
 import os
 import random
+import re
+import signal
 import sys
 import time
 import uuid
@@ -37,10 +39,23 @@ class UserError(Exception):
     """A bad flag, file or folder: main() prints it as one line and exits non-zero, with no traceback."""
 
 
+class Preempted(Exception):
+    """Every rank stopped after the same optimiser step on SIGTERM or SIGUSR1, and the checkpoint is written."""
+
+
+PREEMPTED = 75  # the exit status of a preempted run (sysexits' EX_TEMPFAIL: re-run the same command to resume)
+
+
 def run_main(main):
-    """Call main(); a UserError becomes `error: <message>` on stderr and exit status 2, with no traceback."""
+    """Call main(); a UserError becomes `error: <message>` on stderr and exit status 2, with no traceback, and a
+    preempted run exits with status PREEMPTED."""
     try:
         main()
+    except Preempted as e:
+        finish_distributed()
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"preempted: {e}; re-run the same command to resume", flush=True)
+        sys.exit(PREEMPTED)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if dist.is_available() and dist.is_initialized():  # a live gloo/NCCL group aborts the interpreter at exit
@@ -64,18 +79,35 @@ class Dist:
     is_main = property(lambda self: self.rank == 0)
 
 
-def init_distributed():
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; without them this is one plain process. NCCL on GPU, gloo on CPU."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+def init_distributed(deterministic=False):
+    """torchrun's RANK/LOCAL_RANK/WORLD_SIZE, or srun's SLURM_PROCID/SLURM_LOCALID/SLURM_STEP_NUM_TASKS (master:
+    the first host of SLURM_JOB_NODELIST, unless MASTER_ADDR is set); without them one plain process. NCCL on GPU,
+    gloo on CPU. `deterministic`: no cuDNN benchmarking, and deterministic algorithms wherever PyTorch has them."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # srun, without torchrun
+        env.update(RANK=env["SLURM_PROCID"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
+                   WORLD_SIZE=env["SLURM_STEP_NUM_TASKS"])
+        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        env.setdefault("MASTER_PORT", "29500")
+    rank, world, local_rank = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if deterministic:
+        env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode needs it
+        torch.use_deterministic_algorithms(True, warn_only=True)  # warns where an op has no deterministic version
+        torch.backends.cudnn.deterministic = True
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
-        torch.backends.cudnn.benchmark = True  # fixed view sizes: let cuDNN pick the fastest convolution once
+        torch.backends.cudnn.benchmark = not deterministic  # fixed view sizes: cuDNN times its algorithms once
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
     return Dist(rank, local_rank, world, device)
+
+
+def first_host(nodelist):
+    """The first host of a SLURM node list: "gpu[003-005,9],cpu1" -> "gpu003"."""
+    name, ranges = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist).groups()
+    return name + (re.split(r"[-,]", ranges)[0] if ranges else "")
 
 
 def distributed():
@@ -90,20 +122,23 @@ def finish_distributed():
         dist.destroy_process_group()
 
 
-def wrap_ddp(model, d, shapes, memory_format=torch.contiguous_format):
+def wrap_ddp(model, d, shapes, memory_format=torch.contiguous_format, precision="fp32"):
     """`model` in DistributedDataParallel (or itself on one process), with its gradient buckets settled.
 
     DDP rebuilds its buckets once, after the first backward, in the order the gradients became ready, and the ring
     all-reduce's summation order depends on a gradient's place in its bucket. One zero-weighted warm-up pass on
     fixed random inputs of `shapes` (one batch per shape; buffers restored, gradients cleared) makes every run,
-    fresh or resumed, train on the same rebuilt buckets, so that resumption stays bitwise exact.
+    fresh or resumed, train on the same rebuilt buckets, so that resumption stays bitwise exact. The order does not
+    depend on the batch: pass one or two images per view, and the warm-up runs under the training's `precision`,
+    so that it never needs more memory than a training step.
     """
     if d.world_size == 1:
         return model
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     saved = [b.detach().clone() for b in model.buffers()]
     generator = torch.Generator().manual_seed(0)  # not the global RNG: runs stay reproducible
-    outputs = ddp(*[torch.randn(s, generator=generator).to(d.device, memory_format=memory_format) for s in shapes])
+    with autocast(d.device, precision):
+        outputs = ddp(*[torch.randn(s, generator=generator).to(d.device, memory_format=memory_format) for s in shapes])
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     (sum(o.float().sum() for o in outputs) * 0).backward()
     with torch.no_grad():
@@ -123,13 +158,13 @@ def all_gather_cat(tensor):
     return torch.cat(parts)
 
 
-def all_reduce_mean(value):
-    """Average a Python float over ranks (for logging)."""
-    if not distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+def all_reduce_mean(*values):
+    """Python floats averaged over ranks, in one collective: a float, or a list for several."""
+    if distributed():
+        t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        values = [v / dist.get_world_size() for v in t.tolist()]
+    return values[0] if len(values) == 1 else list(values)
 
 
 def all_ranks_agree(flag):
@@ -159,9 +194,11 @@ def sample_rng(seed, epoch, index):
 
 
 def rng_states():
+    """Python's, NumPy's, torch's and this rank's own GPU's generator states (one GPU's: not every GPU a process can
+    see, which would tie the checkpoint to the machine's layout)."""
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()  # the current device's
     return states
 
 
@@ -169,8 +206,8 @@ def set_rng_states(states):
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if torch.cuda.is_available() and torch.is_tensor(states.get("cuda")):  # a list: saved by all_rng_state (older)
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 # ---- images ----
@@ -473,8 +510,14 @@ def make_loader(dataset, d, per_rank, workers, seed):
     sampler = ResumableSampler(len(dataset), d.rank, d.world_size, seed)
     return sampler, torch.utils.data.DataLoader(
         dataset, batch_size=per_rank, sampler=sampler, num_workers=workers, drop_last=True,
-        pin_memory=d.device.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers > 0 else None,
-        generator=torch.Generator().manual_seed(0))
+        pin_memory=d.device.type == "cuda", persistent_workers=False, prefetch_factor=2 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals if workers > 0 else None)
+
+
+def ignore_stop_signals(worker_id):
+    """Loader workers leave SIGTERM and SIGUSR1 to the training process, which stops cleanly (TrainingRun)."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
 
 
 # ---- schedules and optimisers ----
@@ -496,17 +539,24 @@ def ema_update(teacher, student, momentum, copy_buffers=True):
 
 # ---- precision ----
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-PRECISION_HELP = ("autocast dtype: 'auto' is bf16 on a GPU and fp32 on a CPU; bf16 applies on a CPU too (the GPU's "
-                  "code path, for testing it); fp16 (with loss scaling) needs a GPU")
+PRECISION_HELP = ("autocast: auto = bf16 on GPUs with native bf16, fp16 (loss-scaled) on older ones, fp32 on a CPU")
 
 
 def autocast_dtype(device, precision):
-    """The autocast dtype `--precision` means on `device`, or None for plain fp32."""
+    """The autocast dtype `--precision` means on `device`, or None for plain fp32. 'auto' takes bf16 only where it
+    is native (compute capability 8.0: A100, H100); V100 and T4 emulate it, and fp16 with loss scaling is their
+    fast path."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+        precision = "fp32" if device.type != "cuda" else "bf16" if native else "fp16"
     if precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16: needs a GPU (fp16 autocast with loss scaling); use bf16 or fp32 on a CPU")
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def grad_scaler(device, precision):
+    """The AMP loss scaler: enabled for fp16 only (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, precision) == torch.float16)
 
 
 def autocast(device, precision):
@@ -527,18 +577,23 @@ def memory_format(device, channels_last):
 # Flags a resumed run may change: they move no state and leave the result unchanged (precision too, so that a run
 # stopped by a non-finite loss can go on in fp32). Every other flag, and the facts, must equal the checkpoint's.
 RESUMABLE_CHANGES = {"max_steps", "log_every", "save_every", "workers", "resume", "output_dir", "data", "init",
-                     "precision", "channels_last"}
+                     "precision", "channels_last", "deterministic"}
 
 
 class TrainingRun:
-    """What a training script does besides its method: the output folder, rank 0's log.jsonl, tqdm bar and
-    features.png, images/s, the checkpoint and exact resumption.
+    """What a training script does besides its method: the output folder, rank 0's log.jsonl, tqdm bar,
+    features.png and curves.png, images/s, the checkpoint, exact resumption, and stopping cleanly on a signal.
 
     `state` maps checkpoint keys to what a resumed run restores (networks, queue, optimiser, AMP scaler: anything
     with state_dict / load_state_dict). Rank 0 writes the checkpoint atomically at every epoch's end, every
     --save-every steps and at the end, with the flags, the RNG states, epoch, step and the facts that exact
     resumption needs besides the flags (world size, number of images). `may_change`: the method's flags a resumed
     run may change besides RESUMABLE_CHANGES (its learning rates: the remedy after a non-finite loss).
+
+    On SIGTERM or SIGUSR1 (a scheduler's notice before it kills or requeues a job; torchrun forwards SIGTERM), every
+    rank finishes its optimiser step, rank 0 writes the checkpoint and the run raises Preempted (exit status
+    PREEMPTED). The ranks agree on the step although the signal may reach them at different times: the flag travels
+    with the loss in its all-reduce (loss_value), so stopping costs no extra collective.
     """
 
     def __init__(self, method, args, d, dataset, state, may_change=(), remedy=""):
@@ -548,8 +603,8 @@ class TrainingRun:
         self.log = JsonLog(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
         self.facts = dict(world_size=d.world_size, images=len(dataset))
         self.picture_images = picture_images(dataset, args.image_size)
-        self.first_loss = self.last_loss = None
-        self.skipped = 0
+        self.first_loss = self.last_loss = self.signal = None
+        self.skipped, self.stopping = 0, False
 
     def resume(self):
         """Restore `state` and the RNGs from the checkpoint this run continues from; returns its step (0: afresh).
@@ -579,6 +634,8 @@ class TrainingRun:
         self.log.write(event="resume", step=ckpt["step"], path=decision["path"], sent_by_rank0=sent,
                        changed=decision["allowed"])
         for name, obj in self.state.items():
+            if isinstance(obj, torch.amp.GradScaler) and not ckpt[name]:
+                continue  # saved by a disabled scaler (--precision may change): an enabled one starts afresh
             obj.load_state_dict(ckpt[name])
         set_rng_states(ckpt["rng"])
         return ckpt["step"]
@@ -603,7 +660,7 @@ class TrainingRun:
         saved, now = dict(ckpt.get("args", {}), **ckpt.get("facts", {})), dict(vars(self.args), **self.facts)
         forbidden, allowed = [], []
         for key in sorted(set(saved) & set(now)):  # flags unknown to either side are not compared
-            if saved[key] != now[key]:
+            if as_list(saved[key]) != as_list(now[key]):  # a two-value flag typed (a list) vs its default (a tuple)
                 name = key.replace("_", " ") if key in self.facts else "--" + key.replace("_", "-")
                 may = key in RESUMABLE_CHANGES or key in self.may_change
                 (allowed if may else forbidden).append(f"{name} {saved[key]} -> {now[key]}")
@@ -614,13 +671,18 @@ class TrainingRun:
         return dict(path=path, id=ckpt.get("id"), allowed=allowed), ckpt
 
     def save(self, epoch, step):
+        """The checkpoint, and curves.png drawn from log.jsonl (rank 0)."""
         if self.d.is_main:
             save_checkpoint(self.path, dict(
                 method=self.method, epoch=epoch, step=step, args=vars(self.args), rng=rng_states(), facts=self.facts,
                 **{name: obj.state_dict() for name, obj in self.state.items()}))
+            draw_curves(self.log.path, os.path.join(self.args.output_dir, "curves.png"))
 
     def start(self, step, total_steps, banner, **facts):
-        """Print `banner` (rank 0), open the bar at `step` of `total_steps` and log the start with `facts`."""
+        """Print `banner` (rank 0), open the bar at `step` of `total_steps`, log the start with `facts`, and from
+        now on take SIGTERM and SIGUSR1 as a request to stop after the current step."""
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, lambda signum, frame: setattr(self, "signal", signum))
         if self.d.is_main:
             print(f"{banner}; {self.facts['images']} images, {total_steps} steps in all", flush=True)
         self.total_steps, self.t_start, self.marks = total_steps, time.time(), collections.deque(maxlen=21)
@@ -631,8 +693,9 @@ class TrainingRun:
 
     def loss_value(self, loss, step):
         """The loss as a float averaged over ranks; a non-finite one stops the run before the update, so the
-        checkpoint on disk still holds the last good state."""
-        value = all_reduce_mean(loss.item())
+        checkpoint on disk still holds the last good state. A stop signal on any rank rides along."""
+        value, signalled = all_reduce_mean(loss.item(), float(self.signal is not None))
+        self.stopping |= signalled > 0
         if not math.isfinite(value):
             self.bar.close()
             raise UserError(f"non-finite loss ({value}) at step {step + 1}; stopped without saving, so {self.path} "
@@ -652,8 +715,12 @@ class TrainingRun:
         if step % self.args.log_every == 0 or step == self.total_steps:
             self.log.write(step=step, epoch=epoch, loss=loss, **fields, images_per_s=rate, skipped_files=self.skipped,
                            elapsed_s=round(time.time() - self.t_start, 1))
-        if self.args.save_every and step % self.args.save_every == 0:
+        if self.args.save_every and step % self.args.save_every == 0 or self.stopping:
             self.save(epoch, step)
+        if self.stopping:
+            self.bar.close()
+            self.log.write(event="preempted", step=step)
+            raise Preempted(f"stopped by a signal after step {step}, checkpoint {self.path}")
 
     def end_epoch(self, epoch, step, model):
         """The checkpoint, and features.png: `model`'s features of a few fixed images (VADeR Figures 2 and 5)."""
@@ -674,6 +741,10 @@ class TrainingRun:
             print_result(result, os.path.join(self.args.output_dir, "result.json"))
         finish_distributed()
         return result
+
+
+def as_list(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def save_checkpoint(path, state):
@@ -830,16 +901,39 @@ class DilatedResNet(nn.Module):
         return resnet_stages(self.net, x)[-1]
 
 
-def dense_feature_model(weights, arch, dense_models):
+class Res4ResNet(nn.Module):
+    """res4: layer3's output with layer3's stride set to 1 (no dilation) and layer4 unused, C4 at 1/8: where CRW and
+    TimeCycle read their ResNet baselines (videowalk's resnet.py modify(), TimeCycle's resnet_res4s1.py). layer4
+    stays in the module, so that any ResNet state dict of the same depth loads into it."""
+
+    def __init__(self, arch):
+        super().__init__()
+        self.net = resnet(arch)
+        for m in self.net.layer3.modules():
+            if isinstance(m, nn.Conv2d):
+                m.stride = (1, 1)
+        self.out_channels = resnet_channels(arch)[2]
+
+    def forward(self, x):
+        return self.net.layer3(self.net.layer2(self.net.layer1(self.net.maxpool(self.net.relu(self.net.bn1(
+            self.net.conv1(x)))))))
+
+
+BASELINE_LAYERS = {"res5": DilatedResNet, "res4": Res4ResNet}  # --layer of the evaluation scripts
+
+
+def dense_feature_model(weights, arch, dense_models, layer="res5"):
     """The frozen network an evaluation probes, from `weights` ('random' or a file read by read_weights), as
     (model, description); the model maps N x 3 x H x W to N x C x H/4 x W/4.
 
     `dense_models` maps a method to a class whose checkpoints carry their own dense head ({"vader": VADeRNet}), so
     this file imports no method; its `from_args(saved_args)` builds the trained network, or returns None when the
-    run trained no dense head (its encoder is then probed). Every other kind becomes a ResNet dilated to 1/4.
+    run trained no dense head (its encoder is then probed). Every other kind becomes a ResNet read at `layer`:
+    res5, C5 dilated to 1/4 (VADeR §4.1), or res4, C4 at 1/8 (Res4ResNet).
     """
+    where = "dilated to 1/4" if layer == "res5" else "res4 at 1/8"
     if weights == "random":
-        return DilatedResNet(arch), f"random init ({arch}, dilated to 1/4)"
+        return BASELINE_LAYERS[layer](arch), f"random init ({arch}, {where})"
     kind, state, meta = read_weights(weights)
     arch = meta.get("arch") or infer_arch(state) or arch
     model = dense_models[kind].from_args(meta["args"]) if kind in dense_models else None
@@ -852,12 +946,50 @@ def dense_feature_model(weights, arch, dense_models):
         return model, f"{kind} checkpoint {weights} ({arch}, its own dense head)"
     if kind in ("vader", "clove"):
         state = encoder_state(state)
-    model = DilatedResNet(arch)
+    model = BASELINE_LAYERS[layer](arch)
     load_resnet_state(model.net, state, weights)
-    return model, f"{kind} weights {weights} ({arch}, dilated to 1/4)"
+    return model, f"{kind} weights {weights} ({arch}, {where})"
 
 
-# ---- feature pictures (VADeR Figures 2 and 5) ----
+# ---- pictures: training curves, and the features (VADeR Figures 2 and 5) ----
+def draw_curves(log_path, path, width=720, height=170):
+    """curves.png from a run's log.jsonl: the loss against its chance level (the start event's `chance_loss`),
+    the learning rates, images/s, and the training-time match top-1 against its chance, over the steps."""
+    if not os.path.isfile(log_path):
+        return None
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f]
+    steps = [r for r in records if "loss" in r and "step" in r]
+    chance = {k: r[k] for r in records if r.get("event") == "start" for k in ("chance_loss", "match_chance") if k in r}
+    panels = [("loss", ["loss"], chance.get("chance_loss")), ("learning rate", [k for k in steps[-1] if
+              k.startswith("lr")] if steps else [], None), ("images/s", ["images_per_s"], None),
+              ("match top-1", ["match_top1"], chance.get("match_chance"))]
+    panels = [p for p in panels if steps and all(k in steps[-1] for k in p[1]) and p[1]]
+    canvas = Image.new("RGB", (width, max(1, len(panels)) * height), "white")
+    draw, colours = ImageDraw.Draw(canvas), [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
+    for p, (title, keys, reference) in enumerate(panels):
+        top, x0, x1 = p * height + 18, 60, width - 10
+        values = [v for k in keys for v in (r[k] for r in steps) if v is not None] + ([reference] if reference else [])
+        lo, hi = min(values), max(values)
+        hi = hi if hi > lo else lo + abs(lo) / 10 + 1e-12  # a flat curve
+        sx = lambda step: x0 + (x1 - x0) * (step - steps[0]["step"]) / max(steps[-1]["step"] - steps[0]["step"], 1)  # noqa
+        sy = lambda v: top + (height - 40) * (hi - v) / (hi - lo)  # noqa: E731
+        draw.rectangle([x0, top, x1, top + height - 40], outline=(160, 160, 160))
+        draw.text((x0, top - 15), f"{title}: {', '.join(keys)}" + (f" (dashed: chance {reference:.3g})"
+                  if reference else ""), fill="black")
+        draw.text((2, top), f"{hi:.3g}", fill="black"), draw.text((2, top + height - 50), f"{lo:.3g}", fill="black")
+        draw.text((x1 - 80, top + height - 36), f"step {steps[-1]['step']}", fill="black")
+        if reference:
+            for x in range(x0, x1, 8):
+                draw.line([(x, sy(reference)), (x + 4, sy(reference))], fill=(120, 120, 120))
+        for c, k in enumerate(keys):
+            points = [(sx(r["step"]), sy(r[k])) for r in steps if r.get(k) is not None]
+            draw.line(points if len(points) > 1 else points * 2, fill=colours[c % 3], width=2)
+    canvas.save(path)
+    return canvas
+
+
+
 def pca_colours(features):
     """Dense features N x C x h x w projected on their first three principal components (over all pixels of all
     maps) and scaled to [0, 1]: N x 3 x h x w, similar features in similar colours (VADeR Figure 5)."""

@@ -45,9 +45,10 @@ from torchvision.ops import FeaturePyramidNetwork
 import common
 
 # ---- arguments ----
-DEMO_PRESET = dict(  # without --data: a CPU-sized run on the embedded dead-leaves images, from scratch
-    arch="resnet18", image_size=64, batch_size=32, epochs=5, queue_size=8192, lr_encoder=0.003, lr_decoder=0.003,
-    save_every=100, log_every=10, workers=0, output_dir="runs/vader-demo",
+DEMO_PRESET = dict(  # without --data: a CPU-sized run on the embedded dead-leaves images, from scratch with MoCo
+    # v2's update (lr 0.03, weight decay 1e-4, loss weight 1: see the notes, "from scratch")
+    arch="resnet18", image_size=64, batch_size=32, epochs=5, queue_size=8192, lr_encoder=0.03, lr_decoder=0.03,
+    loss_weight=1.0, save_every=100, log_every=10, workers=0, output_dir="runs/vader-demo",
 )
 MIN_SCRATCH_LR = 1e-4  # an encoder lr below this leaves a random encoder random (the paper's 3e-7 is for MoCo v2's)
 
@@ -77,11 +78,13 @@ def get_parser():
     p.add_argument("--lr-decoder", type=float, default=3e-3, help="SGD lr of the FPN and the decoder")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     p.add_argument("--sgd-momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--loss-weight", type=float, default=10.0, help="Eq. 2 is multiplied by this")
+    p.add_argument("--loss-weight", type=float, default=None, help="Eq. 2 is multiplied by this (default 10; 1 for "
+                   "--objective global/crops, MoCo v2's)")
     p.add_argument("--embedding-dim", type=int, default=128, help="d, the per-pixel embedding size")
     p.add_argument("--shuffle-bn-splits", type=int, default=4, help="one process: g's BN sub-batches (shuffle BN)")
     p.add_argument("--precision", default="auto", choices=common.PRECISIONS, help=common.PRECISION_HELP)
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help="NHWC (auto: on a GPU)")
+    p.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms where PyTorch has them")
     p.add_argument("--synthetic-images", type=int, default=2048, help="size of the embedded data set (no --data)")
     a = p.add_argument_group("ablations (the bottom of the file)")
     a.add_argument("--matching", default="diff-view", choices=list(VIEWS), help="Table 3's positives")
@@ -300,26 +303,37 @@ def key_embeddings(g, view2, cells2, splits=1):
 
 
 def vader_step(model, f, g, queue, view1, view2, matches, tau=0.07, momentum=0.999, bn_splits=4):
-    """The forward half of a training step (§3.2): Eq. 2 on a batch, and g's keys, to enqueue after the update.
+    """The forward half of a training step (§3.2): Eq. 2 on a batch, g's keys, to enqueue after the update, and
+    match_top1 (what Eq. 2 trains, watched as training goes).
 
-    model: f, or f in DDP; view1, view2: N x 3 x S x S; matches: N x M x 4 (PairedViews). Returns (loss, N x M x d).
+    model: f, or f in DDP; view1, view2: N x 3 x S x S; matches: N x M x 4 (PairedViews). Returns (loss, N x M x d
+    keys, top-1).
     """
     q = gather_cells(model(view1), matches[:, :, 0])  # N x M x d: f's embeddings of the matched view-1 cells
     common.ema_update(g, f, momentum, copy_buffers=False)  # MoCo: g moves towards f, then computes the keys
     k = key_embeddings(g, view2, matches[:, :, 1], bn_splits)  # N x M x d: g's embeddings of their matches
-    return vader_loss(q.flatten(0, 1), k.flatten(0, 1), queue.keys, tau), k
+    return vader_loss(q.flatten(0, 1), k.flatten(0, 1), queue.keys, tau), k, match_top1(q, k, matches[:, :, 1])
+
+
+@torch.no_grad()
+def match_top1(q, k, cells2):
+    """A cheap correspondence accuracy: the fraction of matched queries whose most similar key, among their image's
+    M matched keys, sees their own view-2 cell (cells2: N x M; two of the M may share one). Chance is about 1/M: on
+    ties the first key wins, so constant features score chance. q, k: N x M x d."""
+    best = torch.bmm(q.float(), k.float().transpose(1, 2)).argmax(2)  # N x M: the most similar key of each query
+    return (cells2.gather(1, best) == cells2).float().mean().item()
 
 
 # ---- training ----
 def train(args):
-    d = common.init_distributed()
+    d = common.init_distributed(args.deterministic)
     check_args(args, d)
     common.seed_all(args.seed)  # the same initialisation on every rank
 
     # the paper's views, networks and step; an ablation switch replaces some of them (ablation_parts, at the bottom)
     parts = dict(views=PairedViews(args.image_size, args.num_matches), network=VADeRNet, key_encoder=momentum_copy,
                  queue=PixelQueue, step=functools.partial(vader_step, tau=args.temperature, momentum=args.momentum,
-                                                          bn_splits=args.shuffle_bn_splits))
+                                                          bn_splits=args.shuffle_bn_splits), negatives=args.queue_size)
     parts.update(ablation_parts(args))
     dataset = common.ViewDataset(args.data, parts["views"], args.seed, args.synthetic_images)
     per_rank = args.batch_size // d.world_size
@@ -342,17 +356,18 @@ def train(args):
     decoder = [p for name, p in f.named_parameters() if not name.startswith("encoder.")]  # FPN + decoder (or a head)
     groups = [dict(params=f.encoder.parameters(), lr=args.lr_encoder), dict(params=decoder, lr=args.lr_decoder)]
     optimizer = torch.optim.SGD(groups, lr=args.lr_decoder, momentum=args.sgd_momentum, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=d.device.type == "cuda" and args.precision == "fp16")
+    scaler = common.grad_scaler(d.device, args.precision)
 
     run = common.TrainingRun("vader", args, d, dataset, dict(model=f, momentum_encoder=g, queue=queue,
                              optimizer=optimizer, scaler=scaler), may_change={"lr_encoder", "lr_decoder"},
                              remedy="Lower --lr-decoder/--lr-encoder or use --precision fp32")
     step = run.resume()
-    model = common.wrap_ddp(f, d, [(per_rank, 3, args.image_size, args.image_size)], memory_format)
-    keys_per_image = args.keys_per_image or parts["views"].num_matches
+    model = common.wrap_ddp(f, d, [(2, 3, args.image_size, args.image_size)], memory_format, args.precision)
+    keys_per_image, matches_per_image = args.keys_per_image or parts["views"].num_matches, parts["views"].num_matches
     run.start(step, total_steps, f"VADeR: {args.arch}, {d.world_size} rank(s) x {per_rank} images, device {d.device}",
               per_rank_batch=per_rank, steps_per_epoch=steps_per_epoch,
-              global_keys_per_step=args.batch_size * keys_per_image * (args.key_encoder == "momentum"))
+              global_keys_per_step=args.batch_size * keys_per_image * (args.key_encoder == "momentum"),
+              chance_loss=args.loss_weight * math.log(1 + parts["negatives"]), match_chance=1 / matches_per_image)
     f.train(), g.train()
     while step < total_steps:
         epoch = step // steps_per_epoch
@@ -363,7 +378,7 @@ def train(args):
             view2 = common.normalize(view2, d.device).contiguous(memory_format=memory_format)
             matches = matches.to(d.device, non_blocking=True)  # N x M x 4
             with common.autocast(d.device, args.precision):
-                loss, keys = parts["step"](model, f, g, queue, view1, view2, matches)  # vader_step: Eq. 2, g's keys
+                loss, keys, top1 = parts["step"](model, f, g, queue, view1, view2, matches)  # vader_step: Eq. 2
             loss = args.loss_weight * loss  # the paper multiplies Eq. 2 by 10
             lr_encoder, lr_decoder = set_learning_rates(optimizer, args, step, steps_per_epoch)
             loss_value = run.loss_value(loss, step)  # averaged over ranks; a non-finite loss stops the run here
@@ -376,8 +391,8 @@ def train(args):
             step += 1
 
             run.skipped += int(skipped.sum())
-            run.step_done(step, epoch, loss_value, args.batch_size, postfix=dict(lr=f"{lr_decoder:.1e}"),
-                          lr_encoder=lr_encoder, lr_decoder=lr_decoder)
+            run.step_done(step, epoch, loss_value, args.batch_size, postfix=dict(lr=f"{lr_decoder:.1e}",
+                          top1=f"{top1:.2f}"), lr_encoder=lr_encoder, lr_decoder=lr_decoder, match_top1=top1)
             if step >= total_steps:
                 break
         run.end_epoch(epoch, step, f)
@@ -412,8 +427,8 @@ def demo_message(args, result):
     return (f"Trained VADeR ({args.arch}, {args.image_size}px views) on synthetic dead leaves for {result['steps']} "
             f"steps in {result['seconds']} s; loss {result['first_loss']:.2f} -> {result['final_loss']:.2f} (the "
             f"queue starts as random vectors, so the first steps are easy; with real keys in it, chance is "
-            f"{args.loss_weight:g} x ln(1 + K) = {chance:.1f}). Features: {args.output_dir}/features.png; probe the "
-            f"checkpoint with `python evaluate_linear.py --weights {result['checkpoint']}`.")
+            f"{args.loss_weight:g} x ln(1 + K) = {chance:.1f}). Pictures: {args.output_dir}/features.png and "
+            f"curves.png; probe the checkpoint with `python evaluate_linear.py --weights {result['checkpoint']}`.")
 
 
 def check_args(args, d):
@@ -434,8 +449,8 @@ def check_args(args, d):
         raise common.UserError(
             f"--lr-encoder {args.lr_encoder:g} with --data and no --init: the encoder starts random and this lr "
             "leaves it random (the paper's 3e-7 fine-tunes a MoCo v2 encoder); pass --init "
-            "moco_v2_800ep_pretrain.pth.tar (the paper's start) or train from scratch with e.g. --lr-encoder 0.003 "
-            "--lr-decoder 0.003")
+            "moco_v2_800ep_pretrain.pth.tar (the paper's start) or train from scratch with MoCo v2's update, "
+            "--lr-encoder 0.03 --lr-decoder 0.03 --loss-weight 1")
     check_ablation_args(args)
 
 
@@ -448,6 +463,8 @@ def parse_args(argv=None):
         common.apply_preset(parser, args, DEMO_PRESET, argv, announce="embedded synthetic data")
     if args.temperature is None:
         args.temperature = TEMPERATURES[args.objective]
+    if args.loss_weight is None:
+        args.loss_weight = LOSS_WEIGHTS[args.objective]
     return args
 
 
@@ -470,10 +487,12 @@ def ablation_parts(args):
     if args.in_image_negatives and args.key_encoder == "momentum":
         parts["step"] = functools.partial(in_image_step, tau=args.temperature, momentum=args.momentum,
                                           bn_splits=args.shuffle_bn_splits, radius=args.negative_radius)
+        parts["negatives"] = args.queue_size + args.num_matches - 1
     if args.key_encoder == "shared":
         parts.update(key_encoder=lambda f: nn.Module(), queue=lambda *_: NoQueue(),
                      step=functools.partial(shared_step, tau=args.temperature, in_image=args.in_image_negatives,
-                                            radius=args.negative_radius))
+                                            radius=args.negative_radius),
+                     negatives=2 * args.batch_size * args.num_matches - 2)
     return parts
 
 
@@ -502,6 +521,7 @@ def check_ablation_args(args):
 
 
 TEMPERATURES = {"dense": 0.07, "global": 0.2, "crops": 0.2}  # VADeR §3.2; MoCo v2's for the image-level objectives
+LOSS_WEIGHTS = {"dense": 10.0, "global": 1.0, "crops": 1.0}  # VADeR §3.2; MoCo v2 weights its loss by 1
 SCHEDULES = {"constant": lambda step, total: 1.0,  # the paper names no schedule
              "cosine": lambda step, total: common.cosine(step, total, 1.0, 0.0)}  # MoCo v2's, per step over --epochs
 
@@ -606,7 +626,8 @@ def in_image_step(model, f, g, queue, view1, view2, matches, tau=0.07, momentum=
     q = gather_cells(model(view1), matches[:, :, 0])  # N x M x d
     common.ema_update(g, f, momentum, copy_buffers=False)
     k = key_embeddings(g, view2, matches[:, :, 1], bn_splits)  # N x M x d
-    return in_image_loss(q.flatten(0, 1), k.flatten(0, 1), queue.keys, tau, in_image_negatives(matches, radius)), k
+    loss = in_image_loss(q.flatten(0, 1), k.flatten(0, 1), queue.keys, tau, in_image_negatives(matches, radius))
+    return loss, k, match_top1(q, k, matches[:, :, 1])
 
 
 class NoQueue(nn.Module):
@@ -675,7 +696,8 @@ def shared_step(model, f, g, queue, view1, view2, matches, tau=0.07, in_image=Fa
     n = len(view1)
     z = model(torch.cat([view1, view2]))  # 2N x d x S/4 x S/4
     z1, z2 = gather_cells(z[:n], matches[:, :, 0]), gather_cells(z[n:], matches[:, :, 1])  # N x M x d
-    return shared_loss(z1.flatten(0, 1), z2.flatten(0, 1), matches, tau, in_image, radius), z2.detach()
+    return shared_loss(z1.flatten(0, 1), z2.flatten(0, 1), matches, tau, in_image, radius), z2.detach(), \
+        match_top1(z1, z2, matches[:, :, 1])
 
 
 if __name__ == "__main__":
@@ -695,16 +717,21 @@ if __name__ == "__main__":
 #   quotes "around 2M extra" (it counts fewer FPN convolutions).
 # - Decoder init: the final 1x1 conv keeps PyTorch's default, not Detectron2's N(0, 0.001). The embedding is
 #   L2-normalised, and a tiny output norm multiplied the first gradients by 1/||z|| and collapsed training.
-# - From scratch (no --init) the paper's encoder lr 3e-7 would leave the encoder random: with --data and an encoder
-#   lr below 1e-4 and no --init the run stops with an error. The demo trains from scratch at 0.003 (MoCo's 0.03 /
-#   the loss weight 10; 0.03 itself made the demo's loss jump and stall).
+# - From scratch (no --init) the paper's encoder lr 3e-7 would leave the encoder random, so --data without --init and
+#   with an encoder lr below 1e-4 is an error. The from-scratch recipe is MoCo v2's update: lr 0.03, weight decay
+#   1e-4, loss weight 1 (the demo preset's). Eq. 2 x 10 at lr 0.003 takes the same gradient step, 0.03 g, but only
+#   a tenth of MoCo's weight decay (0.003 x 1e-4 p); the paper's x 10 belongs to its MoCo-initialised fine-tuning
+#   (3e-7 / 3e-3 with weight decay 1e-4), which stays the default with --init.
 # - --objective global is MoCo v2 on the same data and budget: two independent crops, C5 average-pooled, an MLP head
-#   C5-C5-128, an image-level queue, tau 0.2; the loss weight 10 is kept, so lr x weight is MoCo's lr. Its ResNet
-#   stays under encoder.*, so the checkpoint evaluates like any other.
+#   C5-C5-128, an image-level queue, tau 0.2 and loss weight 1, so that lr 0.03 is MoCo v2's update exactly. Its
+#   ResNet stays under encoder.*, so the checkpoint evaluates like any other.
 # - --objective crops is Reviewer 3's baseline in the review's words: "taking different crops from the same image
 #   to get an expanded dataset, where crops from different locations of an image now become non-corresponding
 #   images". One region per image per epoch keeps the budget unchanged.
 # - --keys-per-image K enqueues the first K of each image's matches (they are in random order): the queue then spans
 #   65536 / (128 K) steps (16 at K = 32; MoCo's 65536 / 256 = 256).
-# - --key-encoder shared keeps tau and the loss weight of the dense objective (0.07, x 10); its negatives are the
-#   other matched pixels of the whole global batch (gathered with gradients, SimCLR's GatherLayer).
+# - --key-encoder shared keeps tau and the loss weight of the dense objective; its negatives are the other matched
+#   pixels of the whole global batch (gathered with gradients, SimCLR's GatherLayer).
+# - Determinism: with --deterministic (no cuDNN benchmarking, torch.use_deterministic_algorithms) a GPU run is
+#   repeatable except for the ops PyTorch has no deterministic CUDA kernel for: here the backward of the decoder's
+#   bilinear upsampling and the cross-entropy's NLL loss (PyTorch warns). On a CPU every run is bitwise exact.

@@ -39,6 +39,11 @@ standardised features, labels sampled at the 1/4 grid): raw colour, 14 hand-made
 contrast at three scales, oriented gradient energy at two) and the frozen features of each --weights.
 Prints one JSON line.
 
+warmup-memory: what DDP's bucket-settling warm-up (common.wrap_ddp) holds for backward against a training step, as
+the bytes of the tensors autograd saves (distinct storages), for --method's network at the papers' view sizes:
+per image in fp32 and under bf16 autocast, then at --per-rank images: the old warm-up (the whole per-rank batch in
+fp32), the new one (one image's views under the training precision) and the training step (per-rank batch, bf16).
+
 fingerprint: whether a change kept every computation: for each --code checkout, short fixed runs (3 steps, embedded
 data, workers 0) of vader.py and clove.py with the paper's settings and each ablation, and the sha256 of every tensor
 of the final checkpoint's networks, queue and optimiser state. Identical digests mean bitwise-identical weights.
@@ -573,6 +578,43 @@ def bench_probe_ceiling(a):
     return dict(image_size=a.image_size, train_images=len(xt), val_images=len(xv), probe=out)
 
 
+def saved_for_backward(fn):
+    """(bytes of the distinct storages autograd saves while `fn` runs its forward, fn's output)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
+def bench_warmup_memory(a):
+    import clove
+    import vader
+    cpu, images = torch.device("cpu"), 2  # BN in training mode needs more than one image
+    if a.method_net == "clove":
+        net = clove.CLoVENet(a.arch).train()
+        shapes = [(2 * images, 3, a.image_size, a.image_size), (a.local_crops * images, 3, a.local_size, a.local_size)]
+    else:
+        net = vader.VADeRNet(a.arch).train()
+        shapes = [(images, 3, a.image_size, a.image_size)]
+    per_image = {}
+    for precision in ("fp32", "bf16"):
+        inputs = [torch.randn(s) for s in shapes]
+        with common.autocast(cpu, precision):
+            saved, _ = saved_for_backward(lambda: net(*inputs))
+        per_image[precision] = saved / images
+    gib = 2**30
+    return dict(benchmark="warmup-memory", network=a.method_net, arch=a.arch, per_rank_images=a.per_rank,
+                views=[list(s[1:]) for s in shapes], per_image_mib={k: round(v / 2**20, 1) for k, v in per_image.items()},
+                old_warmup_gib=round(a.per_rank * per_image["fp32"] / gib, 1),
+                new_warmup_gib=round(per_image[a.precision if a.precision != "auto" else "bf16"] / gib, 3),
+                training_step_gib=round(a.per_rank * per_image["bf16"] / gib, 1))
+
+
 FINGERPRINT_RUNS = {
     "vader": ("vader.py", []), "vader same-view": ("vader.py", ["--matching", "same-view"]),
     "vader in-image r8": ("vader.py", ["--in-image-negatives", "--negative-radius", "8"]),
@@ -620,7 +662,8 @@ def bench_fingerprint(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=["vader", "clove", "data", "clove-position", "probe-ceiling", "fingerprint"],
+    p.add_argument("method", choices=["vader", "clove", "data", "clove-position", "probe-ceiling", "warmup-memory",
+                                      "fingerprint"],
                    help="what to measure (see above)")
     p.add_argument("--weights", nargs="+", default=["random"], help="clove-position, probe-ceiling: 'random' and/or checkpoints")
     p.add_argument("--arch", default="resnet50", help="ResNet depth")
@@ -638,11 +681,16 @@ def main():
                    "implements them (e.g. a `git worktree` of the commit before a speed-up)")
     p.add_argument("--local-crops", type=int, default=6, help="clove: 96-px student-only views (the official code: 6)")
     p.add_argument("--local-size", type=int, default=96, help="clove: local view size")
+    p.add_argument("--network", dest="method_net", default="clove", choices=["clove", "vader"],
+                   help="warmup-memory: whose network")
+    p.add_argument("--per-rank", type=int, default=512, help="warmup-memory: images a rank trains on (CLoVE: 2048/4)")
     p.add_argument("--images", type=int, default=32, help="data: JPEGs (500 x 375) each round goes through")
     p.add_argument("--profile", action="store_true", help="vader, clove: add torch.profiler's top ops of one step "
                    "and the ops where the step spends more than the bare network")
     a = p.parse_args()
-    if a.method == "fingerprint":
+    if a.method == "warmup-memory":
+        print(json.dumps(bench_warmup_memory(a)))
+    elif a.method == "fingerprint":
         print(json.dumps(bench_fingerprint(a)))
     elif a.method == "clove-position":
         print(json.dumps(bench_clove_position(a)))

@@ -448,8 +448,8 @@ def test_global_objective_is_infonce_over_the_image_queue():
     assert args.temperature == 0.2  # MoCo v2's
     matches = vader.TwoCrops(64)(Image.new("RGB", (80, 80)), random.Random(0))[2]
     assert matches.shape == (1, 4) and not matches.any()  # one "cell" per image: the 1 x 1 map's
-    loss, keys = vader.vader_step(f, f, g, queue, view1, view2, matches.expand(3, 1, 4), tau=0.2, momentum=1.0,
-                                  bn_splits=1)
+    loss, keys, _ = vader.vader_step(f, f, g, queue, view1, view2, matches.expand(3, 1, 4), tau=0.2, momentum=1.0,
+                                     bn_splits=1)
     with torch.no_grad():
         q = torch.nn.functional.normalize(f(view1).flatten(1), dim=1)
         k = torch.nn.functional.normalize(g(view2).flatten(1), dim=1)
@@ -606,3 +606,52 @@ def test_shared_key_encoder_gathers_every_ranks_pixels_with_gradients(tmp_path, 
     r = run_script(str(script), os.path.dirname(os.path.dirname(os.path.abspath(__file__))), tmp_path, torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()
+
+
+def step_one_batch(data, views, batch, seed=0):
+    """The first batch a vader.py run on `data` (one process, --workers 0) trains on, rebuilt from its sampler."""
+    dataset = common.ViewDataset(str(data), views, seed=seed)
+    items = [dataset[i] for i in list(common.ResumableSampler(len(dataset), 0, 1, seed=seed))[:batch]]
+    return [common.normalize(torch.stack([it[v] for it in items]), torch.device("cpu")) for v in (0, 1)] + \
+        [torch.stack([it[2] for it in items])]
+
+
+def test_global_objective_from_scratch_takes_moco_v2s_sgd_step(tmp_path, run_script):
+    """--objective global from scratch at lr 0.03 is MoCo v2's update exactly: weight decay 1e-4 on the weights
+    and loss weight 1, p1 = p0 - 0.03 (grad InfoNCE + 1e-4 p0) on the first SGD step (momentum buffer = gradient)."""
+    data, out = make_folder(tmp_path / "data", bad=False), tmp_path / "out"
+    args = ["--arch", "resnet18", "--image-size", "64", "--batch-size", "4", "--queue-size", "64", "--workers", "0",
+            "--objective", "global", "--lr-encoder", "0.03", "--lr-decoder", "0.03", "--shuffle-bn-splits", "1"]
+    r = run_script("vader.py", "--data", data, "--output-dir", out, "--max-steps", "1", *args)
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert ckpt["args"]["loss_weight"] == 1.0 and ckpt["args"]["weight_decay"] == 1e-4
+    common.seed_all(0)  # the run's initialisation, in the run's order: f, g (a copy), the queue
+    f = vader.GlobalNet("resnet18", 128)
+    g = copy_of(f)
+    queue = vader.PixelQueue(64, 128)
+    p0 = {k: v.detach().clone() for k, v in f.named_parameters()}
+    view1, view2, matches = step_one_batch(data, vader.TwoCrops(64), 4)
+    f.train(), g.train()
+    loss, _, _ = vader.vader_step(f, f, g, queue, view1, view2, matches, tau=0.2, momentum=0.999, bn_splits=1)
+    loss.backward()  # the plain InfoNCE of MoCo v2, weight 1
+    for name, p in f.named_parameters():
+        expected = p0[name] - 0.03 * (p.grad + 1e-4 * p0[name])
+        assert torch.allclose(ckpt["model"][name], expected, rtol=1e-5, atol=1e-7), name
+
+
+def test_match_top1_is_one_on_features_that_encode_their_cell_and_chance_on_constant_ones():
+    cells2 = torch.tensor([[3, 7, 7, 12, 0, 5]])  # two queries match view-2 cell 7: either key is their match
+    positions = torch.nn.functional.normalize(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    k = positions[cells2]  # 1 x 6 x 8: a key encodes its view-2 cell
+    assert vader.match_top1(k.clone(), k, cells2) == 1.0
+    constant = torch.ones(1, 6, 8) / 8 ** 0.5
+    assert vader.match_top1(constant, constant, cells2) == pytest.approx(1 / 6)  # ties: the first key, cell 3
+    confused = positions[torch.tensor([[12, 0, 0, 5, 3, 7]])]  # each query looks like another point of the image
+    assert vader.match_top1(confused, k, cells2) == 0.0
+
+
+def test_a_missing_data_folder_is_named_before_any_other_check(tmp_path, run_script):
+    r = run_script("vader.py", "--data", tmp_path / "no" / "such", "--output-dir", tmp_path / "o", "--max-steps", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert f"--data {tmp_path / 'no' / 'such'}: no such folder" in r.stderr and "--lr-encoder" not in r.stderr
