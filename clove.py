@@ -445,15 +445,9 @@ def train(args):
     lr = args.base_lr * args.batch_size / 256
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
 
-    f = CLoVENet(args.arch, args.proj_hidden, args.embedding_dim, args.heads, args.attention_temperature,
-                 args.projector_final_bn, args.zero_init_residual, parts["predictor"])
-    if d.device.type == "cuda" and d.world_size > 1:
-        f = nn.SyncBatchNorm.convert_sync_batchnorm(f)  # as the official code; torch has no SyncBN on a CPU
-    teacher = make_teacher(f)
-    queue = parts["queue"](args.queue_size, args.embedding_dim)
     memory_format = common.memory_format(d.device, args.channels_last)
-    f, teacher = f.to(d.device, memory_format=memory_format), teacher.to(d.device, memory_format=memory_format)
-    queue = queue.to(d.device)
+    f, teacher = build_networks(args, d, parts["predictor"], memory_format)
+    queue = parts["queue"](args.queue_size, args.embedding_dim).to(d.device)
     loss_fn = parts["loss"](queue)
     optimizer = build_optimizer(f, lr, args.weight_decay, args.sgd_momentum)
     scaler = common.grad_scaler(d.device, args.precision)
@@ -462,13 +456,10 @@ def train(args):
                              optimizer=optimizer, scaler=scaler), may_change={"base_lr"},
                              remedy="Lower --base-lr or use --precision fp32")
     step = run.resume()
-    shapes = [(2, 3, args.image_size, args.image_size)]  # clove_step's batches for one image: the global views,
-    if args.local_crops:  # then the local crops
-        shapes.append((args.local_crops, 3, args.local_size, args.local_size))
-    model = common.wrap_ddp(f, d, shapes, memory_format, args.precision)
-    run.start(step, total_steps, f"CLoVE: {args.arch}, global batch {args.batch_size} = {d.world_size} rank(s) x "
-              f"{per_rank} x {args.accum_steps} accumulation step(s), 2 x {args.image_size}px + {args.local_crops} x "
-              f"{args.local_size}px views, lr = {args.base_lr} x {args.batch_size}/256 = {lr:g}, device {d.device}",
+    one_image = [(2, 3, args.image_size, args.image_size), (args.local_crops, 3, args.local_size, args.local_size)]
+    model = common.wrap_ddp(f, d, one_image[:1 + bool(args.local_crops)], memory_format, args.precision)
+    run.start(step, total_steps, f"CLoVE: {args.arch}, batch {args.batch_size} = {d.world_size} rank(s) x {per_rank} x "
+              f"{args.accum_steps} accumulation, lr = {args.base_lr} x {args.batch_size}/256 = {lr:g}, {d.device}",
               per_rank_batch=per_rank, accum_steps=args.accum_steps, global_batch=args.batch_size, lr=lr,
               warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch, planned_steps=planned_steps,
               chance_loss=args.margin)  # Eq. 2 with every cosine 0 (random features)
@@ -481,11 +472,9 @@ def train(args):
         batches = epoch_micro_batches(loader, steps_per_epoch - step % steps_per_epoch, args.accum_steps)
         for micro, (globals_, locals_, pos_global, pos_local, skipped) in batches:
             step_pairs += float(pos_global[:, 0].sum()) / (len(pos_global) * args.accum_steps)
-            globals_ = common.normalize(globals_, d.device)  # N x 2 x 3 x S x S (uint8 -> float on the device)
-            locals_ = common.normalize(locals_, d.device)  # N x L x 3 x s x s
-            pos_global = pos_global.to(d.device, non_blocking=True)  # N x 2 x G^2 x G^2
-            pos_local = pos_local.to(d.device, non_blocking=True)  # N x 2 x L x g^2 x G^2
             run.skipped += int(skipped.sum())
+            globals_, locals_ = common.normalize(globals_, d.device), common.normalize(locals_, d.device)
+            pos_global, pos_local = (m.to(d.device, non_blocking=True) for m in (pos_global, pos_local))
             last_micro = micro == args.accum_steps - 1
             # accumulate locally; DDP all-reduces the gradients with the last micro-batch only
             with contextlib.nullcontext() if last_micro or d.world_size == 1 else model.no_sync():
@@ -498,25 +487,35 @@ def train(args):
             if not last_micro:
                 continue
 
-            current_lr = learning_rate(step, planned_steps, warmup_steps, lr, args.warmup_start_ratio,
-                                       args.min_lr_ratio)
+            lr_now = learning_rate(step, planned_steps, warmup_steps, lr, args.warmup_start_ratio, args.min_lr_ratio)
             momentum = teacher_momentum(step, planned_steps, args.ema_momentum)
             for group in optimizer.param_groups:
-                group["lr"] = current_lr
+                group["lr"] = lr_now
             scaler.step(optimizer)  # the optimisation step
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             update_teacher(teacher, f, momentum)
             step += 1
 
-            run.step_done(step, epoch, step_loss, args.batch_size, postfix=dict(lr=f"{current_lr:.2e}"),
-                          lr=current_lr, ema_momentum=momentum, positive_pairs_per_image=step_pairs)
+            run.step_done(step, epoch, step_loss, args.batch_size, postfix=dict(lr=f"{lr_now:.2e}"), lr=lr_now,
+                          ema_momentum=momentum, positive_pairs_per_image=step_pairs)
             step_loss, step_pairs = 0.0, 0.0
             if step >= total_steps:
                 break
         run.end_epoch(epoch, step, f)  # features.png: the student's local features F
-    message = functools.partial(demo_message, args) if args.data is None else None
-    return run.finish(step, steps_per_epoch, message, lr=lr, global_batch=args.batch_size)
+    return run.finish(step, steps_per_epoch, args.data is None and functools.partial(demo_message, args), lr=lr,
+                      global_batch=args.batch_size)
+
+
+def build_networks(args, d, predictor, memory_format):
+    """The student f_s (with its predictor) and the teacher f_t, on the device; SyncBN under DDP on GPUs, as the
+    official code (torch has no SyncBN on a CPU)."""
+    f = CLoVENet(args.arch, args.proj_hidden, args.embedding_dim, args.heads, args.attention_temperature,
+                 args.projector_final_bn, args.zero_init_residual, predictor)
+    if d.device.type == "cuda" and d.world_size > 1:
+        f = nn.SyncBatchNorm.convert_sync_batchnorm(f)
+    teacher = make_teacher(f)
+    return f.to(d.device, memory_format=memory_format), teacher.to(d.device, memory_format=memory_format)
 
 
 def epoch_micro_batches(loader, steps, accum_steps):

@@ -47,8 +47,7 @@ PREEMPTED = 75  # the exit status of a preempted run (sysexits' EX_TEMPFAIL: re-
 
 
 def run_main(main):
-    """Call main(); a UserError becomes `error: <message>` on stderr and exit status 2, with no traceback, and a
-    preempted run exits with status PREEMPTED."""
+    """Call main(): a UserError is one line on stderr and exit status 2; a preempted run exits with PREEMPTED."""
     try:
         main()
     except Preempted as e:
@@ -64,10 +63,6 @@ def run_main(main):
         sys.exit(2)
 
 
-def warn(message):
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
 # ---- distributed ----
 @dataclass
 class Dist:
@@ -80,9 +75,8 @@ class Dist:
 
 
 def init_distributed(deterministic=False):
-    """torchrun's RANK/LOCAL_RANK/WORLD_SIZE, or srun's SLURM_PROCID/SLURM_LOCALID/SLURM_STEP_NUM_TASKS (master:
-    the first host of SLURM_JOB_NODELIST, unless MASTER_ADDR is set); without them one plain process. NCCL on GPU,
-    gloo on CPU. `deterministic`: no cuDNN benchmarking, and deterministic algorithms wherever PyTorch has them."""
+    """torchrun's RANK/LOCAL_RANK/WORLD_SIZE, or srun's SLURM_* (master: the node list's first host), or one plain
+    process; NCCL on GPU, gloo on CPU. `deterministic`: no cuDNN benchmarking, deterministic algorithms."""
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # srun, without torchrun
         env.update(RANK=env["SLURM_PROCID"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
@@ -123,15 +117,10 @@ def finish_distributed():
 
 
 def wrap_ddp(model, d, shapes, memory_format=torch.contiguous_format, precision="fp32"):
-    """`model` in DistributedDataParallel (or itself on one process), with its gradient buckets settled.
-
-    DDP rebuilds its buckets once, after the first backward, in the order the gradients became ready, and the ring
-    all-reduce's summation order depends on a gradient's place in its bucket. One zero-weighted warm-up pass on
-    fixed random inputs of `shapes` (one batch per shape; buffers restored, gradients cleared) makes every run,
-    fresh or resumed, train on the same rebuilt buckets, so that resumption stays bitwise exact. The order does not
-    depend on the batch: pass one or two images per view, and the warm-up runs under the training's `precision`,
-    so that it never needs more memory than a training step.
-    """
+    """`model` in DDP (or itself on one process) with its gradient buckets settled: DDP rebuilds them once, in the
+    order of the first backward, and the all-reduce's summation order follows. One zero-weighted pass on fixed
+    inputs of `shapes` (one or two images per view: the order does not depend on the batch), in the training's
+    `precision` so that it never needs more memory than a step, makes fresh and resumed runs sum alike."""
     if d.world_size == 1:
         return model
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
@@ -167,11 +156,6 @@ def all_reduce_mean(*values):
     return values[0] if len(values) == 1 else list(values)
 
 
-def all_ranks_agree(flag):
-    """True on every rank when `flag` is true on every rank."""
-    return all_reduce_mean(float(bool(flag))) == 1.0
-
-
 def broadcast_object(obj):
     """Rank 0's `obj` (any picklable object, e.g. a whole checkpoint) on every rank."""
     if not distributed():
@@ -183,6 +167,7 @@ def broadcast_object(obj):
 
 # ---- seeding and rng ----
 def seed_all(seed):
+    """Python's, NumPy's and torch's generators, the same on every rank."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -194,8 +179,8 @@ def sample_rng(seed, epoch, index):
 
 
 def rng_states():
-    """Python's, NumPy's, torch's and this rank's own GPU's generator states (one GPU's: not every GPU a process can
-    see, which would tie the checkpoint to the machine's layout)."""
+    """The generators' states, of this rank's own GPU only (every visible GPU's would tie the checkpoint to the
+    machine's layout)."""
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()  # the current device's
@@ -275,7 +260,7 @@ class ViewDataset(torch.utils.data.Dataset):
             except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
                 skipped += 1
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                warn(f"skipping unreadable image {self.files[i] if self.files else i}: {reason}")
+                print(f"warning: skipping unreadable image {self.files[i]}: {reason}", file=sys.stderr)
         else:
             raise RuntimeError("every image of the data set is unreadable")
         return (*self.transform(img, sample_rng(self.seed, self.epoch, index)), skipped)
@@ -283,17 +268,11 @@ class ViewDataset(torch.utils.data.Dataset):
 
 # ---- embedded procedural data: dead leaves ----
 class DeadLeaves:
-    """Random occluding shapes ("dead leaves", Matheron 1968): a scale-free image model close to natural images.
-
-    Every shape has a class (1..num_classes), which, like an object category in a photo, shows in two cues that
-    each leave it ambiguous: its texture family (flat, stripes, checks, dots, ...) and its palette. A class has a
-    characteristic hue (class k is centred on hue (k - 1) / num_classes) and draws both of its colours within
-    +-HUE_SPREAD of it, a range wider than the spacing of the centres, so neighbouring classes share hues; the
-    background (class 0) is a smooth gradient of any colours. Size, shape, orientation, saturation and value are
-    random. `image(i)` gives the picture with its exact per-pixel class and instance maps (davis_propagate.py
-    paints short videos with the same leaves). Everything is deterministic by (seed, index). With colours
-    independent of the class, a linear probe at 1/4 resolution could not read the 6-8 px texture period and scored
-    random and trained features alike (tests/benchmarks.py probe-ceiling).
+    """Random occluding shapes ("dead leaves", Matheron 1968), a scale-free model of natural images, deterministic
+    by (seed, index). A shape's class (1..num_classes) shows, like an object category, in two ambiguous cues: its
+    texture family and a palette around the class's hue, wider than the hues' spacing (with colours independent of
+    the class, a probe at 1/4 could not read the texture: tests/benchmarks.py probe-ceiling). `image(i)` gives the
+    picture with its exact class and instance maps; evaluate_linear.py and davis_propagate.py paint with its parts.
     """
 
     HUE_SPREAD = 0.2
@@ -581,20 +560,15 @@ RESUMABLE_CHANGES = {"max_steps", "log_every", "save_every", "workers", "resume"
 
 
 class TrainingRun:
-    """What a training script does besides its method: the output folder, rank 0's log.jsonl, tqdm bar,
-    features.png and curves.png, images/s, the checkpoint, exact resumption, and stopping cleanly on a signal.
+    """A training script's bookkeeping: rank 0's log.jsonl, tqdm bar, features.png and curves.png, images/s, the
+    checkpoint, exact resumption, and a clean stop on a signal.
 
-    `state` maps checkpoint keys to what a resumed run restores (networks, queue, optimiser, AMP scaler: anything
-    with state_dict / load_state_dict). Rank 0 writes the checkpoint atomically at every epoch's end, every
-    --save-every steps and at the end, with the flags, the RNG states, epoch, step and the facts that exact
-    resumption needs besides the flags (world size, number of images). `may_change`: the method's flags a resumed
-    run may change besides RESUMABLE_CHANGES (its learning rates: the remedy after a non-finite loss).
-
-    On SIGTERM or SIGUSR1 (a scheduler's notice before it kills or requeues a job; torchrun forwards SIGTERM), every
-    rank finishes its optimiser step, rank 0 writes the checkpoint and the run raises Preempted (exit status
-    PREEMPTED). The ranks agree on the step although the signal may reach them at different times: the flag travels
-    with the loss in its all-reduce (loss_value), so stopping costs no extra collective.
-    """
+    `state`: checkpoint key -> what a resumed run restores (anything with state_dict / load_state_dict). Rank 0
+    writes the checkpoint atomically every epoch, every --save-every steps and at the end, with the flags, the RNG
+    states and the facts exact resumption needs (world size, images). `may_change`: the method's flags a resumed run
+    may change besides RESUMABLE_CHANGES. On SIGTERM or SIGUSR1 every rank finishes the step, rank 0 writes the
+    checkpoint and the run raises Preempted; the ranks agree on the step because the flag rides in the loss's
+    all-reduce (no extra collective)."""
 
     def __init__(self, method, args, d, dataset, state, may_change=(), remedy=""):
         self.method, self.args, self.d, self.state, self.may_change, self.remedy = method, args, d, state, may_change, remedy
@@ -608,10 +582,7 @@ class TrainingRun:
 
     def resume(self):
         """Restore `state` and the RNGs from the checkpoint this run continues from; returns its step (0: afresh).
-
-        Rank 0 alone decides (its --resume, or <output-dir>/checkpoint.pth) and checks the checkpoint; ranks that can
-        read the very same file (a shared --output-dir) load it, and otherwise (node-local disks) rank 0 sends it.
-        """
+        Rank 0 decides; ranks that can read the same file load it, otherwise (node-local disks) rank 0 sends it."""
         decision, ckpt = self.decide() if self.d.is_main else (None, None)
         decision = broadcast_object(decision)
         if "error" in decision:
@@ -624,8 +595,8 @@ class TrainingRun:
             except Exception:
                 ckpt = None
             ckpt = ckpt if isinstance(ckpt, dict) and ckpt.get("id") == decision["id"] else None
-        sent = not all_ranks_agree(ckpt is not None)
-        if sent:  # some rank sees no file, or another one
+        sent = all_reduce_mean(float(ckpt is not None)) < 1  # some rank sees no file, or another one
+        if sent:
             ckpt = broadcast_object(ckpt)
         if self.d.is_main:
             print(f"resumed from {decision['path']} at step {ckpt['step']}"
@@ -744,12 +715,11 @@ class TrainingRun:
 
 
 def as_list(value):
-    return list(value) if isinstance(value, tuple) else value
+    return list(value) if isinstance(value, tuple) else value  # a two-value flag: typed, a list; default, a tuple
 
 
 def save_checkpoint(path, state):
-    """Write atomically (a crash mid-write leaves the previous checkpoint); a fresh `id` lets a rank that finds a
-    file of that name tell whether it is rank 0's latest."""
+    """Write atomically; a fresh `id` tells a rank that finds a file of that name whether it is rank 0's latest."""
     tmp = f"{path}.tmp"
     torch.save(dict(state, id=uuid.uuid4().hex), tmp)
     os.replace(tmp, path)
@@ -776,8 +746,7 @@ def print_result(result, path=None):
 
 
 def apply_preset(parser, args, preset, argv=None, announce=None):
-    """Set every value of `preset` that the user did not type on the command line; returns what changed. With
-    `announce` (what the run uses instead of --data), rank 0 prints it and the flags the preset set."""
+    """Set the values of `preset` the user did not type; returns them (printed on rank 0 with `announce`)."""
     typed = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")]
     given = {parser._option_string_actions[a].dest for a in typed if a in parser._option_string_actions}
     changed = {k: v for k, v in preset.items() if k not in given}
@@ -818,9 +787,8 @@ def resnet_stages(net, x):
 
 
 def read_weights(path):
-    """Identify a weights file. Returns (kind, state_dict, meta) where kind is one of
-    'vader' / 'clove' (our checkpoints; state = the online model), 'moco' (official MoCo: module.encoder_q.*,
-    state = ResNet keys) or 'torchvision' (a ResNet state dict). One-line UserError for anything else."""
+    """(kind, state dict, meta) of a weights file: 'vader' / 'clove' (our checkpoints: the online model), 'moco'
+    (official MoCo, module.encoder_q.*: its ResNet) or 'torchvision' (a ResNet state dict)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such weights file")
     try:
@@ -847,7 +815,7 @@ def encoder_state(state):
 
 
 def load_resnet_state(net, state, path):
-    """Load ResNet weights strictly (the classifier excepted); a mismatch is a one-line error naming the file."""
+    """Load ResNet weights strictly (but the classifier); a mismatch is a one-line error naming the file."""
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches: another depth than --arch
@@ -923,14 +891,10 @@ BASELINE_LAYERS = {"res5": DilatedResNet, "res4": Res4ResNet}  # --layer of the 
 
 
 def dense_feature_model(weights, arch, dense_models, layer="res5"):
-    """The frozen network an evaluation probes, from `weights` ('random' or a file read by read_weights), as
-    (model, description); the model maps N x 3 x H x W to N x C x H/4 x W/4.
-
-    `dense_models` maps a method to a class whose checkpoints carry their own dense head ({"vader": VADeRNet}), so
-    this file imports no method; its `from_args(saved_args)` builds the trained network, or returns None when the
-    run trained no dense head (its encoder is then probed). Every other kind becomes a ResNet read at `layer`:
-    res5, C5 dilated to 1/4 (VADeR §4.1), or res4, C4 at 1/8 (Res4ResNet).
-    """
+    """(frozen network, description) that an evaluation reads, from `weights` ('random' or a file). `dense_models`
+    maps a method to its class with a dense head ({"vader": VADeRNet}, so this file imports no method), whose
+    `from_args(saved_args)` builds the trained network (None: no dense head was trained). Every other kind is a
+    ResNet read at `layer`: res5, C5 dilated to 1/4 (VADeR §4.1), or res4, C4 at 1/8 (Res4ResNet)."""
     where = "dilated to 1/4" if layer == "res5" else "res4 at 1/8"
     if weights == "random":
         return BASELINE_LAYERS[layer](arch), f"random init ({arch}, {where})"
@@ -989,10 +953,8 @@ def draw_curves(log_path, path, width=720, height=170):
     return canvas
 
 
-
 def pca_colours(features):
-    """Dense features N x C x h x w projected on their first three principal components (over all pixels of all
-    maps) and scaled to [0, 1]: N x 3 x h x w, similar features in similar colours (VADeR Figure 5)."""
+    """N x C x h x w features on their first three principal components, scaled to [0, 1]: N x 3 x h x w."""
     n, c, h, w = features.shape
     x = features.float().permute(0, 2, 3, 1).reshape(-1, c)  # P x C
     x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # a picture of a diverged model must not stop its run
@@ -1019,12 +981,9 @@ def picture_images(dataset, size, count=4):
 
 @torch.no_grad()
 def feature_picture(model, images, path, query=None):
-    """Write a PNG: row 1 the images, row 2 their features in PCA colours (Figure 5), row 3 the cosine similarity
-    of one query pixel (default: the centre of image 0, marked) to every pixel of every image (Figure 2).
-
-    model: maps N x 3 x S x S (ImageNet-normalised) to N x C x h x w, or its `feature_map` method does (a network
-    whose output is not a map); images: PIL images (resized to the first one's size). Returns the PIL picture.
-    """
+    """A PNG: the images, their features in PCA colours (Figure 5), and the cosine similarity of one query pixel
+    (marked; default the centre of image 0) to every pixel (Figure 2). `model` (or its `feature_map`) maps
+    N x 3 x S x S to N x C x h x w."""
     size = images[0].size
     x = torch.stack([to_tensor(im.convert("RGB").resize(size)) for im in images])
     device = next(model.parameters()).device
@@ -1036,11 +995,9 @@ def feature_picture(model, images, path, query=None):
     qi, qy, qx = query or (0, h // 2, w // 2)
     unit = F.normalize(feats, dim=1)
     sim = torch.einsum("c,nchw->nhw", unit[qi, :, qy, qx], unit)  # N x h x w, in [-1, 1]
-    rows = [
-        [np.asarray(im.convert("RGB").resize(size)) for im in images],
-        [(c.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for c in pca_colours(feats)],
-        [np.repeat((((s + 1) / 2).clamp(0, 1).numpy() * 255).astype(np.uint8)[..., None], 3, 2) for s in sim],
-    ]
+    rows = [[np.asarray(im.convert("RGB").resize(size)) for im in images],
+            [(c.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for c in pca_colours(feats)],
+            [np.repeat((((s + 1) / 2).clamp(0, 1).numpy() * 255).astype(np.uint8)[..., None], 3, 2) for s in sim]]
     canvas = Image.new("RGB", (size[0] * n, size[1] * 3))
     for r, row in enumerate(rows):
         for i, tile in enumerate(row):

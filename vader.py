@@ -396,7 +396,7 @@ def train(args):
             if step >= total_steps:
                 break
         run.end_epoch(epoch, step, f)
-    return run.finish(step, steps_per_epoch, functools.partial(demo_message, args) if args.data is None else None)
+    return run.finish(step, steps_per_epoch, args.data is None and functools.partial(demo_message, args))
 
 
 def load_init(f, path, objective="dense"):
