@@ -44,6 +44,10 @@ the bytes of the tensors autograd saves (distinct storages), for --method's netw
 per image in fp32 and under bf16 autocast, then at --per-rank images: the old warm-up (the whole per-rank batch in
 fp32), the new one (one image's views under the training precision) and the training step (per-rank batch, bf16).
 
+stop-flag: what the preemption flag costs a step: the loss's all-reduce with the flag riding along (2 float64)
+against the loss alone (1) and against a second collective for the flag, timed over --repeats x 200 rounds on two
+gloo processes of this machine (median microseconds per all-reduce call).
+
 fingerprint: whether a change kept every computation: for each --code checkout, short fixed runs (3 steps, embedded
 data, workers 0) of vader.py and clove.py with the paper's settings and each ablation, and the sha256 of every tensor
 of the final checkpoint's networks, queue and optimiser state. Identical digests mean bitwise-identical weights.
@@ -615,6 +619,43 @@ def bench_warmup_memory(a):
                 training_step_gib=round(a.per_rank * per_image["bf16"] / gib, 1))
 
 
+def _stop_flag_worker(rank, port, repeats, queue):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ways = {"loss alone": lambda: dist.all_reduce(torch.zeros(1, dtype=torch.float64)),
+            "loss + flag in one": lambda: dist.all_reduce(torch.zeros(2, dtype=torch.float64)),
+            "loss, then flag": lambda: (dist.all_reduce(torch.zeros(1, dtype=torch.float64)),
+                                        dist.all_reduce(torch.zeros(1, dtype=torch.float64)))}
+    times = {name: [] for name in ways}
+    for r in range(repeats):
+        for name, fn in (ways.items() if r % 2 == 0 else list(ways.items())[::-1]):
+            dist.barrier()
+            t = time.perf_counter()
+            for _ in range(200):
+                fn()
+            times[name].append((time.perf_counter() - t) / 200 * 1e6)
+    if rank == 0:
+        queue.put({name: spread(v, 1) for name, v in times.items()})
+    dist.destroy_process_group()
+
+
+def bench_stop_flag(a):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_stop_flag_worker, args=(r, port, a.repeats, queue)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    out = queue.get()
+    for p in procs:
+        p.join()
+    return dict(benchmark="stop-flag", backend="gloo", processes=2, microseconds_per_step=out)
+
+
 FINGERPRINT_RUNS = {
     "vader": ("vader.py", []), "vader same-view": ("vader.py", ["--matching", "same-view"]),
     "vader in-image r8": ("vader.py", ["--in-image-negatives", "--negative-radius", "8"]),
@@ -663,7 +704,7 @@ def bench_fingerprint(a):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("method", choices=["vader", "clove", "data", "clove-position", "probe-ceiling", "warmup-memory",
-                                      "fingerprint"],
+                                      "stop-flag", "fingerprint"],
                    help="what to measure (see above)")
     p.add_argument("--weights", nargs="+", default=["random"], help="clove-position, probe-ceiling: 'random' and/or checkpoints")
     p.add_argument("--arch", default="resnet50", help="ResNet depth")
@@ -688,7 +729,9 @@ def main():
     p.add_argument("--profile", action="store_true", help="vader, clove: add torch.profiler's top ops of one step "
                    "and the ops where the step spends more than the bare network")
     a = p.parse_args()
-    if a.method == "warmup-memory":
+    if a.method == "stop-flag":
+        print(json.dumps(bench_stop_flag(a)))
+    elif a.method == "warmup-memory":
         print(json.dumps(bench_warmup_memory(a)))
     elif a.method == "fingerprint":
         print(json.dumps(bench_fingerprint(a)))
