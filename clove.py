@@ -15,6 +15,7 @@ Usage
     torchrun --nproc_per_node=4 clove.py --data /imagenet            # the paper: global batch 2048
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         clove.py --data /imagenet                                    # two nodes (--node_rank 1 on the other)
+    srun python clove.py --data /imagenet                            # SLURM, without torchrun (README: sbatch)
 --batch-size is global (split over ranks and --accum-steps); lr = --base-lr x batch / 256. Re-running the same
 command resumes from <output-dir>/checkpoint.pth.
 

@@ -571,7 +571,8 @@ class TrainingRun:
     all-reduce (no extra collective)."""
 
     def __init__(self, method, args, d, dataset, state, may_change=(), remedy=""):
-        self.method, self.args, self.d, self.state, self.may_change, self.remedy = method, args, d, state, may_change, remedy
+        self.method, self.args, self.d, self.state = method, args, d, state
+        self.may_change, self.remedy = may_change, remedy
         os.makedirs(args.output_dir, exist_ok=True)
         self.path = os.path.join(args.output_dir, "checkpoint.pth")
         self.log = JsonLog(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
@@ -936,7 +937,8 @@ def draw_curves(log_path, path, width=720, height=170):
         values = [v for k in keys for v in (r[k] for r in steps) if v is not None] + ([reference] if reference else [])
         lo, hi = min(values), max(values)
         hi = hi if hi > lo else lo + abs(lo) / 10 + 1e-12  # a flat curve
-        sx = lambda step: x0 + (x1 - x0) * (step - steps[0]["step"]) / max(steps[-1]["step"] - steps[0]["step"], 1)  # noqa
+        first, span = steps[0]["step"], max(steps[-1]["step"] - steps[0]["step"], 1)
+        sx = lambda step: x0 + (x1 - x0) * (step - first) / span  # noqa: E731
         sy = lambda v: top + (height - 40) * (hi - v) / (hi - lo)  # noqa: E731
         draw.rectangle([x0, top, x1, top + height - 40], outline=(160, 160, 160))
         draw.text((x0, top - 15), f"{title}: {', '.join(keys)}" + (f" (dashed: chance {reference:.3g})"

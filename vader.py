@@ -14,6 +14,7 @@ Usage
     torchrun --nproc_per_node=4 vader.py --data /imagenet --init moco_v2_800ep_pretrain.pth.tar     # the paper
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
         vader.py --data /imagenet --init ...                        # two nodes (--node_rank 1 on the other)
+    srun python vader.py --data /imagenet --init ...               # SLURM, without torchrun (README: sbatch)
 --batch-size is global. Re-running the same command resumes from <output-dir>/checkpoint.pth.
 
 The paper, and the name that computes it
