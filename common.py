@@ -928,7 +928,7 @@ def draw_curves(log_path, path, width=720, height=170):
     chance = {k: r[k] for r in records if r.get("event") == "start" for k in ("chance_loss", "match_chance") if k in r}
     panels = [("loss", ["loss"], chance.get("chance_loss")), ("learning rate", [k for k in steps[-1] if
               k.startswith("lr")] if steps else [], None), ("images/s", ["images_per_s"], None),
-              ("match top-1", ["match_top1"], chance.get("match_chance"))]
+              ("match top-1", ["match_top1"] if chance.get("match_chance", 0) < 1 else [], chance.get("match_chance"))]
     panels = [p for p in panels if steps and all(k in steps[-1] for k in p[1]) and p[1]]
     canvas = Image.new("RGB", (width, max(1, len(panels)) * height), "white")
     draw, colours = ImageDraw.Draw(canvas), [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
@@ -941,8 +941,8 @@ def draw_curves(log_path, path, width=720, height=170):
         sx = lambda step: x0 + (x1 - x0) * (step - first) / span  # noqa: E731
         sy = lambda v: top + (height - 40) * (hi - v) / (hi - lo)  # noqa: E731
         draw.rectangle([x0, top, x1, top + height - 40], outline=(160, 160, 160))
-        draw.text((x0, top - 15), f"{title}: {', '.join(keys)}" + (f" (dashed: chance {reference:.3g})"
-                  if reference else ""), fill="black")
+        draw.text((x0, top - 15), title + (f": {', '.join(keys)}" if len(keys) > 1 else "") + (
+            f" (dashed: chance {reference:.3g})" if reference else ""), fill="black")
         draw.text((2, top), f"{hi:.3g}", fill="black"), draw.text((2, top + height - 50), f"{lo:.3g}", fill="black")
         draw.text((x1 - 80, top + height - 36), f"step {steps[-1]['step']}", fill="black")
         if reference:
