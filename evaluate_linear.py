@@ -500,9 +500,10 @@ def label_subset(n, fraction, seed):
 
 
 def shard(indices, rank, world):
-    """This rank's share of `indices`, padded by wrapping so every rank gets the same count (equal step counts)."""
+    """This rank's share of `indices`, padded by wrapping around them (as many times as needed: 1 image on 4 ranks
+    is 4 copies) so every rank gets the same count, hence the same number of steps and collectives."""
     per_rank = math.ceil(len(indices) / world)
-    padded = indices + indices[: per_rank * world - len(indices)]
+    padded = [indices[k % len(indices)] for k in range(per_rank * world)]
     return padded[rank::world]
 
 

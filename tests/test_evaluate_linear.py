@@ -198,9 +198,18 @@ def test_label_subset_is_deterministic_by_seed_and_of_the_right_size():
 
 
 def test_shards_cover_every_index_with_equal_counts():
-    parts = [E.shard(list(range(10)), r, 4) for r in range(4)]
-    assert {len(p) for p in parts} == {3}
-    assert sorted(set(sum(parts, []))) == list(range(10))
+    """Every rank gets ceil(n / world) items, all n indices occur, and no index occurs more often than wrapping
+    around the list needs (n = 1 on 4 ranks: the one image on each rank), even when n < world / 2."""
+    for n in range(1, 12):
+        for world in range(1, 9):
+            indices = list(range(100, 100 + n))
+            parts = [E.shard(indices, r, world) for r in range(world)]
+            per_rank = -(-n // world)
+            assert [len(p) for p in parts] == [per_rank] * world, (n, world)
+            counts = {i: sum(p.count(i) for p in parts) for i in indices}
+            assert set(sum(parts, [])) == set(indices)
+            assert max(counts.values()) - min(counts.values()) <= 1, (n, world)
+    assert [E.shard([0], r, 4) for r in range(4)] == [[0], [0], [0], [0]]
 
 
 # ---- weights ----
