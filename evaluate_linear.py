@@ -183,8 +183,10 @@ def read_split(path):
         return [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in f if line.strip()]
 
 
-def check_pairs(pairs):
-    """Every (image, label) file exists and has the same width x height; reads headers only, so it is quick."""
+def check_pairs(pairs, label_modes, expected):
+    """Every (image, label) file exists, has the same width x height, and its label has one of `label_modes` (PIL
+    modes; `expected` says what they are); reads headers only, so it is quick. Checked here, in the main process:
+    the same check in a loader worker would surface as the worker's traceback."""
     for image_path, label_path in pairs:
         for path in (image_path, label_path):
             if not os.path.isfile(path):
@@ -193,13 +195,19 @@ def check_pairs(pairs):
             if a.size != b.size:
                 raise common.UserError(f"{image_path} is {a.size[0]}x{a.size[1]} but its label {label_path} is "
                                        f"{b.size[0]}x{b.size[1]}; image and label must have the same size")
+            if b.mode not in label_modes:
+                raise common.UserError(f"{label_path}: label mode {b.mode}; expected {expected}")
+
+
+INDEX_MODES, INDEX_EXPECTED = ("P", "L"), "a palette or greyscale index PNG (colour-coded RGB labels are refused)"
+DEPTH_MODES, DEPTH_EXPECTED = ("I;16", "I;16B", "I", "I;16L"), "a 16-bit PNG of millimetres"
 
 
 def read_index_png(path):
-    """A class-index PNG (palette or grey) as uint8 H x W; colour-coded (RGB) label images are refused."""
+    """A class-index PNG (palette or grey) as uint8 H x W."""
     with Image.open(path) as img:
-        if img.mode not in ("P", "L"):
-            raise common.UserError(f"{path}: label mode {img.mode}; expected a palette or greyscale index PNG")
+        if img.mode not in INDEX_MODES:
+            raise common.UserError(f"{path}: label mode {img.mode}; expected {INDEX_EXPECTED}")
         return np.array(img, dtype=np.uint8)
 
 
@@ -208,10 +216,11 @@ class DenseLabelSet:
     (255 = ignore) for segmentation, float32 metres (0 = no measurement) for depth."""
 
     task, num_classes, aspect, default_size = "segmentation", 0, 1.0, 224
+    label_modes, expected_labels = INDEX_MODES, INDEX_EXPECTED
 
     def __init__(self, pairs):
         self.pairs = pairs
-        check_pairs(pairs)
+        check_pairs(pairs, self.label_modes, self.expected_labels)
 
     def __len__(self):
         return len(self.pairs)
@@ -278,6 +287,7 @@ class NYUDepth(DenseLabelSet):
     the official files; the 654 test frames serve as the validation split, as in the paper."""
 
     task, aspect = "depth", 4 / 3
+    label_modes, expected_labels = DEPTH_MODES, DEPTH_EXPECTED
 
     def __init__(self, root, split):
         names = read_split(os.path.join(root, f"{split}.txt"))
@@ -288,8 +298,8 @@ class NYUDepth(DenseLabelSet):
     @staticmethod
     def read_label(path):
         with Image.open(path) as img:
-            if img.mode not in ("I;16", "I;16B", "I", "I;16L"):
-                raise common.UserError(f"{path}: depth PNG mode {img.mode}; expected 16-bit millimetres")
+            if img.mode not in DEPTH_MODES:
+                raise common.UserError(f"{path}: depth PNG mode {img.mode}; expected {DEPTH_EXPECTED}")
             return np.array(img, dtype=np.float32) / DEPTH_PNG_SCALE  # H x W metres, 0 = missing
 
 

@@ -352,6 +352,20 @@ def test_image_label_size_mismatch_is_a_one_line_error(tmp_path, run_script):
     assert_one_line_error(r, names["val"][1], "64x64", "12x10")
 
 
+def test_an_rgb_label_png_is_a_one_line_error_naming_it_also_with_loader_workers(tmp_path):
+    """Colour-coded labels are refused when the pairs are checked (headers only), in the main process, before any
+    loader worker starts: a worker's error would arrive as its traceback."""
+    names = make_voc(str(tmp_path / "voc"), n_train=4, n_val=2)
+    rgb_label = tmp_path / "voc" / "SegmentationClass" / f"{names['train'][2]}.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(rgb_label)
+    with pytest.raises(common.UserError) as error:
+        E.main(["--dataset", "voc", "--data", str(tmp_path / "voc"), "--arch", "resnet18", "--image-size", "32",
+                "--epochs", "1", "--batch-size", "2", "--trials", "1", "--workers", "2",
+                "--output-dir", str(tmp_path / "run")])
+    message = str(error.value)
+    assert "\n" not in message and str(rgb_label) in message and "mode RGB" in message
+
+
 def test_unknown_weights_are_a_one_line_error(tmp_path, run_script):
     make_voc(str(tmp_path / "voc"))
     torch.save({"encoder": {"w": torch.zeros(1)}}, tmp_path / "odd.pth")
