@@ -775,13 +775,11 @@ def set_lr(optimizer, step, total, peak):
     return lr
 
 
-def steps_per_epoch(indices, subset, per_rank):
-    """Optimiser steps per epoch for this rank's `indices` of `subset`; a one-line error when there is none."""
-    steps = len(indices) // per_rank
-    if steps == 0:
-        raise common.UserError(f"{len(subset)} training images are fewer than one batch per rank ({per_rank}); "
-                               "lower --batch-size or raise --label-fraction")
-    return steps
+def training_batch(train_images, batch_size, world_size):
+    """The global batch: --batch-size, or, for a set smaller than one batch per rank, the whole set (each rank's
+    share of it, padded as `shard` pads), so that every epoch is one step. A probe trains on a small batch as well;
+    refusing would leave a small held-out set without a score."""
+    return min(batch_size, math.ceil(train_images / world_size) * world_size)
 
 
 def fit(model, optimizer, epoch_batches, steps, losses, epochs, peak_lr, precision, d, log, mode, trials, desc):
@@ -930,7 +928,7 @@ def train_probes(backbone, train_set, subsets, args, d, log):
     shape = input_shape(train_set, args.image_size)
     per_rank = max(1, args.batch_size // d.world_size)
     shards = [shard(s, d.rank, d.world_size) for s in subsets]
-    steps = steps_per_epoch(shards[0], subsets[0], per_rank)
+    steps = len(shards[0]) // per_rank
     samples = Samples(train_set, sorted(set().union(*shards)), shape)  # this rank's images, all trials
     image, label, _ = samples[0]
     channels, h, w = frozen_features(backbone, image[None], d, args.precision).shape[1:]
@@ -997,7 +995,7 @@ def train_finetune(weights, train_set, subset, trial, args, d, log):
     per_rank = max(1, args.batch_size // d.world_size)
     indices = shard(subset, d.rank, d.world_size)
     samples = Samples(train_set, indices, input_shape(train_set, args.image_size), augment=True, seed=seed)
-    steps = steps_per_epoch(indices, subset, per_rank)
+    steps = len(indices) // per_rank
 
     def epoch_batches(epoch):
         return finetune_batches(samples, per_rank, args.workers, d.device, seed, epoch)
@@ -1167,6 +1165,11 @@ def run(args):
     os.makedirs(args.output_dir, exist_ok=True)
     log = common.JsonLog(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
     subsets = [label_subset(len(train_set), args.label_fraction, args.seed + t) for t in range(args.trials)]
+    batch = training_batch(len(subsets[0]), args.batch_size, d.world_size)
+    if batch < args.batch_size and d.is_main:
+        print(f"--batch-size {args.batch_size}: {len(subsets[0])} training images are fewer than one batch; "
+              f"training on the whole set as the batch ({batch} images)")
+    args.batch_size = batch  # metrics.json reports the batch trained on
     shape = input_shape(train_set, args.image_size)
     val_loader = validation_loader(val_set, shape, args.batch_size, args.workers, d)
     depth_crop = args.depth_crop == "eigen"

@@ -315,6 +315,25 @@ def test_finetuning_with_a_label_fraction_runs_from_a_vader_checkpoint(tmp_path,
     assert "encoder + FPN + decoder" in result["model"]
 
 
+def test_a_set_smaller_than_the_batch_trains_with_the_whole_set_as_the_batch(tmp_path, capsys):
+    """3 training images and --batch-size 16: one step per epoch on all 3, said in the output and in metrics.json;
+    fine-tuning too. On 4 ranks each rank's share is padded to ceil(n / 4) images."""
+    assert E.training_batch(102, 256, 1) == 102 and E.training_batch(102, 256, 4) == 26 * 4
+    assert E.training_batch(5, 4, 1) == 4 and E.training_batch(1, 8, 4) == 4
+    make_voc(str(tmp_path / "voc"), n_train=3, n_val=1)
+    for mode in ([], ["--finetune"]):
+        out = tmp_path / f"run{len(mode)}"
+        E.main(["--dataset", "voc", "--data", str(tmp_path / "voc"), "--arch", "resnet18", "--image-size", "32",
+                "--epochs", "2", "--batch-size", "16", "--trials", "1", "--workers", "0",
+                "--output-dir", str(out)] + mode)
+        assert "training on the whole set as the batch (3 images)" in capsys.readouterr().out
+        result = metrics(out)
+        assert result["batch_size"] == 3 and result["train_images"] == 3 and 0 <= result["mean"]["miou"] <= 1
+        with open(out / "log.jsonl") as f:
+            epochs = [json.loads(line) for line in f if '"epoch"' in line]
+        assert [e["epoch"] for e in epochs] == [0, 1]
+
+
 def test_probe_under_torchrun_with_two_ranks(tmp_path, run_script):
     make_voc(str(tmp_path / "voc"), n_train=6, n_val=3)
     out = tmp_path / "run"
