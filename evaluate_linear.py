@@ -782,11 +782,16 @@ def training_batch(train_images, batch_size, world_size):
     return min(batch_size, math.ceil(train_images / world_size) * world_size)
 
 
-def fit(model, optimizer, epoch_batches, steps, losses, epochs, peak_lr, precision, d, log, mode, trials, desc):
+def fit(model, optimizer, scaler, epoch_batches, steps, losses, epochs, peak_lr, precision, d, log, mode, trials,
+        desc):
     """SGD with a cosine lr from `peak_lr` to 0 over `epochs` epochs of `steps` steps; used by the probes and by
     fine-tuning. epoch_batches(epoch) yields (inputs, labels, rows) on the device; losses(inputs, labels, rows) gives
     one loss per trial in `trials` (the probe bank: all of them at once; fine-tuning: one). Their sum is minimised:
-    the trials share no parameter, so each trial's parameters get exactly the gradient of its own loss."""
+    the trials share no parameter, so each trial's parameters get exactly the gradient of its own loss.
+
+    `scaler` (common.grad_scaler: enabled for fp16 only) scales the loss before backward and unscales before the
+    step: a mean over ~10^5-10^6 pixels gives per-logit gradients of ~2e-5, below fp16's smallest normal number
+    (6.1e-5), which fp16 stores with a few bits or flushes to zero."""
     total, step = epochs * steps, 0
     bar = common.throughput_bar(None, total, d.is_main, desc=desc)
     for epoch in range(epochs):
@@ -796,8 +801,9 @@ def fit(model, optimizer, epoch_batches, steps, losses, epochs, peak_lr, precisi
             with common.autocast(d.device, precision):
                 loss = losses(inputs, labels, rows)  # T
             optimizer.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            optimizer.step()
+            scaler.scale(loss.sum()).backward()
+            scaler.step(optimizer)  # skipped (and the scale lowered) when a scaled gradient overflowed
+            scaler.update()
             values = loss.detach().double().cpu()
             running += values
             bar.update(1)
@@ -960,7 +966,8 @@ def train_probes(backbone, train_set, subsets, args, d, log):
         return torch.stack([task_loss(o, labels if r is None else labels[r], task)
                             for o, r in zip(out, rows or [None] * trials)])  # T
 
-    fit(model, sgd(bank, args.lr, args.weight_decay), epoch_batches, steps, losses, args.epochs, args.lr,
+    scaler = common.grad_scaler(d.device, args.precision)
+    fit(model, sgd(bank, args.lr, args.weight_decay), scaler, epoch_batches, steps, losses, args.epochs, args.lr,
         args.precision, d, log, "probe", list(range(trials)), desc=f"probe x{trials}")
     return [head.eval() for head in bank.heads], ("cached" if cached else "recomputed")
 
@@ -1004,7 +1011,8 @@ def train_finetune(weights, train_set, subset, trial, args, d, log):
         return task_loss(model(images), labels, train_set.task)[None]  # 1
 
     model.train()
-    fit(model, sgd(net, args.lr, args.weight_decay), epoch_batches, steps, losses, args.epochs, args.lr,
+    scaler = common.grad_scaler(d.device, args.precision)
+    fit(model, sgd(net, args.lr, args.weight_decay), scaler, epoch_batches, steps, losses, args.epochs, args.lr,
         args.precision, d, log, "finetune", [trial], desc=f"finetune {trial + 1}/{args.trials}")
     return net.eval(), description
 

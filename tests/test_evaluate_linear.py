@@ -450,6 +450,42 @@ def test_probe_without_a_cache_learns_what_the_cached_probe_learns(tmp_path):
         assert torch.allclose(a.conv.bias, b.conv.bias, rtol=1e-2, atol=1e-4)
 
 
+def test_fp16_probe_gradients_underflow_without_loss_scaling_and_fit_scales_them(tmp_path):
+    """A probe's loss is a mean over N x h x w = 50,000 pixels: its per-logit gradients (~2e-5 for the labelled
+    class, ~1e-6 for the others) all lie below fp16's smallest normal number, so fp16 keeps a few bits of them or
+    none. One step of fit under fp16 autocast (CPU autocast stands in for a GPU's, the CPU GradScaler for
+    common.grad_scaler's) moves the weights as fp32 does when fit goes through the scaler, and not without it."""
+    torch.manual_seed(0)
+    features, labels = torch.randn(2, 16, 158, 158), torch.randint(0, 21, (2, 158, 158))
+    logits = torch.zeros(2, 21, 158, 158, requires_grad=True)
+    E.task_loss(logits, labels, "segmentation").backward()
+    tiny = torch.finfo(torch.float16).tiny  # 6.1e-5
+    assert logits.grad.abs().max() < tiny and logits.grad.abs().max() > 1e-5
+    assert (logits.grad.abs() * 2.0 ** 16 >= tiny).all()  # scaled by GradScaler's initial 2^16 they are normal
+
+    def one_step(fp16, scaler):
+        torch.manual_seed(1)
+        head = E.LinearProbe(16, 21, torch.zeros(16), torch.ones(16))
+        before = head.conv.weight.detach().clone()
+
+        def losses(x, y, _):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+                return E.task_loss(head(x), y, "segmentation")[None]
+
+        E.fit(head, E.sgd(head, 0.1, 0.0), scaler, lambda epoch: [(features, labels, None)], 1, losses, 1, 0.1,
+              "fp32", common.Dist(), common.JsonLog(tmp_path / "l", False), "probe", [0], "test")
+        return head.conv.weight.detach() - before
+
+    reference = one_step(False, torch.amp.GradScaler("cpu", enabled=False))
+    scaled = one_step(True, torch.amp.GradScaler("cpu"))
+    unscaled = one_step(True, torch.amp.GradScaler("cpu", enabled=False))
+
+    def error(update):
+        return float((update - reference).norm() / reference.norm())
+
+    assert error(scaled) < 1e-3 and error(unscaled) > 5 * error(scaled), (error(scaled), error(unscaled))
+
+
 def test_trials_with_their_own_labelled_subsets_train_on_their_own_images(tmp_path):
     """Below --label-fraction 1 each trial has its subset: a step's backbone pass covers the union of the trials'
     batches, and every trial still takes every step."""
