@@ -24,8 +24,10 @@ Features probed, by --weights (common.dense_feature_model, shared with davis_pro
     vader.py checkpoint                     VADeR's decoder output, 128 x H/4 x W/4 (its own dense head); from a
                                             run without a decoder (an image-level objective): its encoder, as below
     clove.py checkpoint, official MoCo checkpoint (module.encoder_q.*), torchvision ResNet file, or 'random' (--arch)
-                                            the ResNet's C5 at 1/4 of the input, VADeR's decoder resolution:
-                                            layer2..layer4 dilated instead of strided (as DeepLab, §4.1)
+                                            --layer res5 (default): the ResNet's C5 at 1/4 of the input, VADeR's
+                                            decoder resolution: layer2..layer4 dilated instead of strided (as DeepLab,
+                                            §4.1); --layer res4: layer3's output at 1/8, layer3 unstrided and layer4
+                                            dropped, where CRW and TimeCycle read their ResNet baselines (DAVIS)
 
 Protocol step -> the name that computes it
     data sets and their layouts (--dataset)       VOCSegmentation, CityscapesSegmentation, NYUDepth, ImageFolderClasses,
@@ -82,6 +84,8 @@ def get_parser():
     p.add_argument("--weights", default="random",
                    help="vader.py/clove.py checkpoint, MoCo checkpoint, torchvision ResNet state dict, or 'random'")
     p.add_argument("--arch", default="resnet50", help="ResNet depth for 'random' (checkpoints carry or reveal theirs)")
+    p.add_argument("--layer", default="res5", choices=list(common.BASELINE_LAYERS),
+                   help="where ResNet weights are read: res5 = C5 dilated to 1/4 (§4.1), res4 = C4 at 1/8 (CRW's)")
     p.add_argument("--dataset", default=None, choices=["voc", "cityscapes", "nyu", "imagefolder"],
                    help="layout of --data; without --data: the embedded segmentation (imagefolder: classification) set")
     p.add_argument("--data", default=None, help="data set root; omit it for an embedded set and its demo preset")
@@ -169,6 +173,9 @@ def check_args(args, world_size):
         raise common.UserError(f"--label-fraction {args.label_fraction}: must be in (0, 1]")
     if args.train_split not in ("auto", "train_aug", "train"):
         raise common.UserError(f"--train-split {args.train_split}: expected auto, train_aug or train")
+    if args.finetune and args.layer != "res5":
+        raise common.UserError(f"--layer {args.layer}: fine-tuning trains the whole VADeRNet (§4.2); --layer "
+                               "chooses the frozen features of a probe")
     if args.finetune and args.dataset == "imagefolder":
         raise common.UserError("--finetune trains the dense network (§4.2); imagefolder classification is a "
                                "frozen-feature probe only")
@@ -1082,7 +1089,7 @@ def export_detectron2(weights, path):
 def write_feature_picture(args):
     """VADeR Figures 2 and 5 for any weights (features in PCA colours, a query pixel's similarity map), on the first
     4 validation images of the data set."""
-    model, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet})
+    model, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet}, args.layer)
     _, val_set = build_datasets(args)
     shape = input_shape(val_set, args.image_size)
     images = [val_set.read(i)[0].resize((shape[1], shape[0]), Image.BILINEAR) for i in range(min(4, len(val_set)))]
@@ -1100,7 +1107,7 @@ def frozen_backbone(args):
         if args.weights != "random":
             common.read_weights(args.weights)
         return None, None
-    return common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet})
+    return common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet}, args.layer)
 
 
 def validation_loader(val_set, shape, batch_size, workers, d):

@@ -256,6 +256,35 @@ def test_every_weights_kind_loads_for_the_probe_and_for_fine_tuning(tmp_path):
     assert net.eval()(x).shape == (2, 21, 16, 16)
 
 
+def torchvision_res4(arch, state):
+    """torchvision's `arch` with `state`, read as CRW and TimeCycle read res4: layer3's stride set to 1 (in the
+    block's strided 3x3 convolution and its shortcut), layer4 never run."""
+    net = getattr(torchvision.models, arch)(weights=None)
+    net.load_state_dict(state, strict=False)  # the probe's frozen features: batch norms in eval mode
+    net.eval()
+    block = net.layer3[0]
+    (block.conv1 if arch in ("resnet18", "resnet34") else block.conv2).stride = (1, 1)
+    block.downsample[0].stride = (1, 1)
+    return lambda x: net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))))
+
+
+def test_layer_res4_probes_torchvision_s_layer3_at_stride_8(tmp_path):
+    paths, state, _ = save_weights(tmp_path)
+    x = torch.randn(2, 3, 64, 96)
+    for weights, arch in ((paths["torchvision"], "resnet18"), ("random", "resnet50")):
+        args = E.get_parser().parse_args(["--weights", weights, "--arch", arch, "--layer", "res4"])
+        model, description = E.frozen_backbone(args)
+        model.eval()
+        reference = torchvision_res4(arch, state if weights != "random" else model.net.state_dict())
+        with torch.no_grad():
+            out, expected = model(x), reference(x)
+        assert "res4 at 1/8" in description
+        assert out.shape == (2, 256 if arch == "resnet18" else 1024, 8, 12)
+        assert torch.allclose(out, expected, atol=1e-5)
+    args = E.get_parser().parse_args(["--weights", paths["torchvision"]])
+    assert E.frozen_backbone(args)[0](x).shape == (2, 512, 16, 24)  # the default stays C5 dilated to 1/4
+
+
 def test_detectron2_export_round_trips(tmp_path, run_script):
     paths, state, _ = save_weights(tmp_path)
     out = tmp_path / "d2" / "vader_r18.pkl"
@@ -609,6 +638,7 @@ def test_finite_or_none_replaces_every_nan_and_infinity():
     (["--weights", "no/such/file.pth", "--export-detectron2", "x.pkl"], ["--weights no/such/file.pth"]),
     (["--data", "no/such/folder", "--dataset", "voc"], ["--data no/such/folder"]),
     (["--dataset", "imagefolder", "--finetune"], ["--finetune"]),
+    (["--finetune", "--layer", "res4"], ["--layer res4"]),
     (["--output-dir", "/dev/null/run", "--epochs", "1"], ["--output-dir /dev/null/run"]),
 ])
 def test_bad_flags_fail_before_any_work(flags, words, capsys, tmp_path):
