@@ -1,5 +1,5 @@
 """Transfer evaluation of dense representations: frozen-feature linear probes, low-label fine-tuning, pooled
-classification, Detectron2 export.
+classification, correspondence accuracy, Detectron2 and torchvision export.
 
 The frozen-feature protocol (VADeR §4.1, Table 1) trains only a 1x1 convolution on fixed per-pixel features:
 cross-entropy for semantic segmentation (PASCAL VOC 2012, Cityscapes), L1 for depth (NYU-depth v2). Fine-tuning
@@ -18,6 +18,7 @@ Usage
         --finetune --label-fraction 0.05                                      # Figure 4, one node
     python evaluate_linear.py --weights vader.pth --dataset imagefolder --data /data/imagenet   # pooled top-1/top-5
     python evaluate_linear.py --weights vader.pth --export-detectron2 vader_r50.pkl      # see export_detectron2
+    python evaluate_linear.py --weights vader.pth --export-torchvision vader_r50.pth   # torchvision's ResNet keys
 --batch-size is global (split over ranks). Results: a table, then one JSON line on stdout and <output-dir>/metrics.json.
 
 Features probed, by --weights (common.dense_feature_model, shared with davis_propagate.py)
@@ -40,7 +41,7 @@ Protocol step -> the name that computes it
     training                                      train_probes, train_finetune
     mIoU, depth errors, top-1/top-5               segmentation_scores, depth_image_errors, topk_correct, evaluate
     mean and std over the trials                  summarise
-    Detectron2 export                             to_detectron2, export_detectron2
+    Detectron2 and torchvision export             to_detectron2, export_detectron2, export_torchvision
 Each choice the paper leaves open is in the docstring of the code it concerns; the NYU-depth v2 preparation is
 in the notes at the end of this file.
 """
@@ -118,6 +119,8 @@ def get_parser():
     p.add_argument("--synthetic-val", type=int, default=200, help="validation images of an embedded set (no --data)")
     p.add_argument("--export-detectron2", default=None, metavar="OUT.pkl",
                    help="write the ResNet of --weights as a Detectron2 checkpoint and exit")
+    p.add_argument("--export-torchvision", default=None, metavar="OUT.pth",
+                   help="write the ResNet of --weights as a torchvision ResNet state dict and exit")
     p.add_argument("--feature-picture", default=None, metavar="OUT.png",
                    help="write VADeR's Figures 2 and 5 for --weights on 4 validation images and exit")
     return p
@@ -132,6 +135,8 @@ def check_paths(args):
         raise common.UserError("--data given without --dataset; pass --dataset voc, cityscapes, nyu or imagefolder")
     if args.data is not None and not os.path.isdir(args.data):
         raise common.UserError(f"--data {args.data}: no such folder")
+    if args.export_detectron2 and args.export_torchvision:
+        raise common.UserError("--export-detectron2 and --export-torchvision: pass one (one export a run)")
     if args.data is None and args.dataset not in (None, "imagefolder"):
         raise common.UserError(f"--dataset {args.dataset} needs --data (the data set's root folder)")
 
@@ -1086,6 +1091,28 @@ def export_detectron2(weights, path):
     return kind, len(exported["model"])
 
 
+def export_torchvision(weights, arch, path):
+    """Write the ResNet encoder of `weights` as a torchvision ResNet state dict (torch.save), the form VICRegL ships
+    its backbones in: `torchvision.models.resnet50().load_state_dict(torch.load(path))` loads it with strict=True,
+    and so does most downstream code. The FPN and decoder are not exported. fc is torchvision's 1000-way classifier,
+    freshly initialised (nn.Linear's default, as in torchvision's untrained ResNet, seed 0): the dense methods train
+    none, so replace it or ignore it. Returns (kind, arch, number of tensors)."""
+    if weights == "random":
+        raise common.UserError("--export-torchvision needs --weights FILE "
+                               "(a vader.py/clove.py, MoCo or torchvision file)")
+    kind, state, meta = common.read_weights(weights)
+    arch = meta.get("arch") or common.infer_arch(state) or arch
+    if kind in ("vader", "clove"):
+        state = common.encoder_state(state)
+    net = common.resnet(arch)
+    common.load_resnet_state(net, state, weights)
+    torch.manual_seed(0)
+    net.fc = nn.Linear(common.resnet_channels(arch)[-1], 1000)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return kind, arch, len(net.state_dict())
+
+
 def write_feature_picture(args):
     """VADeR Figures 2 and 5 for any weights (features in PCA colours, a query pixel's similarity map), on the first
     4 validation images of the data set."""
@@ -1233,6 +1260,13 @@ def main(argv=None):
         print(f"wrote {count} ResNet tensors of the {kind} weights {args.weights} to {args.export_detectron2}; "
               "Detectron2 config: " + ", ".join(f"{k} {v}" for k, v in DETECTRON2_CONFIG.items()))
         common.print_result(dict(export=args.export_detectron2, kind=kind, tensors=count, weights=args.weights))
+    if args.export_torchvision:
+        kind, arch, count = export_torchvision(args.weights, args.arch, args.export_torchvision)
+        print(f"wrote the {arch} encoder of the {kind} weights {args.weights} to {args.export_torchvision} "
+              f"({count} tensors, torchvision's keys; fc freshly initialised)")
+        common.print_result(dict(export=args.export_torchvision, kind=kind, arch=arch, tensors=count,
+                                 weights=args.weights))
+    if args.export_detectron2 or args.export_torchvision:
         return
     preset = fill_defaults(parser, args, argv)
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))

@@ -302,6 +302,33 @@ def test_detectron2_export_round_trips(tmp_path, run_script):
         assert np.array_equal(array, state[E.from_detectron2_key(key)].numpy()), key
 
 
+def test_torchvision_export_loads_strictly_into_torchvision_and_computes_the_checkpoint_s_encoder(tmp_path, capsys):
+    paths, state, _ = save_weights(tmp_path)
+    x = torch.randn(2, 3, 64, 64)
+    for kind in ("vader", "moco"):
+        out = tmp_path / "tv" / f"{kind}_r18.pth"
+        E.main(["--weights", paths[kind], "--export-torchvision", str(out)])
+        assert last_json_line(capsys.readouterr().out)["arch"] == "resnet18"
+        net = torchvision.models.resnet18()
+        net.load_state_dict(torch.load(out), strict=True)
+        assert net.fc.weight.shape == (1000, 512)  # torchvision's classifier, untrained (the methods train none)
+        net.fc = torch.nn.Identity()
+        checkpoint = torch.load(paths[kind], weights_only=False)
+        if kind == "vader":
+            vader = VADeRNet("resnet18")
+            vader.load_state_dict(checkpoint["model"])
+            encoder = vader.encoder
+        else:
+            encoder = common.resnet("resnet18")
+            prefix = "module.encoder_q."
+            encoder.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items()
+                                     if k.startswith(prefix) and not k.startswith(prefix + "fc.")})
+        with torch.no_grad():
+            assert torch.allclose(net.eval()(x), encoder.eval()(x), atol=1e-6)
+    with pytest.raises(common.UserError, match="--export-torchvision needs --weights FILE"):
+        E.main(["--export-torchvision", str(tmp_path / "x.pth")])
+
+
 # ---- end-to-end runs ----
 def test_probe_separates_colours_almost_perfectly_on_a_voc_folder(tmp_path, run_script):
     make_voc(str(tmp_path / "voc"), n_train=8, n_val=4)
