@@ -865,19 +865,20 @@ class FeatureCache:
                 self.labels[rows].to(device, non_blocking=True))
 
 
-def epoch_steps(shards, per_rank, seed):
-    """This rank's steps of one epoch as (images, rows): the data set indices that go through the backbone, and for
+def epoch_steps(shards, per_rank, seeds):
+    """This rank's steps of one epoch as (images, rows): the data set indices whose features a step needs, and for
     each trial the positions of its batch among them (None when every trial's batch is the whole `images`).
 
-    `shards` holds each trial's training images on this rank (equal lengths). One permutation of the positions,
-    drawn from `seed`, orders every trial's shard, so the trials share the batch order. When they share the images
-    too (--label-fraction 1), a step's images are exactly one batch; otherwise the union of the trials' batches."""
+    `shards` holds each trial's training images on this rank (equal lengths), `seeds` each trial's order seed: a
+    permutation of the positions drawn from seeds[t] orders trial t's shard. When the trials share images and seed
+    (--label-fraction 1 without a cache), a step's images are exactly one batch; otherwise the union of the trials'
+    batches."""
     length = len(shards[0])
-    order = torch.randperm(length, generator=torch.Generator().manual_seed(seed)).tolist()
-    same = all(s == shards[0] for s in shards)
+    orders = {s: torch.randperm(length, generator=torch.Generator().manual_seed(s)).tolist() for s in set(seeds)}
+    same = all(s == shards[0] for s in shards) and len(orders) == 1
     steps = []
     for b in range(0, length - per_rank + 1, per_rank):
-        batches = [[s[i] for i in order[b:b + per_rank]] for s in shards]
+        batches = [[s[i] for i in orders[seed][b:b + per_rank]] for s, seed in zip(shards, seeds)]
         if same:
             steps.append((batches[0], None))
         else:
@@ -940,8 +941,10 @@ def train_probes(backbone, train_set, subsets, args, d, log):
     """Every trial's LinearProbe, trained side by side (ProbeBank): at each step one backbone pass (or one cache
     look-up) gives the batch's features, on the device, and every trial's probe takes its step on them, so 5 trials
     cost about one trial's backbone passes. The trials differ in the probe's initialisation (seed + t) and, below
-    --label-fraction 1, in their labelled subset; they share the batch order (metrics.json: trials_differ_in).
-    Returns (probes in eval mode, "cached" or "recomputed")."""
+    --label-fraction 1, in their labelled subset. From the cache each trial also reads its own batch order (a cache
+    look-up costs no backbone pass), so trial t is the run of --seed seed + t; recomputed features are shared, and
+    so is the batch order (metrics.json: trials_differ_in). Returns (probes in eval mode, "cached" or
+    "recomputed")."""
     task, trials = train_set.task, len(subsets)
     shape = input_shape(train_set, args.image_size)
     per_rank = max(1, args.batch_size // d.world_size)
@@ -957,7 +960,9 @@ def train_probes(backbone, train_set, subsets, args, d, log):
     by_index = Samples(train_set, range(len(train_set)), shape)  # item k is image k
 
     def epoch_batches(epoch, limit=None):
-        plan = epoch_steps(shards, per_rank, args.seed * 1000 + epoch)[:limit]
+        # trial t's order: from the cache its own, the one a run with --seed seed + t draws; recomputed: trial 0's
+        seeds = [(args.seed + (t if cached else 0)) * 1000 + epoch for t in range(trials)]
+        plan = epoch_steps(shards, per_rank, seeds)[:limit]
         if cached:
             return ((*cache.batch(images, dtype, d.device), rows) for images, rows in plan)
         return recomputed_batches(backbone, by_index, plan, args.workers, args.precision, d)
@@ -965,8 +970,9 @@ def train_probes(backbone, train_set, subsets, args, d, log):
     path = (f"cached ({cache_gb:.2f} GB on this rank)" if cached else
             f"recomputed each epoch (a cache would need {cache_gb:.1f} GB > --cache-gb {args.cache_gb})")
     if d.is_main:
+        order = "each in its own batch order" if cached else "which share the batch order"
         print(f"probe: {channels}-d features at {h}x{w} for {shape[0]}x{shape[1]} inputs, {path}; one backbone pass "
-              f"per batch feeds all {trials} trial(s), which share the batch order")
+              f"per image feeds all {trials} trial(s), {order}")
     # the statistics: all cached features, or the first 20 batches of epoch 0 when they are recomputed
     mean, std, mean_depth = feature_statistics(epoch_batches(0, None if cached else 20), trials, task, d)
     outputs = 1 if task == "depth" else train_set.num_classes
@@ -1148,11 +1154,13 @@ def data_name(args):
     return args.dataset if args.data else "synthetic-objects" if args.dataset == "imagefolder" else "synthetic"
 
 
-def trials_differ_in(finetune, label_fraction):
-    """What separates the trials, for metrics.json: the probes share one batch order by design."""
+def trials_differ_in(finetune, label_fraction, feature_path):
+    """What separates the trials, for metrics.json: without a cache the probes share one batch order by design."""
     subset = ", labelled subset" if label_fraction < 1 else ""
     if finetune:
         return f"network initialisation (FPN, decoder, head), batch order, augmentation{subset}"
+    if feature_path == "cached":
+        return f"probe initialisation, batch order{subset}"
     return f"probe initialisation{subset} (the batch order is shared: one backbone pass per batch feeds every trial)"
 
 
@@ -1160,9 +1168,10 @@ def build_result(args, val_set, model, shape, train_images, per_trial, feature_p
     """The run's report (metrics.json and the last line on stdout), timings apart."""
     task, num_classes = val_set.task, val_set.num_classes
     mean, std = summarise(per_trial)
+    differ = trials_differ_in(args.finetune, args.label_fraction, feature_path)
     result = dict(mode="finetune" if args.finetune else "probe", dataset=data_name(args), task=task,
                   weights=args.weights, model=model, label_fraction=args.label_fraction, trials=args.trials,
-                  trials_differ_in=trials_differ_in(args.finetune, args.label_fraction), epochs=args.epochs,
+                  trials_differ_in=differ, epochs=args.epochs,
                   lr=args.lr, batch_size=args.batch_size, image_size=list(shape), train_images=train_images,
                   val_images=len(val_set), mean=mean, std=std,
                   per_trial=[{k: v for k, v in t.items() if v is None or isinstance(v, float)} for t in per_trial])

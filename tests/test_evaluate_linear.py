@@ -340,6 +340,7 @@ def test_probe_separates_colours_almost_perfectly_on_a_voc_folder(tmp_path, run_
     result = metrics(out)
     assert last_json_line(r.stdout) == result
     assert result["train_images"] == 8 and result["val_images"] == 4 and len(result["per_trial"]) == 2
+    assert result["probe_features"] == "cached" and result["trials_differ_in"] == "probe initialisation, batch order"
     assert result["mean"]["miou"] > 0.9 and result["mean"]["pixel_acc"] > 0.95
     assert "mean" in r.stdout and "std" in r.stdout  # the readable table comes first
     assert os.path.isfile(out / "log.jsonl")
@@ -497,13 +498,32 @@ def test_one_backbone_pass_per_batch_feeds_every_trial_without_a_cache(tmp_path)
 
 
 def test_probe_without_a_cache_learns_what_the_cached_probe_learns(tmp_path):
-    """Same batches, same initialisation: only the cache's fp16 rounding of the features separates the two."""
-    cached, path, _ = train_tiny_probes(tmp_path, trials=2, cache_gb=16)
-    recomputed, _, _ = train_tiny_probes(tmp_path, trials=2, cache_gb=0)
+    """Trial 0 has the same batches and initialisation on both paths: only the cache's fp16 rounding of the
+    features separates the two."""
+    cached, path, _ = train_tiny_probes(tmp_path, trials=1, cache_gb=16)
+    recomputed, _, _ = train_tiny_probes(tmp_path, trials=1, cache_gb=0)
     assert path == "cached"
-    for a, b in zip(cached, recomputed):
-        assert torch.allclose(a.conv.weight, b.conv.weight, rtol=1e-2, atol=1e-4)
-        assert torch.allclose(a.conv.bias, b.conv.bias, rtol=1e-2, atol=1e-4)
+    assert torch.allclose(cached[0].conv.weight, recomputed[0].conv.weight, rtol=1e-2, atol=1e-4)
+    assert torch.allclose(cached[0].conv.bias, recomputed[0].conv.bias, rtol=1e-2, atol=1e-4)
+
+
+def test_each_cached_trial_is_the_run_of_its_own_seed(tmp_path):
+    """From the cache, trial t of a run with --seed s is trial 0 of a run with --seed s + t: its own labelled subset,
+    initialisation and batch order, as independent repetitions would be; and the backbone still sees each image
+    once (the trials' images to fill the cache, and one to learn the feature shape)."""
+    for fraction in (1.0, 0.5):
+        together, path, images = train_tiny_probes(tmp_path, trials=3, fraction=fraction, cache_gb=16)
+        union = set().union(*(E.label_subset(8, fraction, t) for t in range(3)))
+        assert path == "cached" and images == len(union) + 1
+        for t in (1, 2):
+            alone, _, _ = train_tiny_probes(tmp_path, trials=1, fraction=fraction, cache_gb=16, seed=t)
+            assert torch.allclose(together[t].conv.weight, alone[0].conv.weight, atol=1e-6), (fraction, t)
+            assert torch.allclose(together[t].conv.bias, alone[0].conv.bias, atol=1e-6), (fraction, t)
+    shards = [list(range(8))] * 3
+    for (images, rows), b in zip(E.epoch_steps(shards, 4, [0, 1000, 2000]), (0, 4)):
+        for r, seed in zip(rows, (0, 1000, 2000)):  # each trial's batch, in its own seed's permutation
+            order = torch.randperm(8, generator=torch.Generator().manual_seed(seed))[b:b + 4].tolist()
+            assert [images[k] for k in r.tolist()] == order
 
 
 def test_fp16_probe_gradients_underflow_without_loss_scaling_and_fit_scales_them(tmp_path):
@@ -547,7 +567,7 @@ def test_trials_with_their_own_labelled_subsets_train_on_their_own_images(tmp_pa
     batches, and every trial still takes every step."""
     heads, _, images = train_tiny_probes(tmp_path, trials=2, fraction=0.5, cache_gb=0, batch_size=2)
     subsets = [E.label_subset(8, 0.5, t) for t in range(2)]
-    steps = E.epoch_steps(subsets, 2, seed=0)
+    steps = E.epoch_steps(subsets, 2, seeds=[0, 0])
     assert len(steps) == 2 and images > 6 * 2  # more than one trial's images per step
     for images_of_step, rows in steps:
         for subset, r in zip(subsets, rows):
