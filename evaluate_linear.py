@@ -62,6 +62,7 @@ import common
 from vader import VADeRNet
 
 IGNORE = 255
+UNREADABLE = -100  # the label of an unreadable classification image: F.cross_entropy's ignore_index, never scored
 DEPTH_PNG_SCALE = 1000.0  # NYU depth PNGs store millimetres
 DEPTH_RANGE = (1e-3, 10.0)  # metres: ground truth outside it is not scored, predictions are clamped to it
 EIGEN_CROP = (45, 471, 41, 601)  # rows y0:y1, columns x0:x1 of NYU's 480 x 640 frames that are scored (Eigen et al.)
@@ -384,7 +385,8 @@ class SyntheticClassification:
 class ImageFolderClasses:
     """ImageNet's layout: DIR/<split>/<class>/<image>; a class is a sub-folder, classes are numbered in sorted order
     of the training split's folders, and the validation split must use the same names. The files' headers are not
-    checked at start (ImageNet is big)."""
+    checked at start (ImageNet is big): a file that cannot be decoded is skipped by name when it is read (a warning,
+    the label UNREADABLE, which the loss and the scores skip; metrics.json counts them)."""
 
     task, aspect = "classification", 1.0
 
@@ -413,7 +415,12 @@ class ImageFolderClasses:
         return len(self.items)
 
     def read(self, index):
-        return common.load_image(self.items[index][0]), self.items[index][1]
+        path, label = self.items[index]
+        try:
+            return common.load_image(path), label
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+            common.warn(f"skipping unreadable image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            return None, UNREADABLE
 
 
 def build_datasets(args):
@@ -465,7 +472,8 @@ def centre_crop(image, size):
 
 
 class Samples(torch.utils.data.Dataset):
-    """Items of a data set as tensors: (image 3 x h x w at the input size, label, index).
+    """Items of a data set as tensors: (uint8 image 3 x h x w at the input size, label, index). The images cross to
+    the device as uint8, a quarter of float32's bytes, and are normalised there (common.normalize).
 
     Dense labels (segmentation: uint8 class ids, depth: float32 metres) are resampled to the input grid by pixel
     centres for training, and left at their native size for validation (`native_labels`), where the logits are
@@ -487,8 +495,10 @@ class Samples(torch.utils.data.Dataset):
     def __getitem__(self, k):
         index = self.indices[k]
         image, label = self.source.read(index)
-        if self.source.task == "classification":
-            return common.to_tensor(centre_crop(image, self.shape[0])), torch.tensor(label, dtype=torch.long), index
+        if self.source.task == "classification":  # an unreadable image (None) is zeros, labelled UNREADABLE
+            image = torch.zeros(3, *self.shape, dtype=torch.uint8) if image is None else common.to_uint8(
+                centre_crop(image, self.shape[0]))
+            return image, torch.tensor(label, dtype=torch.long), index
         label = torch.from_numpy(np.ascontiguousarray(label))  # H x W, uint8 class ids or float32 metres
         if self.augment:
             rng = common.sample_rng(self.seed, self.epoch, k)
@@ -499,7 +509,7 @@ class Samples(torch.utils.data.Dataset):
                 label = label[box.y0:box.y1, box.x0:box.x1]
             if rng.random() < 0.5:
                 image, label = image.transpose(Image.FLIP_LEFT_RIGHT), label.flip(1)
-        image = common.to_tensor(image.resize(self.shape[::-1], Image.BILINEAR))  # 3 x h x w
+        image = common.to_uint8(image.resize(self.shape[::-1], Image.BILINEAR))  # 3 x h x w
         if not self.native:
             label = resample_label(label, self.shape)  # h x w
         return image, label, index
@@ -701,24 +711,26 @@ def all_reduce_sum(tensor):
 
 @torch.no_grad()
 def evaluate(encode, heads, val_loader, task, num_classes, d, precision, desc="val", depth_crop=True):
-    """Scores of every head on the validation set; `encode` (the frozen backbone, or identity) runs once per batch.
+    """Scores of every head on the validation set; `encode` maps a batch of uint8 images, as the loader gives them,
+    to the heads' input on the device (the frozen features, or the normalised images), once per batch.
 
     Dense logits are upsampled bilinearly to each label's native size. Counts are summed over ranks, so the result
     is the same as one process scoring the whole set. A score with nothing to count (no depth pixel in range) is
-    None.
+    None. Classification also gives `unreadable` (an int, not a score): the images skipped as UNREADABLE.
     """
     k = len(heads)
     confusion = torch.zeros(k, num_classes, num_classes, dtype=torch.long)
     sums = torch.zeros(k, 4, dtype=torch.float64)  # depth: sum of RMSE, abs-rel, delta1, images; top-1, top-5, images
     for images, labels, _ in common.throughput_bar(val_loader, len(val_loader), d.is_main, desc=desc):
         with common.autocast(d.device, precision):
-            features = encode(images.to(d.device, non_blocking=True))  # N x C x h/4 x w/4 (or x 1 x 1)
+            features = encode(images)  # N x C x h/4 x w/4 (or x 1 x 1)
             outputs = [head(features).float() for head in heads]  # k x [N x K x h/4 x w/4]
         if task == "classification":
             target = torch.stack(labels)  # N
+            keep = target != UNREADABLE
             for h, out in enumerate(outputs):
-                sums[h] += torch.tensor([*topk_correct(out.flatten(1).cpu(), target), len(target), 0.0],
-                                        dtype=torch.float64)
+                sums[h] += torch.tensor([*topk_correct(out.flatten(1).cpu()[keep], target[keep]), int(keep.sum()),
+                                         int((~keep).sum())], dtype=torch.float64)
             continue
         for j, label in enumerate(labels):
             for h, out in enumerate(outputs):
@@ -733,7 +745,8 @@ def evaluate(encode, heads, val_loader, task, num_classes, d, precision, desc="v
         return [segmentation_scores(c) for c in all_reduce_sum(confusion.to(d.device)).cpu()]
     sums = all_reduce_sum(sums.to(d.device)).cpu().tolist()
     if task == "classification":
-        return [dict(top1=s[0] / s[2], top5=s[1] / s[2]) for s in sums]
+        return [dict(top1=s[0] / s[2] if s[2] else None, top5=s[1] / s[2] if s[2] else None, unreadable=int(s[3]))
+                for s in sums]
     return [dict(rmse=s[0] / s[3], abs_rel=s[1] / s[3], delta1=s[2] / s[3]) if s[3] else
             dict(rmse=None, abs_rel=None, delta1=None) for s in sums]
 
@@ -762,9 +775,12 @@ def finite_or_none(value):
 # ---- training ----
 def task_loss(outputs, labels, task):
     """Cross-entropy (ignore 255) on class ids, or L1 on the pixels with depth in DEPTH_RANGE, after upsampling the
-    dense outputs to the label size (§4.1); classification: cross-entropy on the pooled logits (N x K x 1 x 1)."""
+    dense outputs to the label size (§4.1); classification: cross-entropy on the pooled logits (N x K x 1 x 1) of the
+    readable images."""
     if task == "classification":
-        return F.cross_entropy(outputs.float().flatten(1), labels)
+        readable = labels != UNREADABLE
+        logits = outputs.float().flatten(1)
+        return F.cross_entropy(logits[readable], labels[readable]) if readable.any() else logits.sum() * 0
     outputs = F.interpolate(outputs.float(), size=labels.shape[-2:], mode="bilinear",
                             align_corners=False)  # N x K x H x W
     if task == "segmentation":
@@ -837,17 +853,17 @@ def frozen_features(backbone, images, d, precision):
     `yield`: grad mode and autocast are thread-global, so a generator suspended inside no_grad() switches off the
     gradients of whatever its consumer runs (the probes' training, which then fails in backward)."""
     with common.autocast(d.device, precision):
-        return backbone(images.to(d.device, non_blocking=True))  # N x C x h x w
+        return backbone(common.normalize(images, d.device))  # uint8 N x 3 x H x W -> N x C x h x w
 
 
 class FeatureCache:
     """The frozen backbone's features (fp16) and labels (as the data set gives them: uint8 class ids, float32 metres,
     int64 classes) of this rank's training images, computed once and kept in host memory. The probe uses no
     augmentation, so every epoch can read them; train_probes recomputes them instead when they exceed --cache-gb
-    (VOC train_aug with a dilated ResNet-50 would need ~136 GB)."""
+    (VOC train_aug with a dilated ResNet-50 would need ~136 GB). `unreadable`: the indices of the skipped images."""
 
     def __init__(self, backbone, samples, batch_size, workers, precision, d):
-        self.features, self.labels, self.position, filled = None, None, {}, 0
+        self.features, self.labels, self.position, self.unreadable, filled = None, None, {}, set(), 0
         batches = loader(samples, batch_size, workers, d.device)
         for images, labels, indices in common.throughput_bar(batches, len(batches), d.is_main, desc="features"):
             f = frozen_features(backbone, images, d, precision).to("cpu", torch.float16)  # N x C x h x w
@@ -856,6 +872,7 @@ class FeatureCache:
                 self.labels = torch.empty(len(samples), *labels.shape[1:], dtype=labels.dtype)
             self.features[filled:filled + len(f)], self.labels[filled:filled + len(f)] = f, labels
             self.position.update({index: filled + i for i, index in enumerate(indices.tolist())})
+            self.unreadable |= unreadable(labels, indices)
             filled += len(f)
 
     def batch(self, images, dtype, device):
@@ -888,12 +905,18 @@ def epoch_steps(shards, per_rank, seeds):
     return steps
 
 
-def recomputed_batches(backbone, by_index, plan, workers, precision, d):
+def unreadable(labels, indices):
+    """The data set indices of a batch's unreadable classification images (int64 labels UNREADABLE)."""
+    return set(indices[labels == UNREADABLE].tolist()) if labels.dtype == torch.long else set()
+
+
+def recomputed_batches(backbone, by_index, plan, workers, precision, d, skipped):
     """The steps of `plan` (epoch_steps) as (features, labels, rows) on the device, the backbone run on every step's
-    images; `by_index` is a Samples whose item k is image k."""
+    images; `by_index` is a Samples whose item k is image k. Unreadable images are added to the set `skipped`."""
     batches = torch.utils.data.DataLoader(by_index, batch_sampler=[images for images, _ in plan],
                                           num_workers=workers, pin_memory=d.device.type == "cuda")
-    for (images, labels, _), (_, rows) in zip(batches, plan):
+    for (images, labels, indices), (_, rows) in zip(batches, plan):
+        skipped |= unreadable(labels, indices)
         yield frozen_features(backbone, images, d, precision), labels.to(d.device, non_blocking=True), rows
 
 
@@ -907,6 +930,8 @@ def feature_statistics(batches, trials, task, d):
             if r is None and None in parts:  # every trial takes the whole batch: count it once
                 continue
             f, l = (features, labels) if r is None else (features[r], labels[r])
+            if task == "classification":  # unreadable images (zeros) do not count
+                f = f[l != UNREADABLE]
             depth = l[(l > DEPTH_RANGE[0]) & (l < DEPTH_RANGE[1])] if task == "depth" else l[:0]
             n = f.shape[0] * f.shape[2] * f.shape[3]
             parts[r if r is None else t] = torch.cat([
@@ -944,7 +969,7 @@ def train_probes(backbone, train_set, subsets, args, d, log):
     --label-fraction 1, in their labelled subset. From the cache each trial also reads its own batch order (a cache
     look-up costs no backbone pass), so trial t is the run of --seed seed + t; recomputed features are shared, and
     so is the batch order (metrics.json: trials_differ_in). Returns (probes in eval mode, "cached" or
-    "recomputed")."""
+    "recomputed", the number of unreadable images skipped on this rank)."""
     task, trials = train_set.task, len(subsets)
     shape = input_shape(train_set, args.image_size)
     per_rank = max(1, args.batch_size // d.world_size)
@@ -956,6 +981,7 @@ def train_probes(backbone, train_set, subsets, args, d, log):
     cache_gb = len(samples) * (channels * h * w * 2 + label.numel() * label.element_size()) / 1e9  # fp16 + labels
     cached = cache_gb <= args.cache_gb
     cache = FeatureCache(backbone, samples, per_rank, args.workers, args.precision, d) if cached else None
+    skipped = cache.unreadable if cached else set()
     dtype = common.autocast_dtype(d.device, args.precision) or torch.float32
     by_index = Samples(train_set, range(len(train_set)), shape)  # item k is image k
 
@@ -965,7 +991,7 @@ def train_probes(backbone, train_set, subsets, args, d, log):
         plan = epoch_steps(shards, per_rank, seeds)[:limit]
         if cached:
             return ((*cache.batch(images, dtype, d.device), rows) for images, rows in plan)
-        return recomputed_batches(backbone, by_index, plan, args.workers, args.precision, d)
+        return recomputed_batches(backbone, by_index, plan, args.workers, args.precision, d, skipped)
 
     path = (f"cached ({cache_gb:.2f} GB on this rank)" if cached else
             f"recomputed each epoch (a cache would need {cache_gb:.1f} GB > --cache-gb {args.cache_gb})")
@@ -987,7 +1013,7 @@ def train_probes(backbone, train_set, subsets, args, d, log):
     scaler = common.grad_scaler(d.device, args.precision)
     fit(model, sgd(bank, args.lr, args.weight_decay), scaler, epoch_batches, steps, losses, args.epochs, args.lr,
         args.precision, d, log, "probe", list(range(trials)), desc=f"probe x{trials}")
-    return [head.eval() for head in bank.heads], ("cached" if cached else "recomputed")
+    return [head.eval() for head in bank.heads], ("cached" if cached else "recomputed"), len(skipped)
 
 
 # ---- training: fine-tuning ----
@@ -996,7 +1022,7 @@ def finetune_batches(samples, per_rank, workers, device, seed, epoch):
     samples.set_epoch(epoch)
     for images, labels, _ in loader(samples, per_rank, workers, device, shuffle_seed=seed * 1000 + epoch,
                                     drop_last=True):
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True), None
+        yield common.normalize(images, device), labels.to(device, non_blocking=True), None
 
 
 def train_finetune(weights, train_set, subset, trial, args, d, log):
@@ -1230,26 +1256,33 @@ def run(args):
               f"{len(val_set)} validation images, {shape[0]}x{shape[1]} inputs, {args.trials} trial(s) x "
               f"{args.epochs} epochs, {d.world_size} rank(s), device {d.device}")
 
-    train_seconds, feature_path = 0.0, None  # training time alone (no validation), for cost comparisons
+    train_seconds, feature_path, skipped = 0.0, None, 0  # training time alone (no validation), for cost comparisons
     if args.finetune:  # one trial at a time: train, then score
         per_trial = []
         for trial, subset in enumerate(subsets):
             t_train = time.time()
             net, description = train_finetune(args.weights, train_set, subset, trial, args, d, log)
             train_seconds += time.time() - t_train
-            per_trial += evaluate(lambda x: x, [net], val_loader, val_set.task, val_set.num_classes, d,
-                                  args.precision, desc=f"val {trial + 1}/{args.trials}", depth_crop=depth_crop)
+            per_trial += evaluate(lambda images: common.normalize(images, d.device), [net], val_loader,
+                                  val_set.task, val_set.num_classes, d, args.precision,
+                                  desc=f"val {trial + 1}/{args.trials}", depth_crop=depth_crop)
     else:  # every trial's probe at once, then one validation pass for all
         t_train = time.time()
         backbone = backbone.to(d.device).eval().requires_grad_(False)
         if d.is_main:
             print(f"features: {description}")
-        heads, feature_path = train_probes(backbone, train_set, subsets, args, d, log)
+        heads, feature_path, skipped = train_probes(backbone, train_set, subsets, args, d, log)
         train_seconds = time.time() - t_train
-        per_trial = evaluate(backbone, heads, val_loader, val_set.task, val_set.num_classes, d, args.precision,
-                             depth_crop=depth_crop)
+        per_trial = evaluate(lambda images: backbone(common.normalize(images, d.device)), heads, val_loader,
+                             val_set.task, val_set.num_classes, d, args.precision, depth_crop=depth_crop)
 
     result = build_result(args, val_set, description, shape, len(subsets[0]), per_trial, feature_path)
+    if val_set.task == "classification":
+        train_skipped = int(all_reduce_sum(torch.tensor([skipped], device=d.device)).item())
+        result["unreadable_images"] = dict(train=train_skipped, val=per_trial[0]["unreadable"])
+        if d.is_main and train_skipped + per_trial[0]["unreadable"]:
+            print(f"skipped {train_skipped} training and {per_trial[0]['unreadable']} validation images that "
+                  "could not be read (named in the warnings above)")
     result.update(train_seconds=round(train_seconds, 2), seconds=round(time.time() - t_start, 1))
     result = finite_or_none(result)
     log.write(event="end", **{k: v for k, v in result.items() if k != "per_trial"})

@@ -480,7 +480,7 @@ def train_tiny_probes(tmp_path, trials, fraction=1.0, **changes):
     subsets = [E.label_subset(len(train_set), fraction, args.seed + t) for t in range(trials)]
     backbone = CountingBackbone().requires_grad_(False)
     log = common.JsonLog(tmp_path / "l", False)
-    heads, path = E.train_probes(backbone, train_set, subsets, args, common.Dist(), log)
+    heads, path, _ = E.train_probes(backbone, train_set, subsets, args, common.Dist(), log)
     return heads, path, backbone.images
 
 
@@ -588,6 +588,20 @@ def test_labels_are_cached_as_uint8_and_counted_in_the_cache_budget(tmp_path):
     samples = E.Samples(E.SyntheticSegmentation(4, 32, seed=0), range(4), (32, 32))
     cache = E.FeatureCache(CountingBackbone(), samples, batch_size=4, workers=0, precision="fp32", d=common.Dist())
     assert cache.labels.dtype == torch.uint8 and cache.labels.shape == (4, 32, 32)
+
+
+def test_images_travel_as_uint8_and_are_normalised_on_the_device_as_before():
+    """Loader batches hold uint8 images (a quarter of float32's bytes over the bus); common.normalize on the device
+    gives what the ImageNet-normalised float tensor of the same resized image was."""
+    mean, std = torch.tensor(common.IMAGENET_MEAN)[:, None, None], torch.tensor(common.IMAGENET_STD)[:, None, None]
+    for source, shape in ((E.SyntheticSegmentation(2, 40, seed=0), (32, 32)),
+                          (E.SyntheticClassification(2, 40, seed=0), (32, 32))):
+        images, _, _ = next(iter(E.loader(E.Samples(source, [0, 1], shape), 2, 0, torch.device("cpu"))))
+        assert images.dtype == torch.uint8 and images.shape == (2, 3, 32, 32)
+        image = source.read(1)[0]
+        image = E.centre_crop(image, 32) if source.task == "classification" else image.resize((32, 32), Image.BILINEAR)
+        expected = (torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255 - mean) / std
+        assert torch.allclose(common.normalize(images, torch.device("cpu"))[1], expected, atol=1e-5)
 
 
 class CoordinateLabels:
@@ -773,9 +787,10 @@ def test_embedded_classification_label_is_the_class_of_the_largest_object():
         assert areas.max() >= 0.1 * 64 * 64 and np.all(classes[instances == largest] == cls + 1)
 
 
-def make_class_folder(root, per_class=(4, 2)):
+def make_class_folder(root, per_class=(4, 2), broken=False):
     """DIR/{train,val}/<class>/*.png: classes red, green, blue (plain colours with noise); one odd file that is no
-    image, which the reader must skip."""
+    image, which the reader must skip; with `broken`, one file in each split that is named as an image but cannot be
+    decoded (a truncated PNG in train, text in val). Returns the broken files."""
     rng = np.random.default_rng(0)
     for split, n in zip(("train", "val"), per_class):
         for c, colour in enumerate(((200, 30, 30), (30, 200, 30), (30, 30, 200))):
@@ -785,10 +800,20 @@ def make_class_folder(root, per_class=(4, 2)):
                 rgb = np.clip(np.array(colour) + rng.normal(0, 8, (40, 48, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(rgb).save(os.path.join(folder, f"{i}.png"))
     open(os.path.join(root, "train", "class_0", "notes.txt"), "w").close()
+    if not broken:
+        return []
+    paths = [os.path.join(root, "train", "class_1", "x_truncated.png"), os.path.join(root, "val", "class_2", "x.jpg")]
+    with open(os.path.join(root, "train", "class_1", "0.png"), "rb") as f:
+        whole = f.read()
+    with open(paths[0], "wb") as f:
+        f.write(whole[:len(whole) // 2])
+    with open(paths[1], "w") as f:
+        f.write("not a JPEG")
+    return paths
 
 
-def test_imagefolder_classification_runs_end_to_end(tmp_path, run_script):
-    make_class_folder(str(tmp_path / "data"))
+def test_imagefolder_classification_runs_end_to_end_skipping_unreadable_images_by_name(tmp_path, run_script):
+    broken = make_class_folder(str(tmp_path / "data"), broken=True)
     out = tmp_path / "run"
     r = run_script("evaluate_linear.py", "--dataset", "imagefolder", "--data", tmp_path / "data", "--weights",
                    colour_keeping_weights(tmp_path / "r18.pth"), "--image-size", "32", "--epochs", "30",
@@ -797,7 +822,10 @@ def test_imagefolder_classification_runs_end_to_end(tmp_path, run_script):
     assert r.returncode == 0, r.stderr
     result = metrics(out)
     assert last_json_line(r.stdout) == result
-    assert result["task"] == "classification" and result["train_images"] == 12 and result["val_images"] == 6
+    assert result["task"] == "classification" and result["train_images"] == 13 and result["val_images"] == 7
+    warnings = r.stderr.split("warning: skipping unreadable image ")[1:]  # the progress bars share stderr's lines
+    assert len(warnings) == 2 and all(any(w.startswith(path) for w in warnings) for path in broken), r.stderr
+    assert "Traceback" not in r.stderr and result["unreadable_images"] == {"train": 1, "val": 1}
     assert result["classes"] == 3 and result["top5_k"] == 3 and len(result["per_trial"]) == 2
     assert result["mean"]["top1"] > 0.9 and result["mean"]["top5"] == 1.0
     assert set(result["std"]) == {"top1", "top5"}
