@@ -5,6 +5,8 @@ The frozen-feature protocol (VADeR §4.1, Table 1) trains only a 1x1 convolution
 cross-entropy for semantic segmentation (PASCAL VOC 2012, Cityscapes), L1 for depth (NYU-depth v2). Fine-tuning
 (§4.2, Figure 4) trains the whole ResNet + FPN + head on 2..100% of the labels. Pooled classification (asked for by
 the reviews) trains a linear classifier on the same features averaged over the image. Each repeats --trials times.
+Correspondence accuracy measures what VADeR's Eq. 2 trains, with no training: on two views of an image, is the
+view-2 cell most similar to a view-1 cell the one that sees the same point?
 Paper: P. O. Pinheiro et al., "Unsupervised Learning of Dense Visual Representations", NeurIPS 2020.
 
 Usage
@@ -17,6 +19,8 @@ Usage
     torchrun --nproc_per_node=4 evaluate_linear.py --weights vader.pth --dataset voc --data ... \\
         --finetune --label-fraction 0.05                                      # Figure 4, one node
     python evaluate_linear.py --weights vader.pth --dataset imagefolder --data /data/imagenet   # pooled top-1/top-5
+    python evaluate_linear.py --dataset correspondence --weights runs/vader-demo/checkpoint.pth    # 64 px views
+    python evaluate_linear.py --dataset correspondence --data /data/imagenet --weights vader.pth  # 224 px views
     python evaluate_linear.py --weights vader.pth --export-detectron2 vader_r50.pkl      # see export_detectron2
     python evaluate_linear.py --weights vader.pth --export-torchvision vader_r50.pth   # torchvision's ResNet keys
 --batch-size is global (split over ranks). Results: a table, then one JSON line on stdout and <output-dir>/metrics.json.
@@ -41,6 +45,7 @@ Protocol step -> the name that computes it
     training                                      train_probes, train_finetune
     mIoU, depth errors, top-1/top-5               segmentation_scores, depth_image_errors, topk_correct, evaluate
     mean and std over the trials                  summarise
+    correspondence accuracy (top1, within_one)    CorrespondencePairs, match_scores, correspondence_scores
     Detectron2 and torchvision export             to_detectron2, export_detectron2, export_torchvision
 Each choice the paper leaves open is in the docstring of the code it concerns; the NYU-depth v2 preparation is
 in the notes at the end of this file.
@@ -59,7 +64,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
-from vader import VADeRNet
+from vader import PairedViews, VADeRNet
 
 IGNORE = 255
 UNREADABLE = -100  # the label of an unreadable classification image: F.cross_entropy's ignore_index, never scored
@@ -72,6 +77,10 @@ EIGEN_CROP = (45, 471, 41, 601)  # rows y0:y1, columns x0:x1 of NYU's 480 x 640 
 DEMO_PRESET = dict(  # used when --data is not given: random-init ResNet-18 on the embedded synthetic set, ~2 min CPU
     arch="resnet18", image_size=96, batch_size=16, epochs=10, synthetic_train=256, synthetic_val=64, workers=0,
     output_dir="runs/evaluate-demo",
+)
+CORRESPONDENCE_DEMO_PRESET = dict(  # --dataset correspondence without --data: vader.py's demo views (64 px, 16 x 16)
+    arch="resnet18", image_size=64, batch_size=32, synthetic_val=256, workers=0,
+    output_dir="runs/evaluate-correspondence-demo",
 )
 CLASSIFICATION_DEMO_PRESET = dict(  # --dataset imagefolder without --data: the embedded classification set, ~2 min CPU
     arch="resnet18", image_size=96, batch_size=32, epochs=30, synthetic_train=256, synthetic_val=128, workers=0,
@@ -88,7 +97,7 @@ def get_parser():
     p.add_argument("--arch", default="resnet50", help="ResNet depth for 'random' (checkpoints carry or reveal theirs)")
     p.add_argument("--layer", default="res5", choices=list(common.BASELINE_LAYERS),
                    help="where ResNet weights are read: res5 = C5 dilated to 1/4 (§4.1), res4 = C4 at 1/8 (CRW's)")
-    p.add_argument("--dataset", default=None, choices=["voc", "cityscapes", "nyu", "imagefolder"],
+    p.add_argument("--dataset", default=None, choices=["voc", "cityscapes", "nyu", "imagefolder", "correspondence"],
                    help="layout of --data; without --data: the embedded segmentation (imagefolder: classification) set")
     p.add_argument("--data", default=None, help="data set root; omit it for an embedded set and its demo preset")
     p.add_argument("--train-split", default="auto",
@@ -117,7 +126,8 @@ def get_parser():
                    help="seed of trial 0 (probe initialisation, label subset) and of the shared batch order")
     p.add_argument("--precision", default="auto", choices=common.PRECISIONS, help=common.PRECISION_HELP)
     p.add_argument("--synthetic-train", type=int, default=1000, help="training images of an embedded set (no --data)")
-    p.add_argument("--synthetic-val", type=int, default=200, help="validation images of an embedded set (no --data)")
+    p.add_argument("--synthetic-val", type=int, default=200,
+                   help="validation images of an embedded set (no --data); correspondence: its view pairs")
     p.add_argument("--export-detectron2", default=None, metavar="OUT.pkl",
                    help="write the ResNet of --weights as a Detectron2 checkpoint and exit")
     p.add_argument("--export-torchvision", default=None, metavar="OUT.pth",
@@ -133,12 +143,13 @@ def check_paths(args):
         raise common.UserError(f"--weights {args.weights}: no such file; pass a vader.py/clove.py checkpoint, an "
                                "official MoCo checkpoint, a torchvision ResNet state dict, or 'random'")
     if args.data is not None and args.dataset is None:
-        raise common.UserError("--data given without --dataset; pass --dataset voc, cityscapes, nyu or imagefolder")
+        raise common.UserError("--data given without --dataset; pass --dataset voc, cityscapes, nyu, imagefolder or "
+                               "correspondence")
     if args.data is not None and not os.path.isdir(args.data):
         raise common.UserError(f"--data {args.data}: no such folder")
     if args.export_detectron2 and args.export_torchvision:
         raise common.UserError("--export-detectron2 and --export-torchvision: pass one (one export a run)")
-    if args.data is None and args.dataset not in (None, "imagefolder"):
+    if args.data is None and args.dataset not in (None, "imagefolder", "correspondence"):
         raise common.UserError(f"--dataset {args.dataset} needs --data (the data set's root folder)")
 
 
@@ -150,7 +161,8 @@ def fill_defaults(parser, args, argv):
     classification = args.dataset == "imagefolder"
     preset = {}
     if args.data is None:
-        preset = common.apply_preset(parser, args, CLASSIFICATION_DEMO_PRESET if classification else DEMO_PRESET, argv)
+        presets = dict(imagefolder=CLASSIFICATION_DEMO_PRESET, correspondence=CORRESPONDENCE_DEMO_PRESET)
+        preset = common.apply_preset(parser, args, presets.get(args.dataset, DEMO_PRESET), argv)
     depth = args.dataset == "nyu"  # L1 on metres: the probe's gradients do not shrink as it fits, so a lower lr
     defaults = (dict(epochs=30, lr=0.01) if args.finetune else
                 dict(epochs=100 if classification else 20, lr=0.01 if depth else 0.1))
@@ -182,6 +194,8 @@ def check_args(args, world_size):
     if args.finetune and args.layer != "res5":
         raise common.UserError(f"--layer {args.layer}: fine-tuning trains the whole VADeRNet (§4.2); --layer "
                                "chooses the frozen features of a probe")
+    if args.finetune and args.dataset == "correspondence":
+        raise common.UserError("--finetune with --dataset correspondence: correspondence accuracy trains nothing")
     if args.finetune and args.dataset == "imagefolder":
         raise common.UserError("--finetune trains the dense network (§4.2); imagefolder classification is a "
                                "frozen-feature probe only")
@@ -382,6 +396,15 @@ class SyntheticClassification:
         return image, label
 
 
+UNREADABLE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, SyntaxError)  # what common.load_image raises
+
+
+def warn_unreadable(path, error):
+    """One line on stderr naming a file that is skipped because it cannot be decoded."""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    common.warn(f"skipping unreadable image {path}: {reason}")
+
+
 class ImageFolderClasses:
     """ImageNet's layout: DIR/<split>/<class>/<image>; a class is a sub-folder, classes are numbered in sorted order
     of the training split's folders, and the validation split must use the same names. The files' headers are not
@@ -418,8 +441,8 @@ class ImageFolderClasses:
         path, label = self.items[index]
         try:
             return common.load_image(path), label
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-            common.warn(f"skipping unreadable image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        except UNREADABLE_ERRORS as e:
+            warn_unreadable(path, e)
             return None, UNREADABLE
 
 
@@ -1061,6 +1084,132 @@ def train_finetune(weights, train_set, subset, trial, args, d, log):
     return net.eval(), description
 
 
+# ---- correspondence accuracy ----
+EMBEDDED_IMAGE_SIZE = 160  # the embedded dead leaves of vader.py's demo (common.ViewDataset), from which views are cut
+CORRESPONDENCE_MATCHES = 32  # matched view-1 cells per pair: vader.py's --num-matches
+
+
+class CorrespondencePairs(torch.utils.data.Dataset):
+    """Item i: (view1, view2, matches) of image i as vader.py trains on them: `views` (a vader.PairedViews) cuts
+    the two crops with flips and colour ops and gives the matches, M x 4 = view-1 cell, view-2 cell, x, y on the
+    (S/4)^2 grids. Each pair is drawn from (seed, i), so every --weights sees the same pairs. The images are `files`,
+    or embedded dead leaves (`leaves`, from index `first`); an unreadable file is skipped by name (None)."""
+
+    def __init__(self, views, seed, files=None, leaves=None, length=0, first=0):
+        self.views, self.seed, self.files, self.leaves, self.first = views, seed, files, leaves, first
+        self.length = len(files) if files else length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        if not self.files:
+            return self.views(self.leaves.image(self.first + i)[0], common.sample_rng(self.seed, 0, i))
+        try:
+            image = common.load_image(self.files[i])
+        except UNREADABLE_ERRORS as e:
+            warn_unreadable(self.files[i], e)
+            return None
+        return self.views(image, common.sample_rng(self.seed, 0, i))
+
+
+def collate_pairs(batch):
+    """(view1s, view2s, matches, number skipped) of the readable items of a batch (None when there is none)."""
+    items = [b for b in batch if b is not None]
+    stacked = [torch.stack(parts) for parts in zip(*items)] if items else [None] * 3
+    return (*stacked, len(batch) - len(items))
+
+
+def correspondence_pairs(args):
+    """The pairs of --dataset correspondence: the embedded validation dead leaves (as the probe's: index 10^6 on),
+    or the images of --data (DIR/val when it exists, else every image below DIR)."""
+    views = PairedViews(args.image_size, CORRESPONDENCE_MATCHES)
+    if args.data is None:
+        leaves = common.DeadLeaves(size=EMBEDDED_IMAGE_SIZE, seed=args.seed)
+        return CorrespondencePairs(views, args.seed, leaves=leaves, length=args.synthetic_val, first=10**6)
+    val = os.path.join(args.data, "val")
+    return CorrespondencePairs(views, args.seed, files=common.list_images(val if os.path.isdir(val) else args.data))
+
+
+def match_scores(f1, f2, matches):
+    """For each matched view-1 cell: is the view-2 cell most similar to it (cosine), among ALL cells of view 2, its
+    match (top1), and within one cell of it (Chebyshev distance <= 1 on the grid: within_one)? argmax takes the
+    first of tied cells, so a constant feature map scores chance (about 1 / G^2), not 1.
+    f1, f2: N x C x G x G features of the two views; matches: N x M x 4 (PairedViews). Returns two N x M bools."""
+    grid = f2.shape[-1]
+    q = F.normalize(f1.float().flatten(2), dim=1)  # N x C x G^2
+    k = F.normalize(f2.float().flatten(2), dim=1)  # N x C x G^2
+    q = q.gather(2, matches[:, None, :, 0].expand(-1, q.shape[1], -1))  # N x C x M: the matched view-1 cells
+    best = torch.bmm(q.transpose(1, 2), k).argmax(2)  # N x M: the most similar view-2 cell
+    true = matches[:, :, 1]  # N x M
+    distance = torch.maximum((best // grid - true // grid).abs(), (best % grid - true % grid).abs())
+    return best == true, distance <= 1
+
+
+def within_one_chance(cells, grid):
+    """What a uniformly random view-2 cell scores on within_one: the share of the grid within one cell of each true
+    cell (4 / G^2 in a corner, 9 / G^2 inside)."""
+    r, c = cells // grid, cells % grid
+    rows = (r + 1).clamp(max=grid - 1) - (r - 1).clamp(min=0) + 1
+    cols = (c + 1).clamp(max=grid - 1) - (c - 1).clamp(min=0) + 1
+    return (rows * cols).double() / grid ** 2
+
+
+@torch.no_grad()
+def correspondence_scores(model, loader, grid, d, precision):
+    """top1 and within_one (fractions of the matched view-1 cells) with their chance levels, summed over ranks;
+    `model` maps normalised N x 3 x S x S views to N x C x G x G features, G = `grid` (a one-line error if not)."""
+    sums = torch.zeros(5, dtype=torch.float64)  # top1 hits, within-one hits, queries, within-one chance, skipped
+    for view1, view2, matches, skipped in common.throughput_bar(loader, len(loader), d.is_main, desc="pairs"):
+        sums[4] += skipped
+        if view1 is None:
+            continue
+        with common.autocast(d.device, precision):
+            f1, f2 = model(common.normalize(torch.cat([view1, view2]), d.device)).chunk(2)  # N x C x h x w each
+        if tuple(f1.shape[-2:]) != (grid, grid):
+            raise common.UserError(f"features at {f1.shape[-2]}x{f1.shape[-1]} for {view1.shape[-1]} px views, not "
+                                   f"the {grid}x{grid} grid of the matches (1/4): correspondence needs features at "
+                                   "1/4 (--layer res5)")
+        top1, within = match_scores(f1, f2, matches.to(d.device))
+        sums[:4] += torch.tensor([top1.sum().item(), within.sum().item(), top1.numel(),
+                                  within_one_chance(matches[:, :, 1], grid).sum().item()], dtype=torch.float64)
+    sums = all_reduce_sum(sums.to(d.device)).cpu().tolist()
+    queries = max(sums[2], 1.0)
+    return dict(top1=sums[0] / queries, within_one=sums[1] / queries, queries=int(sums[2]),
+                chance=dict(top1=1 / grid ** 2, within_one=sums[3] / queries), unreadable=int(sums[4]))
+
+
+def correspondence(args):
+    """--dataset correspondence: the frozen features of --weights on view pairs (correspondence_pairs), scored by
+    correspondence_scores; one JSON line and metrics.json. The grid is S/4 (S = --image-size: 64 for the embedded
+    demo views, 224 for ImageNet's); a VADeR checkpoint gives its decoder output, other weights the dilated C5."""
+    d = common.init_distributed()
+    t_start = time.time()
+    common.seed_all(args.seed)
+    model, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet}, args.layer)
+    model = model.to(d.device).eval().requires_grad_(False)
+    pairs = correspondence_pairs(args)
+    mine = torch.utils.data.Subset(pairs, range(d.rank, len(pairs), d.world_size))
+    loader = torch.utils.data.DataLoader(mine, batch_size=max(1, args.batch_size // d.world_size),
+                                         num_workers=args.workers, collate_fn=collate_pairs,
+                                         pin_memory=d.device.type == "cuda")
+    grid = args.image_size // 4
+    if d.is_main:
+        print(f"correspondence on {args.data or 'synthetic'}: {len(pairs)} view pairs of {args.image_size} px "
+              f"({grid}x{grid} cells, {CORRESPONDENCE_MATCHES} matched cells each), features: {description}")
+    scores = correspondence_scores(model, loader, grid, d, args.precision)
+    result = dict(mode="correspondence", dataset=args.data or "synthetic", weights=args.weights, model=description,
+                  image_size=args.image_size, grid=grid, pairs=len(pairs) - scores["unreadable"], **scores,
+                  seconds=round(time.time() - t_start, 1))
+    if d.is_main:
+        print(f"top1 {result['top1']:.4f} (chance {result['chance']['top1']:.4f}), within one cell "
+              f"{result['within_one']:.4f} (chance {result['chance']['within_one']:.4f})")
+        os.makedirs(args.output_dir, exist_ok=True)
+        common.print_result(result, os.path.join(args.output_dir, "metrics.json"))
+    common.finish_distributed()
+    return result
+
+
 # ---- export ----
 def to_detectron2(resnet_state):
     """Rename torchvision ResNet keys to Detectron2's (as MoCo's and CLoVE's converters do), as numpy arrays:
@@ -1318,11 +1467,13 @@ def main(argv=None):
         except OSError as e:
             raise common.UserError(f"--output-dir {args.output_dir}: cannot create it ({e.strerror})") from None
     if args.data is None and int(os.environ.get("RANK", 0)) == 0:  # after the checks: a bad flag prints nothing
-        kind = "classification" if args.dataset == "imagefolder" else "segmentation"
+        kind = dict(imagefolder="classification", correspondence="dead-leaves").get(args.dataset, "segmentation")
         print(f"no --data: the embedded {kind} set and the CPU demo preset "
               + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items()), flush=True)
     if args.feature_picture:
         return write_feature_picture(args)
+    if args.dataset == "correspondence":
+        return correspondence(args)
     run(args)
 
 

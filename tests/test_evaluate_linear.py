@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
@@ -837,3 +838,88 @@ def test_embedded_classification_set_runs_without_data(tmp_path):
             "--epochs", "1", "--batch-size", "6", "--trials", "1", "--output-dir", str(out)])
     result = metrics(out)
     assert result["dataset"] == "synthetic-objects" and result["classes"] == 6 and result["val_images"] == 6
+
+
+# ---- correspondence accuracy ----
+class CoordinateFeatures(torch.nn.Module):
+    """A 'model' whose features are the original-image position each cell sees: the test images' red and green
+    channels are their pixels' x and y, pooled to the 1/4 grid and encoded as (cos, sin) of a low frequency per
+    axis, so the cosine similarity of two cells, (cos w dx + cos w dy) / 2, falls with the distance along each axis."""
+
+    def forward(self, x):  # x: N x 3 x S x S, ImageNet-normalised
+        mean, std = torch.tensor(common.IMAGENET_MEAN), torch.tensor(common.IMAGENET_STD)
+        pixels = (x * std[:, None, None] + mean[:, None, None]) * 255  # back to the 0..255 values
+        xy = F.avg_pool2d(pixels[:, :2], 4)  # N x 2 x S/4 x S/4: the mean position each cell sees
+        w = math.pi / 512
+        return torch.cat([torch.cos(w * xy), torch.sin(w * xy)], 1)
+
+
+class ConstantFeatures(torch.nn.Module):
+    def forward(self, x):
+        return torch.ones(len(x), 8, x.shape[-2] // 4, x.shape[-1] // 4)
+
+
+def coordinate_image(path, size):
+    """An image whose pixel (x, y) has red x and green y."""
+    y, x = np.mgrid[0:size, 0:size]
+    Image.fromarray(np.stack([x, y, np.zeros_like(x)], -1).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def score_pairs(model, pairs):
+    loader = torch.utils.data.DataLoader(pairs, batch_size=4, collate_fn=E.collate_pairs)
+    return E.correspondence_scores(model, loader, 16, common.Dist(), "fp32")
+
+
+def test_a_feature_map_of_its_own_coordinates_scores_100_percent_and_a_constant_one_chance(tmp_path):
+    """Views of the whole 64 px image (flipped or not, no colour ops) have coinciding grids: the cell that sees the
+    same position is the true match. Constant features tie everywhere; argmax takes view 2's first cell, so top1 is
+    the share of matches that are cell 0 (about 1 / 256), and within_one the share within one cell of it."""
+    files = [coordinate_image(tmp_path / "xy.png", 64)] * 12
+    views = E.PairedViews(64, 32, scale=(1.0, 1.0), color=False)
+    pairs = E.CorrespondencePairs(views, seed=0, files=files)
+    scores = score_pairs(CoordinateFeatures(), pairs)
+    assert scores["top1"] == 1.0 and scores["within_one"] == 1.0 and scores["queries"] == 12 * 32
+    flips = [bool((pairs[i][2][:, 0] != pairs[i][2][:, 1]).any()) for i in range(12)]
+    assert any(flips) and not all(flips)  # both mirrored and unmirrored pairs occur
+    true = torch.cat([pairs[i][2][:, 1] for i in range(12)]).tolist()
+    constant = score_pairs(ConstantFeatures(), pairs)
+    assert constant["top1"] == sum(c == 0 for c in true) / len(true)
+    assert constant["within_one"] == sum(c // 16 <= 1 and c % 16 <= 1 for c in true) / len(true)
+    assert constant["chance"]["top1"] == 1 / 256
+    neighbours = [sum(max(abs(c // 16 - r), abs(c % 16 - k)) <= 1 for r in range(16) for k in range(16)) for c in true]
+    assert constant["chance"]["within_one"] == pytest.approx(sum(neighbours) / 256 / len(true))
+
+
+def test_coordinate_features_find_their_match_within_one_cell_under_random_crops(tmp_path):
+    """Training's crops (20-100% of the area, any aspect in 3/4..4/3): a view-2 cell whose centre is nearest the
+    view-1 cell's centre is its match or a neighbour (ties at cell borders and uint8 rounding decide which)."""
+    pairs = E.CorrespondencePairs(E.PairedViews(64, 32, color=False), seed=0,
+                                  files=[coordinate_image(tmp_path / "xy.png", 160)] * 12)
+    scores = score_pairs(CoordinateFeatures(), pairs)
+    assert scores["within_one"] == 1.0 and scores["top1"] > 0.9  # 0.95 at seeds 0-2 on 50 pairs
+
+
+def test_correspondence_runs_for_any_weights_on_embedded_images_and_on_a_folder(tmp_path, capsys):
+    paths, _, _ = save_weights(tmp_path)
+    for weights in ("random", paths["vader"]):
+        E.main(["--dataset", "correspondence", "--weights", weights, "--synthetic-val", "4", "--batch-size", "4",
+                "--output-dir", str(tmp_path / "run")])
+        result = last_json_line(capsys.readouterr().out)
+        assert result == metrics(tmp_path / "run") and result["grid"] == 16 and result["queries"] == 4 * 32
+        assert 0 <= result["top1"] <= result["within_one"] <= 1 and set(result["chance"]) == {"top1", "within_one"}
+    os.makedirs(tmp_path / "photos" / "val" / "a")
+    for i in range(3):
+        coordinate_image(tmp_path / "photos" / "val" / "a" / f"{i}.png", 80)
+    with open(tmp_path / "photos" / "val" / "a" / "broken.jpg", "w") as f:
+        f.write("not a JPEG")
+    E.main(["--dataset", "correspondence", "--data", str(tmp_path / "photos"), "--arch", "resnet18",
+            "--image-size", "32", "--batch-size", "2", "--workers", "0", "--output-dir", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    result = last_json_line(captured.out)
+    assert result["pairs"] == 3 and result["unreadable"] == 1 and result["grid"] == 8
+    assert captured.err.count("skipping unreadable image") == 1 and "broken.jpg" in captured.err
+    with pytest.raises(common.UserError, match="not the 16x16 grid") as error:
+        E.main(["--dataset", "correspondence", "--layer", "res4", "--synthetic-val", "2", "--output-dir",
+                str(tmp_path / "run")])
+    assert "\n" not in str(error.value)
