@@ -78,7 +78,7 @@ DEMO_PRESET = dict(  # used when --data is not given: random-init ResNet-18 on t
     arch="resnet18", image_size=96, batch_size=16, epochs=10, synthetic_train=256, synthetic_val=64, workers=0,
     output_dir="runs/evaluate-demo",
 )
-CORRESPONDENCE_DEMO_PRESET = dict(  # --dataset correspondence without --data: vader.py's demo views (64 px, 16 x 16)
+CORRESPONDENCE_DEMO_PRESET = dict(  # --dataset correspondence without --data: vader.py's demo views (64 px), ~1 min
     arch="resnet18", image_size=64, batch_size=32, synthetic_val=256, workers=0,
     output_dir="runs/evaluate-correspondence-demo",
 )
@@ -89,8 +89,8 @@ CLASSIFICATION_DEMO_PRESET = dict(  # --dataset imagefolder without --data: the 
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Frozen-feature linear probes (VADeR §4.1), low-label fine-tuning (§4.2) "
-                                "and Detectron2 export.", allow_abbrev=False,
+    p = argparse.ArgumentParser(description="Frozen-feature linear probes (VADeR §4.1), low-label fine-tuning (§4.2), "
+                                "correspondence accuracy, Detectron2 and torchvision export.", allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", default="random",
                    help="vader.py/clove.py checkpoint, MoCo checkpoint, torchvision ResNet state dict, or 'random'")
@@ -98,7 +98,7 @@ def get_parser():
     p.add_argument("--layer", default="res5", choices=list(common.BASELINE_LAYERS),
                    help="where ResNet weights are read: res5 = C5 dilated to 1/4 (§4.1), res4 = C4 at 1/8 (CRW's)")
     p.add_argument("--dataset", default=None, choices=["voc", "cityscapes", "nyu", "imagefolder", "correspondence"],
-                   help="layout of --data; without --data: the embedded segmentation (imagefolder: classification) set")
+                   help="layout of --data (correspondence: any image folder); without --data: an embedded set")
     p.add_argument("--data", default=None, help="data set root; omit it for an embedded set and its demo preset")
     p.add_argument("--train-split", default="auto",
                    help="VOC training list: auto (train_aug when its list exists, else train), train_aug or train")
@@ -116,14 +116,16 @@ def get_parser():
                    help="peak SGD learning rate (default: 0.1 probe, 0.01 depth probe and fine-tuning)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     p.add_argument("--image-size", type=int, default=None,
-                   help="input rows, a multiple of 32 (default: 224, Cityscapes 256); columns follow the aspect")
+                   help="input rows, a multiple of 32 (default: 224, Cityscapes 256); columns follow the aspect; "
+                   "correspondence: the view size")
     p.add_argument("--cache-gb", type=float, default=16.0,
                    help="cache the frozen training features and labels (per rank) when they fit in this many GB")
     p.add_argument("--depth-crop", default="eigen", choices=["eigen", "none"],
                    help="NYU-depth v2 scoring region: the Eigen crop or every pixel")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per rank (0: in the main process)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of trial 0 (probe initialisation, label subset) and of the shared batch order")
+                   help="seed of trial 0 (probe initialisation, label subset, batch order; trial t: seed + t) and "
+                   "of the correspondence view pairs")
     p.add_argument("--precision", default="auto", choices=common.PRECISIONS, help=common.PRECISION_HELP)
     p.add_argument("--synthetic-train", type=int, default=1000, help="training images of an embedded set (no --data)")
     p.add_argument("--synthetic-val", type=int, default=200,
@@ -1158,18 +1160,14 @@ def within_one_chance(cells, grid):
 @torch.no_grad()
 def correspondence_scores(model, loader, grid, d, precision):
     """top1 and within_one (fractions of the matched view-1 cells) with their chance levels, summed over ranks;
-    `model` maps normalised N x 3 x S x S views to N x C x G x G features, G = `grid` (a one-line error if not)."""
+    `model` maps normalised N x 3 x S x S views to N x C x G x G features, G = `grid`."""
     sums = torch.zeros(5, dtype=torch.float64)  # top1 hits, within-one hits, queries, within-one chance, skipped
     for view1, view2, matches, skipped in common.throughput_bar(loader, len(loader), d.is_main, desc="pairs"):
         sums[4] += skipped
         if view1 is None:
             continue
         with common.autocast(d.device, precision):
-            f1, f2 = model(common.normalize(torch.cat([view1, view2]), d.device)).chunk(2)  # N x C x h x w each
-        if tuple(f1.shape[-2:]) != (grid, grid):
-            raise common.UserError(f"features at {f1.shape[-2]}x{f1.shape[-1]} for {view1.shape[-1]} px views, not "
-                                   f"the {grid}x{grid} grid of the matches (1/4): correspondence needs features at "
-                                   "1/4 (--layer res5)")
+            f1, f2 = model(common.normalize(torch.cat([view1, view2]), d.device)).chunk(2)  # N x C x G x G each
         top1, within = match_scores(f1, f2, matches.to(d.device))
         sums[:4] += torch.tensor([top1.sum().item(), within.sum().item(), top1.numel(),
                                   within_one_chance(matches[:, :, 1], grid).sum().item()], dtype=torch.float64)
@@ -1188,12 +1186,18 @@ def correspondence(args):
     common.seed_all(args.seed)
     model, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet}, args.layer)
     model = model.to(d.device).eval().requires_grad_(False)
+    grid = args.image_size // 4
+    with torch.no_grad():
+        h, w = model(common.normalize(torch.zeros(1, 3, args.image_size, args.image_size), d.device)).shape[-2:]
+    if (h, w) != (grid, grid):
+        raise common.UserError(f"--weights {args.weights} --layer {args.layer}: features at {h}x{w} for "
+                               f"{args.image_size} px views, not the {grid}x{grid} grid of the matches (1/4); "
+                               "correspondence needs features at 1/4 (--layer res5 or a VADeR checkpoint)")
     pairs = correspondence_pairs(args)
     mine = torch.utils.data.Subset(pairs, range(d.rank, len(pairs), d.world_size))
     loader = torch.utils.data.DataLoader(mine, batch_size=max(1, args.batch_size // d.world_size),
                                          num_workers=args.workers, collate_fn=collate_pairs,
                                          pin_memory=d.device.type == "cuda")
-    grid = args.image_size // 4
     if d.is_main:
         print(f"correspondence on {args.data or 'synthetic'}: {len(pairs)} view pairs of {args.image_size} px "
               f"({grid}x{grid} cells, {CORRESPONDENCE_MATCHES} matched cells each), features: {description}")
@@ -1204,7 +1208,6 @@ def correspondence(args):
     if d.is_main:
         print(f"top1 {result['top1']:.4f} (chance {result['chance']['top1']:.4f}), within one cell "
               f"{result['within_one']:.4f} (chance {result['chance']['within_one']:.4f})")
-        os.makedirs(args.output_dir, exist_ok=True)
         common.print_result(result, os.path.join(args.output_dir, "metrics.json"))
     common.finish_distributed()
     return result
