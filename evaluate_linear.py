@@ -89,9 +89,9 @@ CLASSIFICATION_DEMO_PRESET = dict(  # --dataset imagefolder without --data: the 
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Frozen-feature linear probes (VADeR §4.1), low-label fine-tuning (§4.2), "
-                                "correspondence accuracy, Detectron2 and torchvision export.", allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Frozen-feature linear probes (VADeR §4.1), low-label fine-tuning "
+                                "(§4.2), correspondence accuracy, Detectron2 and torchvision export.",
+                                allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", default="random",
                    help="vader.py/clove.py checkpoint, MoCo checkpoint, torchvision ResNet state dict, or 'random'")
     p.add_argument("--arch", default="resnet50", help="ResNet depth for 'random' (checkpoints carry or reveal theirs)")
