@@ -196,6 +196,9 @@ def check_args(args, world_size):
     if args.finetune and args.layer != "res5":
         raise common.UserError(f"--layer {args.layer}: fine-tuning trains the whole VADeRNet (§4.2); --layer "
                                "chooses the frozen features of a probe")
+    if args.dataset == "correspondence" and args.layer != "res5":
+        raise common.UserError(f"--layer {args.layer} is at 1/8; correspondence compares cells of the S/4 grid of "
+                               "the matches: use --layer res5")
     if args.finetune and args.dataset == "correspondence":
         raise common.UserError("--finetune with --dataset correspondence: correspondence accuracy trains nothing")
     if args.finetune and args.dataset == "imagefolder":

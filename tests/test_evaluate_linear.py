@@ -919,7 +919,15 @@ def test_correspondence_runs_for_any_weights_on_embedded_images_and_on_a_folder(
     result = last_json_line(captured.out)
     assert result["pairs"] == 3 and result["unreadable"] == 1 and result["grid"] == 8
     assert captured.err.count("skipping unreadable image") == 1 and "broken.jpg" in captured.err
-    with pytest.raises(common.UserError, match="not the 16x16 grid") as error:
-        E.main(["--dataset", "correspondence", "--layer", "res4", "--synthetic-val", "2", "--output-dir",
-                str(tmp_path / "run")])
+    with pytest.raises(common.UserError, match="--layer res4 is at 1/8") as error:
+        E.main(["--dataset", "correspondence", "--layer", "res4", "--output-dir", str(tmp_path / "run")])
+    assert "\n" not in str(error.value) and capsys.readouterr().out == ""
+
+
+def test_features_off_the_grid_of_the_matches_are_a_one_line_error(tmp_path, monkeypatch):
+    """A model whose output is not at 1/4 (here C4 at 1/8, read through --layer res5's slot) cannot be scored on
+    the matches' grid: one line naming the sizes, before any pair is read."""
+    monkeypatch.setitem(common.BASELINE_LAYERS, "res5", common.Res4ResNet)
+    with pytest.raises(common.UserError, match="features at 8x8 for 64 px views, not the 16x16 grid") as error:
+        E.main(["--dataset", "correspondence", "--output-dir", str(tmp_path / "run")])
     assert "\n" not in str(error.value)
