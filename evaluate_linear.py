@@ -1,10 +1,12 @@
 """Transfer evaluation of dense representations: frozen-feature linear probes, low-label fine-tuning, pooled
-classification, Detectron2 export.
+classification, correspondence accuracy, Detectron2 and torchvision export.
 
 The frozen-feature protocol (VADeR §4.1, Table 1) trains only a 1x1 convolution on fixed per-pixel features:
 cross-entropy for semantic segmentation (PASCAL VOC 2012, Cityscapes), L1 for depth (NYU-depth v2). Fine-tuning
 (§4.2, Figure 4) trains the whole ResNet + FPN + head on 2..100% of the labels. Pooled classification (asked for by
 the reviews) trains a linear classifier on the same features averaged over the image. Each repeats --trials times.
+Correspondence accuracy measures what VADeR's Eq. 2 trains, with no training: on two views of an image, is the
+view-2 cell most similar to a view-1 cell the one that sees the same point?
 Paper: P. O. Pinheiro et al., "Unsupervised Learning of Dense Visual Representations", NeurIPS 2020.
 
 Usage
@@ -17,15 +19,20 @@ Usage
     torchrun --nproc_per_node=4 evaluate_linear.py --weights vader.pth --dataset voc --data ... \\
         --finetune --label-fraction 0.05                                      # Figure 4, one node
     python evaluate_linear.py --weights vader.pth --dataset imagefolder --data /data/imagenet   # pooled top-1/top-5
+    python evaluate_linear.py --dataset correspondence --weights runs/vader-demo/checkpoint.pth    # 64 px views
+    python evaluate_linear.py --dataset correspondence --data /data/imagenet --weights vader.pth  # 224 px views
     python evaluate_linear.py --weights vader.pth --export-detectron2 vader_r50.pkl      # see export_detectron2
+    python evaluate_linear.py --weights vader.pth --export-torchvision vader_r50.pth   # torchvision's ResNet keys
 --batch-size is global (split over ranks). Results: a table, then one JSON line on stdout and <output-dir>/metrics.json.
 
 Features probed, by --weights (common.dense_feature_model, shared with davis_propagate.py)
     vader.py checkpoint                     VADeR's decoder output, 128 x H/4 x W/4 (its own dense head); from a
                                             run without a decoder (an image-level objective): its encoder, as below
     clove.py checkpoint, official MoCo checkpoint (module.encoder_q.*), torchvision ResNet file, or 'random' (--arch)
-                                            the ResNet's C5 at 1/4 of the input, VADeR's decoder resolution:
-                                            layer2..layer4 dilated instead of strided (as DeepLab, §4.1)
+                                            --layer res5 (default): the ResNet's C5 at 1/4 of the input, VADeR's
+                                            decoder resolution: layer2..layer4 dilated instead of strided (as DeepLab,
+                                            §4.1); --layer res4: layer3's output at 1/8, layer3 unstrided and layer4
+                                            dropped, where CRW and TimeCycle read their ResNet baselines (DAVIS)
 
 Protocol step -> the name that computes it
     data sets and their layouts (--dataset)       VOCSegmentation, CityscapesSegmentation, NYUDepth, ImageFolderClasses,
@@ -38,7 +45,8 @@ Protocol step -> the name that computes it
     training                                      train_probes, train_finetune
     mIoU, depth errors, top-1/top-5               segmentation_scores, depth_image_errors, topk_correct, evaluate
     mean and std over the trials                  summarise
-    Detectron2 export                             to_detectron2, export_detectron2
+    correspondence accuracy (top1, within_one)    CorrespondencePairs, match_scores, correspondence_scores
+    Detectron2 and torchvision export             to_detectron2, export_detectron2, export_torchvision
 Each choice the paper leaves open is in the docstring of the code it concerns; the NYU-depth v2 preparation is
 in the notes at the end of this file.
 """
@@ -56,9 +64,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
-from vader import VADeRNet
+from vader import PairedViews, VADeRNet
 
 IGNORE = 255
+UNREADABLE = -100  # the label of an unreadable classification image: F.cross_entropy's ignore_index, never scored
 DEPTH_PNG_SCALE = 1000.0  # NYU depth PNGs store millimetres
 DEPTH_RANGE = (1e-3, 10.0)  # metres: ground truth outside it is not scored, predictions are clamped to it
 EIGEN_CROP = (45, 471, 41, 601)  # rows y0:y1, columns x0:x1 of NYU's 480 x 640 frames that are scored (Eigen et al.)
@@ -69,6 +78,10 @@ DEMO_PRESET = dict(  # used when --data is not given: random-init ResNet-18 on t
     arch="resnet18", image_size=96, batch_size=16, epochs=10, synthetic_train=256, synthetic_val=64, workers=0,
     output_dir="runs/evaluate-demo",
 )
+CORRESPONDENCE_DEMO_PRESET = dict(  # --dataset correspondence without --data: vader.py's demo views (64 px), ~1 min
+    arch="resnet18", image_size=64, batch_size=32, synthetic_val=256, workers=0,
+    output_dir="runs/evaluate-correspondence-demo",
+)
 CLASSIFICATION_DEMO_PRESET = dict(  # --dataset imagefolder without --data: the embedded classification set, ~2 min CPU
     arch="resnet18", image_size=96, batch_size=32, epochs=30, synthetic_train=256, synthetic_val=128, workers=0,
     output_dir="runs/evaluate-classification-demo",
@@ -76,14 +89,16 @@ CLASSIFICATION_DEMO_PRESET = dict(  # --dataset imagefolder without --data: the 
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Frozen-feature linear probes (VADeR §4.1), low-label fine-tuning (§4.2) "
-                                "and Detectron2 export.", allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Frozen-feature linear probes (VADeR §4.1), low-label fine-tuning "
+                                "(§4.2), correspondence accuracy, Detectron2 and torchvision export.",
+                                allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", default="random",
                    help="vader.py/clove.py checkpoint, MoCo checkpoint, torchvision ResNet state dict, or 'random'")
     p.add_argument("--arch", default="resnet50", help="ResNet depth for 'random' (checkpoints carry or reveal theirs)")
-    p.add_argument("--dataset", default=None, choices=["voc", "cityscapes", "nyu", "imagefolder"],
-                   help="layout of --data; without --data: the embedded segmentation (imagefolder: classification) set")
+    p.add_argument("--layer", default="res5", choices=list(common.BASELINE_LAYERS),
+                   help="where ResNet weights are read: res5 = C5 dilated to 1/4 (§4.1), res4 = C4 at 1/8 (CRW's)")
+    p.add_argument("--dataset", default=None, choices=["voc", "cityscapes", "nyu", "imagefolder", "correspondence"],
+                   help="layout of --data (correspondence: any image folder); without --data: an embedded set")
     p.add_argument("--data", default=None, help="data set root; omit it for an embedded set and its demo preset")
     p.add_argument("--train-split", default="auto",
                    help="VOC training list: auto (train_aug when its list exists, else train), train_aug or train")
@@ -101,19 +116,24 @@ def get_parser():
                    help="peak SGD learning rate (default: 0.1 probe, 0.01 depth probe and fine-tuning)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     p.add_argument("--image-size", type=int, default=None,
-                   help="input rows, a multiple of 32 (default: 224, Cityscapes 256); columns follow the aspect")
+                   help="input rows, a multiple of 32 (default: 224, Cityscapes 256); columns follow the aspect; "
+                   "correspondence: the view size")
     p.add_argument("--cache-gb", type=float, default=16.0,
                    help="cache the frozen training features and labels (per rank) when they fit in this many GB")
     p.add_argument("--depth-crop", default="eigen", choices=["eigen", "none"],
                    help="NYU-depth v2 scoring region: the Eigen crop or every pixel")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per rank (0: in the main process)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of trial 0 (probe initialisation, label subset) and of the shared batch order")
+                   help="seed of trial 0 (probe initialisation, label subset, batch order; trial t: seed + t) and "
+                   "of the correspondence view pairs")
     p.add_argument("--precision", default="auto", choices=common.PRECISIONS, help=common.PRECISION_HELP)
     p.add_argument("--synthetic-train", type=int, default=1000, help="training images of an embedded set (no --data)")
-    p.add_argument("--synthetic-val", type=int, default=200, help="validation images of an embedded set (no --data)")
+    p.add_argument("--synthetic-val", type=int, default=200,
+                   help="validation images of an embedded set (no --data); correspondence: its view pairs")
     p.add_argument("--export-detectron2", default=None, metavar="OUT.pkl",
                    help="write the ResNet of --weights as a Detectron2 checkpoint and exit")
+    p.add_argument("--export-torchvision", default=None, metavar="OUT.pth",
+                   help="write the ResNet of --weights as a torchvision ResNet state dict and exit")
     p.add_argument("--feature-picture", default=None, metavar="OUT.png",
                    help="write VADeR's Figures 2 and 5 for --weights on 4 validation images and exit")
     return p
@@ -125,10 +145,13 @@ def check_paths(args):
         raise common.UserError(f"--weights {args.weights}: no such file; pass a vader.py/clove.py checkpoint, an "
                                "official MoCo checkpoint, a torchvision ResNet state dict, or 'random'")
     if args.data is not None and args.dataset is None:
-        raise common.UserError("--data given without --dataset; pass --dataset voc, cityscapes, nyu or imagefolder")
+        raise common.UserError("--data given without --dataset; pass --dataset voc, cityscapes, nyu, imagefolder or "
+                               "correspondence")
     if args.data is not None and not os.path.isdir(args.data):
         raise common.UserError(f"--data {args.data}: no such folder")
-    if args.data is None and args.dataset not in (None, "imagefolder"):
+    if args.export_detectron2 and args.export_torchvision:
+        raise common.UserError("--export-detectron2 and --export-torchvision: pass one (one export a run)")
+    if args.data is None and args.dataset not in (None, "imagefolder", "correspondence"):
         raise common.UserError(f"--dataset {args.dataset} needs --data (the data set's root folder)")
 
 
@@ -140,7 +163,8 @@ def fill_defaults(parser, args, argv):
     classification = args.dataset == "imagefolder"
     preset = {}
     if args.data is None:
-        preset = common.apply_preset(parser, args, CLASSIFICATION_DEMO_PRESET if classification else DEMO_PRESET, argv)
+        presets = dict(imagefolder=CLASSIFICATION_DEMO_PRESET, correspondence=CORRESPONDENCE_DEMO_PRESET)
+        preset = common.apply_preset(parser, args, presets.get(args.dataset, DEMO_PRESET), argv)
     depth = args.dataset == "nyu"  # L1 on metres: the probe's gradients do not shrink as it fits, so a lower lr
     defaults = (dict(epochs=30, lr=0.01) if args.finetune else
                 dict(epochs=100 if classification else 20, lr=0.01 if depth else 0.1))
@@ -169,6 +193,14 @@ def check_args(args, world_size):
         raise common.UserError(f"--label-fraction {args.label_fraction}: must be in (0, 1]")
     if args.train_split not in ("auto", "train_aug", "train"):
         raise common.UserError(f"--train-split {args.train_split}: expected auto, train_aug or train")
+    if args.finetune and args.layer != "res5":
+        raise common.UserError(f"--layer {args.layer}: fine-tuning trains the whole VADeRNet (§4.2); --layer "
+                               "chooses the frozen features of a probe")
+    if args.dataset == "correspondence" and args.layer != "res5":
+        raise common.UserError(f"--layer {args.layer} is at 1/8; correspondence compares cells of the S/4 grid of "
+                               "the matches: use --layer res5")
+    if args.finetune and args.dataset == "correspondence":
+        raise common.UserError("--finetune with --dataset correspondence: correspondence accuracy trains nothing")
     if args.finetune and args.dataset == "imagefolder":
         raise common.UserError("--finetune trains the dense network (§4.2); imagefolder classification is a "
                                "frozen-feature probe only")
@@ -183,8 +215,10 @@ def read_split(path):
         return [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in f if line.strip()]
 
 
-def check_pairs(pairs):
-    """Every (image, label) file exists and has the same width x height; reads headers only, so it is quick."""
+def check_pairs(pairs, label_modes, expected):
+    """Every (image, label) file exists, has the same width x height, and its label has one of `label_modes` (PIL
+    modes; `expected` says what they are); reads headers only, so it is quick. Checked here, in the main process:
+    the same check in a loader worker would surface as the worker's traceback."""
     for image_path, label_path in pairs:
         for path in (image_path, label_path):
             if not os.path.isfile(path):
@@ -193,13 +227,19 @@ def check_pairs(pairs):
             if a.size != b.size:
                 raise common.UserError(f"{image_path} is {a.size[0]}x{a.size[1]} but its label {label_path} is "
                                        f"{b.size[0]}x{b.size[1]}; image and label must have the same size")
+            if b.mode not in label_modes:
+                raise common.UserError(f"{label_path}: label mode {b.mode}; expected {expected}")
+
+
+INDEX_MODES, INDEX_EXPECTED = ("P", "L"), "a palette or greyscale index PNG (colour-coded RGB labels are refused)"
+DEPTH_MODES, DEPTH_EXPECTED = ("I;16", "I;16B", "I", "I;16L"), "a 16-bit PNG of millimetres"
 
 
 def read_index_png(path):
-    """A class-index PNG (palette or grey) as uint8 H x W; colour-coded (RGB) label images are refused."""
+    """A class-index PNG (palette or grey) as uint8 H x W."""
     with Image.open(path) as img:
-        if img.mode not in ("P", "L"):
-            raise common.UserError(f"{path}: label mode {img.mode}; expected a palette or greyscale index PNG")
+        if img.mode not in INDEX_MODES:
+            raise common.UserError(f"{path}: label mode {img.mode}; expected {INDEX_EXPECTED}")
         return np.array(img, dtype=np.uint8)
 
 
@@ -208,10 +248,11 @@ class DenseLabelSet:
     (255 = ignore) for segmentation, float32 metres (0 = no measurement) for depth."""
 
     task, num_classes, aspect, default_size = "segmentation", 0, 1.0, 224
+    label_modes, expected_labels = INDEX_MODES, INDEX_EXPECTED
 
     def __init__(self, pairs):
         self.pairs = pairs
-        check_pairs(pairs)
+        check_pairs(pairs, self.label_modes, self.expected_labels)
 
     def __len__(self):
         return len(self.pairs)
@@ -278,6 +319,7 @@ class NYUDepth(DenseLabelSet):
     the official files; the 654 test frames serve as the validation split, as in the paper."""
 
     task, aspect = "depth", 4 / 3
+    label_modes, expected_labels = DEPTH_MODES, DEPTH_EXPECTED
 
     def __init__(self, root, split):
         names = read_split(os.path.join(root, f"{split}.txt"))
@@ -288,8 +330,8 @@ class NYUDepth(DenseLabelSet):
     @staticmethod
     def read_label(path):
         with Image.open(path) as img:
-            if img.mode not in ("I;16", "I;16B", "I", "I;16L"):
-                raise common.UserError(f"{path}: depth PNG mode {img.mode}; expected 16-bit millimetres")
+            if img.mode not in DEPTH_MODES:
+                raise common.UserError(f"{path}: depth PNG mode {img.mode}; expected {DEPTH_EXPECTED}")
             return np.array(img, dtype=np.float32) / DEPTH_PNG_SCALE  # H x W metres, 0 = missing
 
 
@@ -359,10 +401,20 @@ class SyntheticClassification:
         return image, label
 
 
+UNREADABLE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, SyntaxError)  # what common.load_image raises
+
+
+def warn_unreadable(path, error):
+    """One line on stderr naming a file that is skipped because it cannot be decoded."""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    common.warn(f"skipping unreadable image {path}: {reason}")
+
+
 class ImageFolderClasses:
     """ImageNet's layout: DIR/<split>/<class>/<image>; a class is a sub-folder, classes are numbered in sorted order
     of the training split's folders, and the validation split must use the same names. The files' headers are not
-    checked at start (ImageNet is big)."""
+    checked at start (ImageNet is big): a file that cannot be decoded is skipped by name when it is read (a warning,
+    the label UNREADABLE, which the loss and the scores skip; metrics.json counts them)."""
 
     task, aspect = "classification", 1.0
 
@@ -391,7 +443,12 @@ class ImageFolderClasses:
         return len(self.items)
 
     def read(self, index):
-        return common.load_image(self.items[index][0]), self.items[index][1]
+        path, label = self.items[index]
+        try:
+            return common.load_image(path), label
+        except UNREADABLE_ERRORS as e:
+            warn_unreadable(path, e)
+            return None, UNREADABLE
 
 
 def build_datasets(args):
@@ -443,7 +500,8 @@ def centre_crop(image, size):
 
 
 class Samples(torch.utils.data.Dataset):
-    """Items of a data set as tensors: (image 3 x h x w at the input size, label, index).
+    """Items of a data set as tensors: (uint8 image 3 x h x w at the input size, label, index). The images cross to
+    the device as uint8, a quarter of float32's bytes, and are normalised there (common.normalize).
 
     Dense labels (segmentation: uint8 class ids, depth: float32 metres) are resampled to the input grid by pixel
     centres for training, and left at their native size for validation (`native_labels`), where the logits are
@@ -465,8 +523,10 @@ class Samples(torch.utils.data.Dataset):
     def __getitem__(self, k):
         index = self.indices[k]
         image, label = self.source.read(index)
-        if self.source.task == "classification":
-            return common.to_tensor(centre_crop(image, self.shape[0])), torch.tensor(label, dtype=torch.long), index
+        if self.source.task == "classification":  # an unreadable image (None) is zeros, labelled UNREADABLE
+            image = torch.zeros(3, *self.shape, dtype=torch.uint8) if image is None else common.to_uint8(
+                centre_crop(image, self.shape[0]))
+            return image, torch.tensor(label, dtype=torch.long), index
         label = torch.from_numpy(np.ascontiguousarray(label))  # H x W, uint8 class ids or float32 metres
         if self.augment:
             rng = common.sample_rng(self.seed, self.epoch, k)
@@ -477,7 +537,7 @@ class Samples(torch.utils.data.Dataset):
                 label = label[box.y0:box.y1, box.x0:box.x1]
             if rng.random() < 0.5:
                 image, label = image.transpose(Image.FLIP_LEFT_RIGHT), label.flip(1)
-        image = common.to_tensor(image.resize(self.shape[::-1], Image.BILINEAR))  # 3 x h x w
+        image = common.to_uint8(image.resize(self.shape[::-1], Image.BILINEAR))  # 3 x h x w
         if not self.native:
             label = resample_label(label, self.shape)  # h x w
         return image, label, index
@@ -500,9 +560,10 @@ def label_subset(n, fraction, seed):
 
 
 def shard(indices, rank, world):
-    """This rank's share of `indices`, padded by wrapping so every rank gets the same count (equal step counts)."""
+    """This rank's share of `indices`, padded by wrapping around them (as many times as needed: 1 image on 4 ranks
+    is 4 copies) so every rank gets the same count, hence the same number of steps and collectives."""
     per_rank = math.ceil(len(indices) / world)
-    padded = indices + indices[: per_rank * world - len(indices)]
+    padded = [indices[k % len(indices)] for k in range(per_rank * world)]
     return padded[rank::world]
 
 
@@ -678,24 +739,26 @@ def all_reduce_sum(tensor):
 
 @torch.no_grad()
 def evaluate(encode, heads, val_loader, task, num_classes, d, precision, desc="val", depth_crop=True):
-    """Scores of every head on the validation set; `encode` (the frozen backbone, or identity) runs once per batch.
+    """Scores of every head on the validation set; `encode` maps a batch of uint8 images, as the loader gives them,
+    to the heads' input on the device (the frozen features, or the normalised images), once per batch.
 
     Dense logits are upsampled bilinearly to each label's native size. Counts are summed over ranks, so the result
     is the same as one process scoring the whole set. A score with nothing to count (no depth pixel in range) is
-    None.
+    None. Classification also gives `unreadable` (an int, not a score): the images skipped as UNREADABLE.
     """
     k = len(heads)
     confusion = torch.zeros(k, num_classes, num_classes, dtype=torch.long)
     sums = torch.zeros(k, 4, dtype=torch.float64)  # depth: sum of RMSE, abs-rel, delta1, images; top-1, top-5, images
     for images, labels, _ in common.throughput_bar(val_loader, len(val_loader), d.is_main, desc=desc):
         with common.autocast(d.device, precision):
-            features = encode(images.to(d.device, non_blocking=True))  # N x C x h/4 x w/4 (or x 1 x 1)
+            features = encode(images)  # N x C x h/4 x w/4 (or x 1 x 1)
             outputs = [head(features).float() for head in heads]  # k x [N x K x h/4 x w/4]
         if task == "classification":
             target = torch.stack(labels)  # N
+            keep = target != UNREADABLE
             for h, out in enumerate(outputs):
-                sums[h] += torch.tensor([*topk_correct(out.flatten(1).cpu(), target), len(target), 0.0],
-                                        dtype=torch.float64)
+                sums[h] += torch.tensor([*topk_correct(out.flatten(1).cpu()[keep], target[keep]), int(keep.sum()),
+                                         int((~keep).sum())], dtype=torch.float64)
             continue
         for j, label in enumerate(labels):
             for h, out in enumerate(outputs):
@@ -710,7 +773,8 @@ def evaluate(encode, heads, val_loader, task, num_classes, d, precision, desc="v
         return [segmentation_scores(c) for c in all_reduce_sum(confusion.to(d.device)).cpu()]
     sums = all_reduce_sum(sums.to(d.device)).cpu().tolist()
     if task == "classification":
-        return [dict(top1=s[0] / s[2], top5=s[1] / s[2]) for s in sums]
+        return [dict(top1=s[0] / s[2] if s[2] else None, top5=s[1] / s[2] if s[2] else None, unreadable=int(s[3]))
+                for s in sums]
     return [dict(rmse=s[0] / s[3], abs_rel=s[1] / s[3], delta1=s[2] / s[3]) if s[3] else
             dict(rmse=None, abs_rel=None, delta1=None) for s in sums]
 
@@ -739,9 +803,12 @@ def finite_or_none(value):
 # ---- training ----
 def task_loss(outputs, labels, task):
     """Cross-entropy (ignore 255) on class ids, or L1 on the pixels with depth in DEPTH_RANGE, after upsampling the
-    dense outputs to the label size (§4.1); classification: cross-entropy on the pooled logits (N x K x 1 x 1)."""
+    dense outputs to the label size (§4.1); classification: cross-entropy on the pooled logits (N x K x 1 x 1) of the
+    readable images."""
     if task == "classification":
-        return F.cross_entropy(outputs.float().flatten(1), labels)
+        readable = labels != UNREADABLE
+        logits = outputs.float().flatten(1)
+        return F.cross_entropy(logits[readable], labels[readable]) if readable.any() else logits.sum() * 0
     outputs = F.interpolate(outputs.float(), size=labels.shape[-2:], mode="bilinear",
                             align_corners=False)  # N x K x H x W
     if task == "segmentation":
@@ -764,20 +831,23 @@ def set_lr(optimizer, step, total, peak):
     return lr
 
 
-def steps_per_epoch(indices, subset, per_rank):
-    """Optimiser steps per epoch for this rank's `indices` of `subset`; a one-line error when there is none."""
-    steps = len(indices) // per_rank
-    if steps == 0:
-        raise common.UserError(f"{len(subset)} training images are fewer than one batch per rank ({per_rank}); "
-                               "lower --batch-size or raise --label-fraction")
-    return steps
+def training_batch(train_images, batch_size, world_size):
+    """The global batch: --batch-size, or, for a set smaller than one batch per rank, the whole set (each rank's
+    share of it, padded as `shard` pads), so that every epoch is one step. A probe trains on a small batch as well;
+    refusing would leave a small held-out set without a score."""
+    return min(batch_size, math.ceil(train_images / world_size) * world_size)
 
 
-def fit(model, optimizer, epoch_batches, steps, losses, epochs, peak_lr, precision, d, log, mode, trials, desc):
+def fit(model, optimizer, scaler, epoch_batches, steps, losses, epochs, peak_lr, precision, d, log, mode, trials,
+        desc):
     """SGD with a cosine lr from `peak_lr` to 0 over `epochs` epochs of `steps` steps; used by the probes and by
     fine-tuning. epoch_batches(epoch) yields (inputs, labels, rows) on the device; losses(inputs, labels, rows) gives
     one loss per trial in `trials` (the probe bank: all of them at once; fine-tuning: one). Their sum is minimised:
-    the trials share no parameter, so each trial's parameters get exactly the gradient of its own loss."""
+    the trials share no parameter, so each trial's parameters get exactly the gradient of its own loss.
+
+    `scaler` (common.grad_scaler: enabled for fp16 only) scales the loss before backward and unscales before the
+    step: a mean over ~10^5-10^6 pixels gives per-logit gradients of ~2e-5, below fp16's smallest normal number
+    (6.1e-5), which fp16 stores with a few bits or flushes to zero."""
     total, step = epochs * steps, 0
     bar = common.throughput_bar(None, total, d.is_main, desc=desc)
     for epoch in range(epochs):
@@ -787,8 +857,9 @@ def fit(model, optimizer, epoch_batches, steps, losses, epochs, peak_lr, precisi
             with common.autocast(d.device, precision):
                 loss = losses(inputs, labels, rows)  # T
             optimizer.zero_grad(set_to_none=True)
-            loss.sum().backward()
-            optimizer.step()
+            scaler.scale(loss.sum()).backward()
+            scaler.step(optimizer)  # skipped (and the scale lowered) when a scaled gradient overflowed
+            scaler.update()
             values = loss.detach().double().cpu()
             running += values
             bar.update(1)
@@ -810,17 +881,17 @@ def frozen_features(backbone, images, d, precision):
     `yield`: grad mode and autocast are thread-global, so a generator suspended inside no_grad() switches off the
     gradients of whatever its consumer runs (the probes' training, which then fails in backward)."""
     with common.autocast(d.device, precision):
-        return backbone(images.to(d.device, non_blocking=True))  # N x C x h x w
+        return backbone(common.normalize(images, d.device))  # uint8 N x 3 x H x W -> N x C x h x w
 
 
 class FeatureCache:
     """The frozen backbone's features (fp16) and labels (as the data set gives them: uint8 class ids, float32 metres,
     int64 classes) of this rank's training images, computed once and kept in host memory. The probe uses no
     augmentation, so every epoch can read them; train_probes recomputes them instead when they exceed --cache-gb
-    (VOC train_aug with a dilated ResNet-50 would need ~136 GB)."""
+    (VOC train_aug with a dilated ResNet-50 would need ~136 GB). `unreadable`: the indices of the skipped images."""
 
     def __init__(self, backbone, samples, batch_size, workers, precision, d):
-        self.features, self.labels, self.position, filled = None, None, {}, 0
+        self.features, self.labels, self.position, self.unreadable, filled = None, None, {}, set(), 0
         batches = loader(samples, batch_size, workers, d.device)
         for images, labels, indices in common.throughput_bar(batches, len(batches), d.is_main, desc="features"):
             f = frozen_features(backbone, images, d, precision).to("cpu", torch.float16)  # N x C x h x w
@@ -829,6 +900,7 @@ class FeatureCache:
                 self.labels = torch.empty(len(samples), *labels.shape[1:], dtype=labels.dtype)
             self.features[filled:filled + len(f)], self.labels[filled:filled + len(f)] = f, labels
             self.position.update({index: filled + i for i, index in enumerate(indices.tolist())})
+            self.unreadable |= unreadable(labels, indices)
             filled += len(f)
 
     def batch(self, images, dtype, device):
@@ -838,19 +910,20 @@ class FeatureCache:
                 self.labels[rows].to(device, non_blocking=True))
 
 
-def epoch_steps(shards, per_rank, seed):
-    """This rank's steps of one epoch as (images, rows): the data set indices that go through the backbone, and for
+def epoch_steps(shards, per_rank, seeds):
+    """This rank's steps of one epoch as (images, rows): the data set indices whose features a step needs, and for
     each trial the positions of its batch among them (None when every trial's batch is the whole `images`).
 
-    `shards` holds each trial's training images on this rank (equal lengths). One permutation of the positions,
-    drawn from `seed`, orders every trial's shard, so the trials share the batch order. When they share the images
-    too (--label-fraction 1), a step's images are exactly one batch; otherwise the union of the trials' batches."""
+    `shards` holds each trial's training images on this rank (equal lengths), `seeds` each trial's order seed: a
+    permutation of the positions drawn from seeds[t] orders trial t's shard. When the trials share images and seed
+    (--label-fraction 1 without a cache), a step's images are exactly one batch; otherwise the union of the trials'
+    batches."""
     length = len(shards[0])
-    order = torch.randperm(length, generator=torch.Generator().manual_seed(seed)).tolist()
-    same = all(s == shards[0] for s in shards)
+    orders = {s: torch.randperm(length, generator=torch.Generator().manual_seed(s)).tolist() for s in set(seeds)}
+    same = all(s == shards[0] for s in shards) and len(orders) == 1
     steps = []
     for b in range(0, length - per_rank + 1, per_rank):
-        batches = [[s[i] for i in order[b:b + per_rank]] for s in shards]
+        batches = [[s[i] for i in orders[seed][b:b + per_rank]] for s, seed in zip(shards, seeds)]
         if same:
             steps.append((batches[0], None))
         else:
@@ -860,12 +933,18 @@ def epoch_steps(shards, per_rank, seed):
     return steps
 
 
-def recomputed_batches(backbone, by_index, plan, workers, precision, d):
+def unreadable(labels, indices):
+    """The data set indices of a batch's unreadable classification images (int64 labels UNREADABLE)."""
+    return set(indices[labels == UNREADABLE].tolist()) if labels.dtype == torch.long else set()
+
+
+def recomputed_batches(backbone, by_index, plan, workers, precision, d, skipped):
     """The steps of `plan` (epoch_steps) as (features, labels, rows) on the device, the backbone run on every step's
-    images; `by_index` is a Samples whose item k is image k."""
+    images; `by_index` is a Samples whose item k is image k. Unreadable images are added to the set `skipped`."""
     batches = torch.utils.data.DataLoader(by_index, batch_sampler=[images for images, _ in plan],
                                           num_workers=workers, pin_memory=d.device.type == "cuda")
-    for (images, labels, _), (_, rows) in zip(batches, plan):
+    for (images, labels, indices), (_, rows) in zip(batches, plan):
+        skipped |= unreadable(labels, indices)
         yield frozen_features(backbone, images, d, precision), labels.to(d.device, non_blocking=True), rows
 
 
@@ -879,6 +958,8 @@ def feature_statistics(batches, trials, task, d):
             if r is None and None in parts:  # every trial takes the whole batch: count it once
                 continue
             f, l = (features, labels) if r is None else (features[r], labels[r])
+            if task == "classification":  # unreadable images (zeros) do not count
+                f = f[l != UNREADABLE]
             depth = l[(l > DEPTH_RANGE[0]) & (l < DEPTH_RANGE[1])] if task == "depth" else l[:0]
             n = f.shape[0] * f.shape[2] * f.shape[3]
             parts[r if r is None else t] = torch.cat([
@@ -913,33 +994,39 @@ def train_probes(backbone, train_set, subsets, args, d, log):
     """Every trial's LinearProbe, trained side by side (ProbeBank): at each step one backbone pass (or one cache
     look-up) gives the batch's features, on the device, and every trial's probe takes its step on them, so 5 trials
     cost about one trial's backbone passes. The trials differ in the probe's initialisation (seed + t) and, below
-    --label-fraction 1, in their labelled subset; they share the batch order (metrics.json: trials_differ_in).
-    Returns (probes in eval mode, "cached" or "recomputed")."""
+    --label-fraction 1, in their labelled subset. From the cache each trial also reads its own batch order (a cache
+    look-up costs no backbone pass), so trial t is the run of --seed seed + t; recomputed features are shared, and
+    so is the batch order (metrics.json: trials_differ_in). Returns (probes in eval mode, "cached" or
+    "recomputed", the number of unreadable images skipped on this rank)."""
     task, trials = train_set.task, len(subsets)
     shape = input_shape(train_set, args.image_size)
     per_rank = max(1, args.batch_size // d.world_size)
     shards = [shard(s, d.rank, d.world_size) for s in subsets]
-    steps = steps_per_epoch(shards[0], subsets[0], per_rank)
+    steps = len(shards[0]) // per_rank
     samples = Samples(train_set, sorted(set().union(*shards)), shape)  # this rank's images, all trials
     image, label, _ = samples[0]
     channels, h, w = frozen_features(backbone, image[None], d, args.precision).shape[1:]
     cache_gb = len(samples) * (channels * h * w * 2 + label.numel() * label.element_size()) / 1e9  # fp16 + labels
     cached = cache_gb <= args.cache_gb
     cache = FeatureCache(backbone, samples, per_rank, args.workers, args.precision, d) if cached else None
+    skipped = cache.unreadable if cached else set()
     dtype = common.autocast_dtype(d.device, args.precision) or torch.float32
     by_index = Samples(train_set, range(len(train_set)), shape)  # item k is image k
 
     def epoch_batches(epoch, limit=None):
-        plan = epoch_steps(shards, per_rank, args.seed * 1000 + epoch)[:limit]
+        # trial t's order: from the cache its own, the one a run with --seed seed + t draws; recomputed: trial 0's
+        seeds = [(args.seed + (t if cached else 0)) * 1000 + epoch for t in range(trials)]
+        plan = epoch_steps(shards, per_rank, seeds)[:limit]
         if cached:
             return ((*cache.batch(images, dtype, d.device), rows) for images, rows in plan)
-        return recomputed_batches(backbone, by_index, plan, args.workers, args.precision, d)
+        return recomputed_batches(backbone, by_index, plan, args.workers, args.precision, d, skipped)
 
     path = (f"cached ({cache_gb:.2f} GB on this rank)" if cached else
             f"recomputed each epoch (a cache would need {cache_gb:.1f} GB > --cache-gb {args.cache_gb})")
     if d.is_main:
+        order = "each in its own batch order" if cached else "which share the batch order"
         print(f"probe: {channels}-d features at {h}x{w} for {shape[0]}x{shape[1]} inputs, {path}; one backbone pass "
-              f"per batch feeds all {trials} trial(s), which share the batch order")
+              f"per image feeds all {trials} trial(s), {order}")
     # the statistics: all cached features, or the first 20 batches of epoch 0 when they are recomputed
     mean, std, mean_depth = feature_statistics(epoch_batches(0, None if cached else 20), trials, task, d)
     outputs = 1 if task == "depth" else train_set.num_classes
@@ -951,9 +1038,10 @@ def train_probes(backbone, train_set, subsets, args, d, log):
         return torch.stack([task_loss(o, labels if r is None else labels[r], task)
                             for o, r in zip(out, rows or [None] * trials)])  # T
 
-    fit(model, sgd(bank, args.lr, args.weight_decay), epoch_batches, steps, losses, args.epochs, args.lr,
+    scaler = common.grad_scaler(d.device, args.precision)
+    fit(model, sgd(bank, args.lr, args.weight_decay), scaler, epoch_batches, steps, losses, args.epochs, args.lr,
         args.precision, d, log, "probe", list(range(trials)), desc=f"probe x{trials}")
-    return [head.eval() for head in bank.heads], ("cached" if cached else "recomputed")
+    return [head.eval() for head in bank.heads], ("cached" if cached else "recomputed"), len(skipped)
 
 
 # ---- training: fine-tuning ----
@@ -962,7 +1050,7 @@ def finetune_batches(samples, per_rank, workers, device, seed, epoch):
     samples.set_epoch(epoch)
     for images, labels, _ in loader(samples, per_rank, workers, device, shuffle_seed=seed * 1000 + epoch,
                                     drop_last=True):
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True), None
+        yield common.normalize(images, device), labels.to(device, non_blocking=True), None
 
 
 def train_finetune(weights, train_set, subset, trial, args, d, log):
@@ -986,7 +1074,7 @@ def train_finetune(weights, train_set, subset, trial, args, d, log):
     per_rank = max(1, args.batch_size // d.world_size)
     indices = shard(subset, d.rank, d.world_size)
     samples = Samples(train_set, indices, input_shape(train_set, args.image_size), augment=True, seed=seed)
-    steps = steps_per_epoch(indices, subset, per_rank)
+    steps = len(indices) // per_rank
 
     def epoch_batches(epoch):
         return finetune_batches(samples, per_rank, args.workers, d.device, seed, epoch)
@@ -995,9 +1083,137 @@ def train_finetune(weights, train_set, subset, trial, args, d, log):
         return task_loss(model(images), labels, train_set.task)[None]  # 1
 
     model.train()
-    fit(model, sgd(net, args.lr, args.weight_decay), epoch_batches, steps, losses, args.epochs, args.lr,
+    scaler = common.grad_scaler(d.device, args.precision)
+    fit(model, sgd(net, args.lr, args.weight_decay), scaler, epoch_batches, steps, losses, args.epochs, args.lr,
         args.precision, d, log, "finetune", [trial], desc=f"finetune {trial + 1}/{args.trials}")
     return net.eval(), description
+
+
+# ---- correspondence accuracy ----
+EMBEDDED_IMAGE_SIZE = 160  # the embedded dead leaves of vader.py's demo (common.ViewDataset), from which views are cut
+CORRESPONDENCE_MATCHES = 32  # matched view-1 cells per pair: vader.py's --num-matches
+
+
+class CorrespondencePairs(torch.utils.data.Dataset):
+    """Item i: (view1, view2, matches) of image i as vader.py trains on them: `views` (a vader.PairedViews) cuts
+    the two crops with flips and colour ops and gives the matches, M x 4 = view-1 cell, view-2 cell, x, y on the
+    (S/4)^2 grids. Each pair is drawn from (seed, i), so every --weights sees the same pairs. The images are `files`,
+    or embedded dead leaves (`leaves`, from index `first`); an unreadable file is skipped by name (None)."""
+
+    def __init__(self, views, seed, files=None, leaves=None, length=0, first=0):
+        self.views, self.seed, self.files, self.leaves, self.first = views, seed, files, leaves, first
+        self.length = len(files) if files else length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        if not self.files:
+            return self.views(self.leaves.image(self.first + i)[0], common.sample_rng(self.seed, 0, i))
+        try:
+            image = common.load_image(self.files[i])
+        except UNREADABLE_ERRORS as e:
+            warn_unreadable(self.files[i], e)
+            return None
+        return self.views(image, common.sample_rng(self.seed, 0, i))
+
+
+def collate_pairs(batch):
+    """(view1s, view2s, matches, number skipped) of the readable items of a batch (None when there is none)."""
+    items = [b for b in batch if b is not None]
+    stacked = [torch.stack(parts) for parts in zip(*items)] if items else [None] * 3
+    return (*stacked, len(batch) - len(items))
+
+
+def correspondence_pairs(args):
+    """The pairs of --dataset correspondence: the embedded validation dead leaves (as the probe's: index 10^6 on),
+    or the images of --data (DIR/val when it exists, else every image below DIR)."""
+    views = PairedViews(args.image_size, CORRESPONDENCE_MATCHES)
+    if args.data is None:
+        leaves = common.DeadLeaves(size=EMBEDDED_IMAGE_SIZE, seed=args.seed)
+        return CorrespondencePairs(views, args.seed, leaves=leaves, length=args.synthetic_val, first=10**6)
+    val = os.path.join(args.data, "val")
+    return CorrespondencePairs(views, args.seed, files=common.list_images(val if os.path.isdir(val) else args.data))
+
+
+def match_scores(f1, f2, matches):
+    """For each matched view-1 cell: is the view-2 cell most similar to it (cosine), among ALL cells of view 2, its
+    match (top1), and within one cell of it (Chebyshev distance <= 1 on the grid: within_one)? argmax takes the
+    first of tied cells, so a constant feature map scores chance (about 1 / G^2), not 1.
+    f1, f2: N x C x G x G features of the two views; matches: N x M x 4 (PairedViews). Returns two N x M bools."""
+    grid = f2.shape[-1]
+    q = F.normalize(f1.float().flatten(2), dim=1)  # N x C x G^2
+    k = F.normalize(f2.float().flatten(2), dim=1)  # N x C x G^2
+    q = q.gather(2, matches[:, None, :, 0].expand(-1, q.shape[1], -1))  # N x C x M: the matched view-1 cells
+    best = torch.bmm(q.transpose(1, 2), k).argmax(2)  # N x M: the most similar view-2 cell
+    true = matches[:, :, 1]  # N x M
+    distance = torch.maximum((best // grid - true // grid).abs(), (best % grid - true % grid).abs())
+    return best == true, distance <= 1
+
+
+def within_one_chance(cells, grid):
+    """What a uniformly random view-2 cell scores on within_one: the share of the grid within one cell of each true
+    cell (4 / G^2 in a corner, 9 / G^2 inside)."""
+    r, c = cells // grid, cells % grid
+    rows = (r + 1).clamp(max=grid - 1) - (r - 1).clamp(min=0) + 1
+    cols = (c + 1).clamp(max=grid - 1) - (c - 1).clamp(min=0) + 1
+    return (rows * cols).double() / grid ** 2
+
+
+@torch.no_grad()
+def correspondence_scores(model, loader, grid, d, precision):
+    """top1 and within_one (fractions of the matched view-1 cells) with their chance levels, summed over ranks;
+    `model` maps normalised N x 3 x S x S views to N x C x G x G features, G = `grid`."""
+    sums = torch.zeros(5, dtype=torch.float64)  # top1 hits, within-one hits, queries, within-one chance, skipped
+    for view1, view2, matches, skipped in common.throughput_bar(loader, len(loader), d.is_main, desc="pairs"):
+        sums[4] += skipped
+        if view1 is None:
+            continue
+        with common.autocast(d.device, precision):
+            f1, f2 = model(common.normalize(torch.cat([view1, view2]), d.device)).chunk(2)  # N x C x G x G each
+        top1, within = match_scores(f1, f2, matches.to(d.device))
+        sums[:4] += torch.tensor([top1.sum().item(), within.sum().item(), top1.numel(),
+                                  within_one_chance(matches[:, :, 1], grid).sum().item()], dtype=torch.float64)
+    sums = all_reduce_sum(sums.to(d.device)).cpu().tolist()
+    queries = max(sums[2], 1.0)
+    return dict(top1=sums[0] / queries, within_one=sums[1] / queries, queries=int(sums[2]),
+                chance=dict(top1=1 / grid ** 2, within_one=sums[3] / queries), unreadable=int(sums[4]))
+
+
+def correspondence(args):
+    """--dataset correspondence: the frozen features of --weights on view pairs (correspondence_pairs), scored by
+    correspondence_scores; one JSON line and metrics.json. The grid is S/4 (S = --image-size: 64 for the embedded
+    demo views, 224 for ImageNet's); a VADeR checkpoint gives its decoder output, other weights the dilated C5."""
+    d = common.init_distributed()
+    t_start = time.time()
+    common.seed_all(args.seed)
+    model, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet}, args.layer)
+    model = model.to(d.device).eval().requires_grad_(False)
+    grid = args.image_size // 4
+    with torch.no_grad():
+        h, w = model(common.normalize(torch.zeros(1, 3, args.image_size, args.image_size), d.device)).shape[-2:]
+    if (h, w) != (grid, grid):
+        raise common.UserError(f"--weights {args.weights} --layer {args.layer}: features at {h}x{w} for "
+                               f"{args.image_size} px views, not the {grid}x{grid} grid of the matches (1/4); "
+                               "correspondence needs features at 1/4 (--layer res5 or a VADeR checkpoint)")
+    pairs = correspondence_pairs(args)
+    mine = torch.utils.data.Subset(pairs, range(d.rank, len(pairs), d.world_size))
+    loader = torch.utils.data.DataLoader(mine, batch_size=max(1, args.batch_size // d.world_size),
+                                         num_workers=args.workers, collate_fn=collate_pairs,
+                                         pin_memory=d.device.type == "cuda")
+    if d.is_main:
+        print(f"correspondence on {args.data or 'synthetic'}: {len(pairs)} view pairs of {args.image_size} px "
+              f"({grid}x{grid} cells, {CORRESPONDENCE_MATCHES} matched cells each), features: {description}")
+    scores = correspondence_scores(model, loader, grid, d, args.precision)
+    result = dict(mode="correspondence", dataset=args.data or "synthetic", weights=args.weights, model=description,
+                  image_size=args.image_size, grid=grid, pairs=len(pairs) - scores["unreadable"], **scores,
+                  seconds=round(time.time() - t_start, 1))
+    if d.is_main:
+        print(f"top1 {result['top1']:.4f} (chance {result['chance']['top1']:.4f}), within one cell "
+              f"{result['within_one']:.4f} (chance {result['chance']['within_one']:.4f})")
+        common.print_result(result, os.path.join(args.output_dir, "metrics.json"))
+    common.finish_distributed()
+    return result
 
 
 # ---- export ----
@@ -1062,10 +1278,32 @@ def export_detectron2(weights, path):
     return kind, len(exported["model"])
 
 
+def export_torchvision(weights, arch, path):
+    """Write the ResNet encoder of `weights` as a torchvision ResNet state dict (torch.save), the form VICRegL ships
+    its backbones in: `torchvision.models.resnet50().load_state_dict(torch.load(path))` loads it with strict=True,
+    and so does most downstream code. The FPN and decoder are not exported. fc is torchvision's 1000-way classifier,
+    freshly initialised (nn.Linear's default, as in torchvision's untrained ResNet, seed 0): the dense methods train
+    none, so replace it or ignore it. Returns (kind, arch, number of tensors)."""
+    if weights == "random":
+        raise common.UserError("--export-torchvision needs --weights FILE "
+                               "(a vader.py/clove.py, MoCo or torchvision file)")
+    kind, state, meta = common.read_weights(weights)
+    arch = meta.get("arch") or common.infer_arch(state) or arch
+    if kind in ("vader", "clove"):
+        state = common.encoder_state(state)
+    net = common.resnet(arch)
+    common.load_resnet_state(net, state, weights)
+    torch.manual_seed(0)
+    net.fc = nn.Linear(common.resnet_channels(arch)[-1], 1000)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return kind, arch, len(net.state_dict())
+
+
 def write_feature_picture(args):
     """VADeR Figures 2 and 5 for any weights (features in PCA colours, a query pixel's similarity map), on the first
     4 validation images of the data set."""
-    model, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet})
+    model, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet}, args.layer)
     _, val_set = build_datasets(args)
     shape = input_shape(val_set, args.image_size)
     images = [val_set.read(i)[0].resize((shape[1], shape[0]), Image.BILINEAR) for i in range(min(4, len(val_set)))]
@@ -1083,7 +1321,7 @@ def frozen_backbone(args):
         if args.weights != "random":
             common.read_weights(args.weights)
         return None, None
-    return common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet})
+    return common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet}, args.layer)
 
 
 def validation_loader(val_set, shape, batch_size, workers, d):
@@ -1097,11 +1335,13 @@ def data_name(args):
     return args.dataset if args.data else "synthetic-objects" if args.dataset == "imagefolder" else "synthetic"
 
 
-def trials_differ_in(finetune, label_fraction):
-    """What separates the trials, for metrics.json: the probes share one batch order by design."""
+def trials_differ_in(finetune, label_fraction, feature_path):
+    """What separates the trials, for metrics.json: without a cache the probes share one batch order by design."""
     subset = ", labelled subset" if label_fraction < 1 else ""
     if finetune:
         return f"network initialisation (FPN, decoder, head), batch order, augmentation{subset}"
+    if feature_path == "cached":
+        return f"probe initialisation, batch order{subset}"
     return f"probe initialisation{subset} (the batch order is shared: one backbone pass per batch feeds every trial)"
 
 
@@ -1109,9 +1349,10 @@ def build_result(args, val_set, model, shape, train_images, per_trial, feature_p
     """The run's report (metrics.json and the last line on stdout), timings apart."""
     task, num_classes = val_set.task, val_set.num_classes
     mean, std = summarise(per_trial)
+    differ = trials_differ_in(args.finetune, args.label_fraction, feature_path)
     result = dict(mode="finetune" if args.finetune else "probe", dataset=data_name(args), task=task,
                   weights=args.weights, model=model, label_fraction=args.label_fraction, trials=args.trials,
-                  trials_differ_in=trials_differ_in(args.finetune, args.label_fraction), epochs=args.epochs,
+                  trials_differ_in=differ, epochs=args.epochs,
                   lr=args.lr, batch_size=args.batch_size, image_size=list(shape), train_images=train_images,
                   val_images=len(val_set), mean=mean, std=std,
                   per_trial=[{k: v for k, v in t.items() if v is None or isinstance(v, float)} for t in per_trial])
@@ -1156,6 +1397,11 @@ def run(args):
     os.makedirs(args.output_dir, exist_ok=True)
     log = common.JsonLog(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
     subsets = [label_subset(len(train_set), args.label_fraction, args.seed + t) for t in range(args.trials)]
+    batch = training_batch(len(subsets[0]), args.batch_size, d.world_size)
+    if batch < args.batch_size and d.is_main:
+        print(f"--batch-size {args.batch_size}: {len(subsets[0])} training images are fewer than one batch; "
+              f"training on the whole set as the batch ({batch} images)")
+    args.batch_size = batch  # metrics.json reports the batch trained on
     shape = input_shape(train_set, args.image_size)
     val_loader = validation_loader(val_set, shape, args.batch_size, args.workers, d)
     depth_crop = args.depth_crop == "eigen"
@@ -1165,26 +1411,33 @@ def run(args):
               f"{len(val_set)} validation images, {shape[0]}x{shape[1]} inputs, {args.trials} trial(s) x "
               f"{args.epochs} epochs, {d.world_size} rank(s), device {d.device}")
 
-    train_seconds, feature_path = 0.0, None  # training time alone (no validation), for cost comparisons
+    train_seconds, feature_path, skipped = 0.0, None, 0  # training time alone (no validation), for cost comparisons
     if args.finetune:  # one trial at a time: train, then score
         per_trial = []
         for trial, subset in enumerate(subsets):
             t_train = time.time()
             net, description = train_finetune(args.weights, train_set, subset, trial, args, d, log)
             train_seconds += time.time() - t_train
-            per_trial += evaluate(lambda x: x, [net], val_loader, val_set.task, val_set.num_classes, d,
-                                  args.precision, desc=f"val {trial + 1}/{args.trials}", depth_crop=depth_crop)
+            per_trial += evaluate(lambda images: common.normalize(images, d.device), [net], val_loader,
+                                  val_set.task, val_set.num_classes, d, args.precision,
+                                  desc=f"val {trial + 1}/{args.trials}", depth_crop=depth_crop)
     else:  # every trial's probe at once, then one validation pass for all
         t_train = time.time()
         backbone = backbone.to(d.device).eval().requires_grad_(False)
         if d.is_main:
             print(f"features: {description}")
-        heads, feature_path = train_probes(backbone, train_set, subsets, args, d, log)
+        heads, feature_path, skipped = train_probes(backbone, train_set, subsets, args, d, log)
         train_seconds = time.time() - t_train
-        per_trial = evaluate(backbone, heads, val_loader, val_set.task, val_set.num_classes, d, args.precision,
-                             depth_crop=depth_crop)
+        per_trial = evaluate(lambda images: backbone(common.normalize(images, d.device)), heads, val_loader,
+                             val_set.task, val_set.num_classes, d, args.precision, depth_crop=depth_crop)
 
     result = build_result(args, val_set, description, shape, len(subsets[0]), per_trial, feature_path)
+    if val_set.task == "classification":
+        train_skipped = int(all_reduce_sum(torch.tensor([skipped], device=d.device)).item())
+        result["unreadable_images"] = dict(train=train_skipped, val=per_trial[0]["unreadable"])
+        if d.is_main and train_skipped + per_trial[0]["unreadable"]:
+            print(f"skipped {train_skipped} training and {per_trial[0]['unreadable']} validation images that "
+                  "could not be read (named in the warnings above)")
     result.update(train_seconds=round(train_seconds, 2), seconds=round(time.time() - t_start, 1))
     result = finite_or_none(result)
     log.write(event="end", **{k: v for k, v in result.items() if k != "per_trial"})
@@ -1204,6 +1457,13 @@ def main(argv=None):
         print(f"wrote {count} ResNet tensors of the {kind} weights {args.weights} to {args.export_detectron2}; "
               "Detectron2 config: " + ", ".join(f"{k} {v}" for k, v in DETECTRON2_CONFIG.items()))
         common.print_result(dict(export=args.export_detectron2, kind=kind, tensors=count, weights=args.weights))
+    if args.export_torchvision:
+        kind, arch, count = export_torchvision(args.weights, args.arch, args.export_torchvision)
+        print(f"wrote the {arch} encoder of the {kind} weights {args.weights} to {args.export_torchvision} "
+              f"({count} tensors, torchvision's keys; fc freshly initialised)")
+        common.print_result(dict(export=args.export_torchvision, kind=kind, arch=arch, tensors=count,
+                                 weights=args.weights))
+    if args.export_detectron2 or args.export_torchvision:
         return
     preset = fill_defaults(parser, args, argv)
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
@@ -1213,11 +1473,13 @@ def main(argv=None):
         except OSError as e:
             raise common.UserError(f"--output-dir {args.output_dir}: cannot create it ({e.strerror})") from None
     if args.data is None and int(os.environ.get("RANK", 0)) == 0:  # after the checks: a bad flag prints nothing
-        kind = "classification" if args.dataset == "imagefolder" else "segmentation"
+        kind = dict(imagefolder="classification", correspondence="dead-leaves").get(args.dataset, "segmentation")
         print(f"no --data: the embedded {kind} set and the CPU demo preset "
               + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items()), flush=True)
     if args.feature_picture:
         return write_feature_picture(args)
+    if args.dataset == "correspondence":
+        return correspondence(args)
     run(args)
 
 

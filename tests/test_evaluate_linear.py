@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
@@ -198,9 +199,18 @@ def test_label_subset_is_deterministic_by_seed_and_of_the_right_size():
 
 
 def test_shards_cover_every_index_with_equal_counts():
-    parts = [E.shard(list(range(10)), r, 4) for r in range(4)]
-    assert {len(p) for p in parts} == {3}
-    assert sorted(set(sum(parts, []))) == list(range(10))
+    """Every rank gets ceil(n / world) items, all n indices occur, and no index occurs more often than wrapping
+    around the list needs (n = 1 on 4 ranks: the one image on each rank), even when n < world / 2."""
+    for n in range(1, 12):
+        for world in range(1, 9):
+            indices = list(range(100, 100 + n))
+            parts = [E.shard(indices, r, world) for r in range(world)]
+            per_rank = -(-n // world)
+            assert [len(p) for p in parts] == [per_rank] * world, (n, world)
+            counts = {i: sum(p.count(i) for p in parts) for i in indices}
+            assert set(sum(parts, [])) == set(indices)
+            assert max(counts.values()) - min(counts.values()) <= 1, (n, world)
+    assert [E.shard([0], r, 4) for r in range(4)] == [[0], [0], [0], [0]]
 
 
 # ---- weights ----
@@ -247,6 +257,35 @@ def test_every_weights_kind_loads_for_the_probe_and_for_fine_tuning(tmp_path):
     assert net.eval()(x).shape == (2, 21, 16, 16)
 
 
+def torchvision_res4(arch, state):
+    """torchvision's `arch` with `state`, read as CRW and TimeCycle read res4: layer3's stride set to 1 (in the
+    block's strided 3x3 convolution and its shortcut), layer4 never run."""
+    net = getattr(torchvision.models, arch)(weights=None)
+    net.load_state_dict(state, strict=False)  # the probe's frozen features: batch norms in eval mode
+    net.eval()
+    block = net.layer3[0]
+    (block.conv1 if arch in ("resnet18", "resnet34") else block.conv2).stride = (1, 1)
+    block.downsample[0].stride = (1, 1)
+    return lambda x: net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))))
+
+
+def test_layer_res4_probes_torchvision_s_layer3_at_stride_8(tmp_path):
+    paths, state, _ = save_weights(tmp_path)
+    x = torch.randn(2, 3, 64, 96)
+    for weights, arch in ((paths["torchvision"], "resnet18"), ("random", "resnet50")):
+        args = E.get_parser().parse_args(["--weights", weights, "--arch", arch, "--layer", "res4"])
+        model, description = E.frozen_backbone(args)
+        model.eval()
+        reference = torchvision_res4(arch, state if weights != "random" else model.net.state_dict())
+        with torch.no_grad():
+            out, expected = model(x), reference(x)
+        assert "res4 at 1/8" in description
+        assert out.shape == (2, 256 if arch == "resnet18" else 1024, 8, 12)
+        assert torch.allclose(out, expected, atol=1e-5)
+    args = E.get_parser().parse_args(["--weights", paths["torchvision"]])
+    assert E.frozen_backbone(args)[0](x).shape == (2, 512, 16, 24)  # the default stays C5 dilated to 1/4
+
+
 def test_detectron2_export_round_trips(tmp_path, run_script):
     paths, state, _ = save_weights(tmp_path)
     out = tmp_path / "d2" / "vader_r18.pkl"
@@ -264,6 +303,33 @@ def test_detectron2_export_round_trips(tmp_path, run_script):
         assert np.array_equal(array, state[E.from_detectron2_key(key)].numpy()), key
 
 
+def test_torchvision_export_loads_strictly_into_torchvision_and_computes_the_checkpoint_s_encoder(tmp_path, capsys):
+    paths, state, _ = save_weights(tmp_path)
+    x = torch.randn(2, 3, 64, 64)
+    for kind in ("vader", "moco"):
+        out = tmp_path / "tv" / f"{kind}_r18.pth"
+        E.main(["--weights", paths[kind], "--export-torchvision", str(out)])
+        assert last_json_line(capsys.readouterr().out)["arch"] == "resnet18"
+        net = torchvision.models.resnet18()
+        net.load_state_dict(torch.load(out), strict=True)
+        assert net.fc.weight.shape == (1000, 512)  # torchvision's classifier, untrained (the methods train none)
+        net.fc = torch.nn.Identity()
+        checkpoint = torch.load(paths[kind], weights_only=False)
+        if kind == "vader":
+            vader = VADeRNet("resnet18")
+            vader.load_state_dict(checkpoint["model"])
+            encoder = vader.encoder
+        else:
+            encoder = common.resnet("resnet18")
+            prefix = "module.encoder_q."
+            encoder.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items()
+                                     if k.startswith(prefix) and not k.startswith(prefix + "fc.")})
+        with torch.no_grad():
+            assert torch.allclose(net.eval()(x), encoder.eval()(x), atol=1e-6)
+    with pytest.raises(common.UserError, match="--export-torchvision needs --weights FILE"):
+        E.main(["--export-torchvision", str(tmp_path / "x.pth")])
+
+
 # ---- end-to-end runs ----
 def test_probe_separates_colours_almost_perfectly_on_a_voc_folder(tmp_path, run_script):
     make_voc(str(tmp_path / "voc"), n_train=8, n_val=4)
@@ -275,6 +341,7 @@ def test_probe_separates_colours_almost_perfectly_on_a_voc_folder(tmp_path, run_
     result = metrics(out)
     assert last_json_line(r.stdout) == result
     assert result["train_images"] == 8 and result["val_images"] == 4 and len(result["per_trial"]) == 2
+    assert result["probe_features"] == "cached" and result["trials_differ_in"] == "probe initialisation, batch order"
     assert result["mean"]["miou"] > 0.9 and result["mean"]["pixel_acc"] > 0.95
     assert "mean" in r.stdout and "std" in r.stdout  # the readable table comes first
     assert os.path.isfile(out / "log.jsonl")
@@ -304,6 +371,25 @@ def test_finetuning_with_a_label_fraction_runs_from_a_vader_checkpoint(tmp_path,
     result = metrics(out)
     assert result["mode"] == "finetune" and result["train_images"] == 4 and 0 <= result["mean"]["miou"] <= 1
     assert "encoder + FPN + decoder" in result["model"]
+
+
+def test_a_set_smaller_than_the_batch_trains_with_the_whole_set_as_the_batch(tmp_path, capsys):
+    """3 training images and --batch-size 16: one step per epoch on all 3, said in the output and in metrics.json;
+    fine-tuning too. On 4 ranks each rank's share is padded to ceil(n / 4) images."""
+    assert E.training_batch(102, 256, 1) == 102 and E.training_batch(102, 256, 4) == 26 * 4
+    assert E.training_batch(5, 4, 1) == 4 and E.training_batch(1, 8, 4) == 4
+    make_voc(str(tmp_path / "voc"), n_train=3, n_val=1)
+    for mode in ([], ["--finetune"]):
+        out = tmp_path / f"run{len(mode)}"
+        E.main(["--dataset", "voc", "--data", str(tmp_path / "voc"), "--arch", "resnet18", "--image-size", "32",
+                "--epochs", "2", "--batch-size", "16", "--trials", "1", "--workers", "0",
+                "--output-dir", str(out)] + mode)
+        assert "training on the whole set as the batch (3 images)" in capsys.readouterr().out
+        result = metrics(out)
+        assert result["batch_size"] == 3 and result["train_images"] == 3 and 0 <= result["mean"]["miou"] <= 1
+        with open(out / "log.jsonl") as f:
+            epochs = [json.loads(line) for line in f if '"epoch"' in line]
+        assert [e["epoch"] for e in epochs] == [0, 1]
 
 
 def test_probe_under_torchrun_with_two_ranks(tmp_path, run_script):
@@ -341,6 +427,20 @@ def test_image_label_size_mismatch_is_a_one_line_error(tmp_path, run_script):
     r = run_script("evaluate_linear.py", "--dataset", "voc", "--data", tmp_path / "voc", "--workers", "0",
                    "--output-dir", tmp_path / "run")
     assert_one_line_error(r, names["val"][1], "64x64", "12x10")
+
+
+def test_an_rgb_label_png_is_a_one_line_error_naming_it_also_with_loader_workers(tmp_path):
+    """Colour-coded labels are refused when the pairs are checked (headers only), in the main process, before any
+    loader worker starts: a worker's error would arrive as its traceback."""
+    names = make_voc(str(tmp_path / "voc"), n_train=4, n_val=2)
+    rgb_label = tmp_path / "voc" / "SegmentationClass" / f"{names['train'][2]}.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(rgb_label)
+    with pytest.raises(common.UserError) as error:
+        E.main(["--dataset", "voc", "--data", str(tmp_path / "voc"), "--arch", "resnet18", "--image-size", "32",
+                "--epochs", "1", "--batch-size", "2", "--trials", "1", "--workers", "2",
+                "--output-dir", str(tmp_path / "run")])
+    message = str(error.value)
+    assert "\n" not in message and str(rgb_label) in message and "mode RGB" in message
 
 
 def test_unknown_weights_are_a_one_line_error(tmp_path, run_script):
@@ -381,7 +481,7 @@ def train_tiny_probes(tmp_path, trials, fraction=1.0, **changes):
     subsets = [E.label_subset(len(train_set), fraction, args.seed + t) for t in range(trials)]
     backbone = CountingBackbone().requires_grad_(False)
     log = common.JsonLog(tmp_path / "l", False)
-    heads, path = E.train_probes(backbone, train_set, subsets, args, common.Dist(), log)
+    heads, path, _ = E.train_probes(backbone, train_set, subsets, args, common.Dist(), log)
     return heads, path, backbone.images
 
 
@@ -399,13 +499,68 @@ def test_one_backbone_pass_per_batch_feeds_every_trial_without_a_cache(tmp_path)
 
 
 def test_probe_without_a_cache_learns_what_the_cached_probe_learns(tmp_path):
-    """Same batches, same initialisation: only the cache's fp16 rounding of the features separates the two."""
-    cached, path, _ = train_tiny_probes(tmp_path, trials=2, cache_gb=16)
-    recomputed, _, _ = train_tiny_probes(tmp_path, trials=2, cache_gb=0)
+    """Trial 0 has the same batches and initialisation on both paths: only the cache's fp16 rounding of the
+    features separates the two."""
+    cached, path, _ = train_tiny_probes(tmp_path, trials=1, cache_gb=16)
+    recomputed, _, _ = train_tiny_probes(tmp_path, trials=1, cache_gb=0)
     assert path == "cached"
-    for a, b in zip(cached, recomputed):
-        assert torch.allclose(a.conv.weight, b.conv.weight, rtol=1e-2, atol=1e-4)
-        assert torch.allclose(a.conv.bias, b.conv.bias, rtol=1e-2, atol=1e-4)
+    assert torch.allclose(cached[0].conv.weight, recomputed[0].conv.weight, rtol=1e-2, atol=1e-4)
+    assert torch.allclose(cached[0].conv.bias, recomputed[0].conv.bias, rtol=1e-2, atol=1e-4)
+
+
+def test_each_cached_trial_is_the_run_of_its_own_seed(tmp_path):
+    """From the cache, trial t of a run with --seed s is trial 0 of a run with --seed s + t: its own labelled subset,
+    initialisation and batch order, as independent repetitions would be; and the backbone still sees each image
+    once (the trials' images to fill the cache, and one to learn the feature shape)."""
+    for fraction in (1.0, 0.5):
+        together, path, images = train_tiny_probes(tmp_path, trials=3, fraction=fraction, cache_gb=16)
+        union = set().union(*(E.label_subset(8, fraction, t) for t in range(3)))
+        assert path == "cached" and images == len(union) + 1
+        for t in (1, 2):
+            alone, _, _ = train_tiny_probes(tmp_path, trials=1, fraction=fraction, cache_gb=16, seed=t)
+            assert torch.allclose(together[t].conv.weight, alone[0].conv.weight, atol=1e-6), (fraction, t)
+            assert torch.allclose(together[t].conv.bias, alone[0].conv.bias, atol=1e-6), (fraction, t)
+    shards = [list(range(8))] * 3
+    for (images, rows), b in zip(E.epoch_steps(shards, 4, [0, 1000, 2000]), (0, 4)):
+        for r, seed in zip(rows, (0, 1000, 2000)):  # each trial's batch, in its own seed's permutation
+            order = torch.randperm(8, generator=torch.Generator().manual_seed(seed))[b:b + 4].tolist()
+            assert [images[k] for k in r.tolist()] == order
+
+
+def test_fp16_probe_gradients_underflow_without_loss_scaling_and_fit_scales_them(tmp_path):
+    """A probe's loss is a mean over N x h x w = 50,000 pixels: its per-logit gradients (~2e-5 for the labelled
+    class, ~1e-6 for the others) all lie below fp16's smallest normal number, so fp16 keeps a few bits of them or
+    none. One step of fit under fp16 autocast (CPU autocast stands in for a GPU's, the CPU GradScaler for
+    common.grad_scaler's) moves the weights as fp32 does when fit goes through the scaler, and not without it."""
+    torch.manual_seed(0)
+    features, labels = torch.randn(2, 16, 158, 158), torch.randint(0, 21, (2, 158, 158))
+    logits = torch.zeros(2, 21, 158, 158, requires_grad=True)
+    E.task_loss(logits, labels, "segmentation").backward()
+    tiny = torch.finfo(torch.float16).tiny  # 6.1e-5
+    assert logits.grad.abs().max() < tiny and logits.grad.abs().max() > 1e-5
+    assert (logits.grad.abs() * 2.0 ** 16 >= tiny).all()  # scaled by GradScaler's initial 2^16 they are normal
+
+    def one_step(fp16, scaler):
+        torch.manual_seed(1)
+        head = E.LinearProbe(16, 21, torch.zeros(16), torch.ones(16))
+        before = head.conv.weight.detach().clone()
+
+        def losses(x, y, _):
+            with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+                return E.task_loss(head(x), y, "segmentation")[None]
+
+        E.fit(head, E.sgd(head, 0.1, 0.0), scaler, lambda epoch: [(features, labels, None)], 1, losses, 1, 0.1,
+              "fp32", common.Dist(), common.JsonLog(tmp_path / "l", False), "probe", [0], "test")
+        return head.conv.weight.detach() - before
+
+    reference = one_step(False, torch.amp.GradScaler("cpu", enabled=False))
+    scaled = one_step(True, torch.amp.GradScaler("cpu"))
+    unscaled = one_step(True, torch.amp.GradScaler("cpu", enabled=False))
+
+    def error(update):
+        return float((update - reference).norm() / reference.norm())
+
+    assert error(scaled) < 1e-3 and error(unscaled) > 5 * error(scaled), (error(scaled), error(unscaled))
 
 
 def test_trials_with_their_own_labelled_subsets_train_on_their_own_images(tmp_path):
@@ -413,7 +568,7 @@ def test_trials_with_their_own_labelled_subsets_train_on_their_own_images(tmp_pa
     batches, and every trial still takes every step."""
     heads, _, images = train_tiny_probes(tmp_path, trials=2, fraction=0.5, cache_gb=0, batch_size=2)
     subsets = [E.label_subset(8, 0.5, t) for t in range(2)]
-    steps = E.epoch_steps(subsets, 2, seed=0)
+    steps = E.epoch_steps(subsets, 2, seeds=[0, 0])
     assert len(steps) == 2 and images > 6 * 2  # more than one trial's images per step
     for images_of_step, rows in steps:
         for subset, r in zip(subsets, rows):
@@ -434,6 +589,20 @@ def test_labels_are_cached_as_uint8_and_counted_in_the_cache_budget(tmp_path):
     samples = E.Samples(E.SyntheticSegmentation(4, 32, seed=0), range(4), (32, 32))
     cache = E.FeatureCache(CountingBackbone(), samples, batch_size=4, workers=0, precision="fp32", d=common.Dist())
     assert cache.labels.dtype == torch.uint8 and cache.labels.shape == (4, 32, 32)
+
+
+def test_images_travel_as_uint8_and_are_normalised_on_the_device_as_before():
+    """Loader batches hold uint8 images (a quarter of float32's bytes over the bus); common.normalize on the device
+    gives what the ImageNet-normalised float tensor of the same resized image was."""
+    mean, std = torch.tensor(common.IMAGENET_MEAN)[:, None, None], torch.tensor(common.IMAGENET_STD)[:, None, None]
+    for source, shape in ((E.SyntheticSegmentation(2, 40, seed=0), (32, 32)),
+                          (E.SyntheticClassification(2, 40, seed=0), (32, 32))):
+        images, _, _ = next(iter(E.loader(E.Samples(source, [0, 1], shape), 2, 0, torch.device("cpu"))))
+        assert images.dtype == torch.uint8 and images.shape == (2, 3, 32, 32)
+        image = source.read(1)[0]
+        image = E.centre_crop(image, 32) if source.task == "classification" else image.resize((32, 32), Image.BILINEAR)
+        expected = (torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 255 - mean) / std
+        assert torch.allclose(common.normalize(images, torch.device("cpu"))[1], expected, atol=1e-5)
 
 
 class CoordinateLabels:
@@ -531,6 +700,7 @@ def test_finite_or_none_replaces_every_nan_and_infinity():
     (["--weights", "no/such/file.pth", "--export-detectron2", "x.pkl"], ["--weights no/such/file.pth"]),
     (["--data", "no/such/folder", "--dataset", "voc"], ["--data no/such/folder"]),
     (["--dataset", "imagefolder", "--finetune"], ["--finetune"]),
+    (["--finetune", "--layer", "res4"], ["--layer res4"]),
     (["--output-dir", "/dev/null/run", "--epochs", "1"], ["--output-dir /dev/null/run"]),
 ])
 def test_bad_flags_fail_before_any_work(flags, words, capsys, tmp_path):
@@ -618,9 +788,10 @@ def test_embedded_classification_label_is_the_class_of_the_largest_object():
         assert areas.max() >= 0.1 * 64 * 64 and np.all(classes[instances == largest] == cls + 1)
 
 
-def make_class_folder(root, per_class=(4, 2)):
+def make_class_folder(root, per_class=(4, 2), broken=False):
     """DIR/{train,val}/<class>/*.png: classes red, green, blue (plain colours with noise); one odd file that is no
-    image, which the reader must skip."""
+    image, which the reader must skip; with `broken`, one file in each split that is named as an image but cannot be
+    decoded (a truncated PNG in train, text in val). Returns the broken files."""
     rng = np.random.default_rng(0)
     for split, n in zip(("train", "val"), per_class):
         for c, colour in enumerate(((200, 30, 30), (30, 200, 30), (30, 30, 200))):
@@ -630,10 +801,20 @@ def make_class_folder(root, per_class=(4, 2)):
                 rgb = np.clip(np.array(colour) + rng.normal(0, 8, (40, 48, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(rgb).save(os.path.join(folder, f"{i}.png"))
     open(os.path.join(root, "train", "class_0", "notes.txt"), "w").close()
+    if not broken:
+        return []
+    paths = [os.path.join(root, "train", "class_1", "x_truncated.png"), os.path.join(root, "val", "class_2", "x.jpg")]
+    with open(os.path.join(root, "train", "class_1", "0.png"), "rb") as f:
+        whole = f.read()
+    with open(paths[0], "wb") as f:
+        f.write(whole[:len(whole) // 2])
+    with open(paths[1], "w") as f:
+        f.write("not a JPEG")
+    return paths
 
 
-def test_imagefolder_classification_runs_end_to_end(tmp_path, run_script):
-    make_class_folder(str(tmp_path / "data"))
+def test_imagefolder_classification_runs_end_to_end_skipping_unreadable_images_by_name(tmp_path, run_script):
+    broken = make_class_folder(str(tmp_path / "data"), broken=True)
     out = tmp_path / "run"
     r = run_script("evaluate_linear.py", "--dataset", "imagefolder", "--data", tmp_path / "data", "--weights",
                    colour_keeping_weights(tmp_path / "r18.pth"), "--image-size", "32", "--epochs", "30",
@@ -642,7 +823,10 @@ def test_imagefolder_classification_runs_end_to_end(tmp_path, run_script):
     assert r.returncode == 0, r.stderr
     result = metrics(out)
     assert last_json_line(r.stdout) == result
-    assert result["task"] == "classification" and result["train_images"] == 12 and result["val_images"] == 6
+    assert result["task"] == "classification" and result["train_images"] == 13 and result["val_images"] == 7
+    warnings = r.stderr.split("warning: skipping unreadable image ")[1:]  # the progress bars share stderr's lines
+    assert len(warnings) == 2 and all(any(w.startswith(path) for w in warnings) for path in broken), r.stderr
+    assert "Traceback" not in r.stderr and result["unreadable_images"] == {"train": 1, "val": 1}
     assert result["classes"] == 3 and result["top5_k"] == 3 and len(result["per_trial"]) == 2
     assert result["mean"]["top1"] > 0.9 and result["mean"]["top5"] == 1.0
     assert set(result["std"]) == {"top1", "top5"}
@@ -654,3 +838,96 @@ def test_embedded_classification_set_runs_without_data(tmp_path):
             "--epochs", "1", "--batch-size", "6", "--trials", "1", "--output-dir", str(out)])
     result = metrics(out)
     assert result["dataset"] == "synthetic-objects" and result["classes"] == 6 and result["val_images"] == 6
+
+
+# ---- correspondence accuracy ----
+class CoordinateFeatures(torch.nn.Module):
+    """A 'model' whose features are the original-image position each cell sees: the test images' red and green
+    channels are their pixels' x and y, pooled to the 1/4 grid and encoded as (cos, sin) of a low frequency per
+    axis, so the cosine similarity of two cells, (cos w dx + cos w dy) / 2, falls with the distance along each axis."""
+
+    def forward(self, x):  # x: N x 3 x S x S, ImageNet-normalised
+        mean, std = torch.tensor(common.IMAGENET_MEAN), torch.tensor(common.IMAGENET_STD)
+        pixels = (x * std[:, None, None] + mean[:, None, None]) * 255  # back to the 0..255 values
+        xy = F.avg_pool2d(pixels[:, :2], 4)  # N x 2 x S/4 x S/4: the mean position each cell sees
+        w = math.pi / 512
+        return torch.cat([torch.cos(w * xy), torch.sin(w * xy)], 1)
+
+
+class ConstantFeatures(torch.nn.Module):
+    def forward(self, x):
+        return torch.ones(len(x), 8, x.shape[-2] // 4, x.shape[-1] // 4)
+
+
+def coordinate_image(path, size):
+    """An image whose pixel (x, y) has red x and green y."""
+    y, x = np.mgrid[0:size, 0:size]
+    Image.fromarray(np.stack([x, y, np.zeros_like(x)], -1).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def score_pairs(model, pairs):
+    loader = torch.utils.data.DataLoader(pairs, batch_size=4, collate_fn=E.collate_pairs)
+    return E.correspondence_scores(model, loader, 16, common.Dist(), "fp32")
+
+
+def test_a_feature_map_of_its_own_coordinates_scores_100_percent_and_a_constant_one_chance(tmp_path):
+    """Views of the whole 64 px image (flipped or not, no colour ops) have coinciding grids: the cell that sees the
+    same position is the true match. Constant features tie everywhere; argmax takes view 2's first cell, so top1 is
+    the share of matches that are cell 0 (about 1 / 256), and within_one the share within one cell of it."""
+    files = [coordinate_image(tmp_path / "xy.png", 64)] * 12
+    views = E.PairedViews(64, 32, scale=(1.0, 1.0), color=False)
+    pairs = E.CorrespondencePairs(views, seed=0, files=files)
+    scores = score_pairs(CoordinateFeatures(), pairs)
+    assert scores["top1"] == 1.0 and scores["within_one"] == 1.0 and scores["queries"] == 12 * 32
+    flips = [bool((pairs[i][2][:, 0] != pairs[i][2][:, 1]).any()) for i in range(12)]
+    assert any(flips) and not all(flips)  # both mirrored and unmirrored pairs occur
+    true = torch.cat([pairs[i][2][:, 1] for i in range(12)]).tolist()
+    constant = score_pairs(ConstantFeatures(), pairs)
+    assert constant["top1"] == sum(c == 0 for c in true) / len(true)
+    assert constant["within_one"] == sum(c // 16 <= 1 and c % 16 <= 1 for c in true) / len(true)
+    assert constant["chance"]["top1"] == 1 / 256
+    neighbours = [sum(max(abs(c // 16 - r), abs(c % 16 - k)) <= 1 for r in range(16) for k in range(16)) for c in true]
+    assert constant["chance"]["within_one"] == pytest.approx(sum(neighbours) / 256 / len(true))
+
+
+def test_coordinate_features_find_their_match_within_one_cell_under_random_crops(tmp_path):
+    """Training's crops (20-100% of the area, any aspect in 3/4..4/3): a view-2 cell whose centre is nearest the
+    view-1 cell's centre is its match or a neighbour (ties at cell borders and uint8 rounding decide which)."""
+    pairs = E.CorrespondencePairs(E.PairedViews(64, 32, color=False), seed=0,
+                                  files=[coordinate_image(tmp_path / "xy.png", 160)] * 12)
+    scores = score_pairs(CoordinateFeatures(), pairs)
+    assert scores["within_one"] == 1.0 and scores["top1"] > 0.9  # 0.95 at seeds 0-2 on 50 pairs
+
+
+def test_correspondence_runs_for_any_weights_on_embedded_images_and_on_a_folder(tmp_path, capsys):
+    paths, _, _ = save_weights(tmp_path)
+    for weights in ("random", paths["vader"]):
+        E.main(["--dataset", "correspondence", "--weights", weights, "--synthetic-val", "4", "--batch-size", "4",
+                "--output-dir", str(tmp_path / "run")])
+        result = last_json_line(capsys.readouterr().out)
+        assert result == metrics(tmp_path / "run") and result["grid"] == 16 and result["queries"] == 4 * 32
+        assert 0 <= result["top1"] <= result["within_one"] <= 1 and set(result["chance"]) == {"top1", "within_one"}
+    os.makedirs(tmp_path / "photos" / "val" / "a")
+    for i in range(3):
+        coordinate_image(tmp_path / "photos" / "val" / "a" / f"{i}.png", 80)
+    with open(tmp_path / "photos" / "val" / "a" / "broken.jpg", "w") as f:
+        f.write("not a JPEG")
+    E.main(["--dataset", "correspondence", "--data", str(tmp_path / "photos"), "--arch", "resnet18",
+            "--image-size", "32", "--batch-size", "2", "--workers", "0", "--output-dir", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    result = last_json_line(captured.out)
+    assert result["pairs"] == 3 and result["unreadable"] == 1 and result["grid"] == 8
+    assert captured.err.count("skipping unreadable image") == 1 and "broken.jpg" in captured.err
+    with pytest.raises(common.UserError, match="--layer res4 is at 1/8") as error:
+        E.main(["--dataset", "correspondence", "--layer", "res4", "--output-dir", str(tmp_path / "run")])
+    assert "\n" not in str(error.value) and capsys.readouterr().out == ""
+
+
+def test_features_off_the_grid_of_the_matches_are_a_one_line_error(tmp_path, monkeypatch):
+    """A model whose output is not at 1/4 (here C4 at 1/8, read through --layer res5's slot) cannot be scored on
+    the matches' grid: one line naming the sizes, before any pair is read."""
+    monkeypatch.setitem(common.BASELINE_LAYERS, "res5", common.Res4ResNet)
+    with pytest.raises(common.UserError, match="features at 8x8 for 64 px views, not the 16x16 grid") as error:
+        E.main(["--dataset", "correspondence", "--output-dir", str(tmp_path / "run")])
+    assert "\n" not in str(error.value)
