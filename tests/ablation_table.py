@@ -43,7 +43,7 @@ SCORES = {  # the evaluations, on the embedded sets: flags and the result fields
     "probe": (["evaluate_linear.py", "--trials", "3"], lambda r: dict(miou=r["mean"]["miou"], miou_std=r["std"]["miou"])),
     "davis": (["davis_propagate.py"], lambda r: {"J&F": r["J&F-Mean"], "J": r["J-Mean"], "F": r["F-Mean"]}),
     "correspondence": (["evaluate_linear.py", "--dataset", "correspondence"],
-                       lambda r: dict(top1=r["top1"], within_one=r["within_one"], top1_chance=r.get("top1_chance"))),
+                       lambda r: dict(top1=r["top1"], within_one=r["within_one"], top1_chance=r["chance"]["top1"])),
 }
 
 
