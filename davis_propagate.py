@@ -14,31 +14,41 @@ Usage (--weights: 'random', a vader.py / clove.py or MoCo checkpoint, or a torch
     python davis_propagate.py --data DAVIS --weights checkpoint.pth                 # Table 2 at 320 x 320
     python davis_propagate.py --data DAVIS --weights checkpoint.pth --resolution 480  # Table 2 at 480 x 480
     python davis_propagate.py --data DAVIS --weights checkpoint.pth --protocol crw  # CRW's knobs (or: dino)
+    python davis_propagate.py --data DAVIS --split test-dev --weights ...           # first masks only: no score
     python davis_propagate.py --data DAVIS --eval-only results/some_method          # score any results folder
     torchrun --nproc_per_node=4 davis_propagate.py --data DAVIS --weights ...       # sequences split over ranks
 
 The protocol, step by step
-    frame -> S x S square (--resolution) or the native frame padded to a multiple of 32  -> network_input
-    L2-normalised features at --stride 4 or 8, each frame computed once                 -> at_stride, FeatureStream
-    first frame's one-hot labels (objects 1..N), area-averaged onto the feature grid    -> label_grid
-    context = frame 0 (ground truth) + the --n-context previous frames (predictions)    -> propagate
-    affinity cos / --temperature, --topk per frame or joint, optional --radius window   -> propagate_frame, local_topk
-    soft labels -> (--minmax) -> bilinear to the frame -> argmax -> indexed PNG          -> labels_to_ids
-    J and F per object on frames 1 .. T-2; Mean, Recall, Decay per object               -> score_sequence
-    J&F-Mean = (J-Mean + F-Mean) / 2, each averaged over all objects of all sequences   -> summarise
+    frame (decoded by --workers) -> S x S square (--resolution) or the native frame padded to a multiple of 32
+    features: a dense head's own, or a ResNet at --layer (res4: C4 at 1/8; res5: dilated C5)  -> build_model
+    L2-normalised, at --stride 4 or 8, each frame computed once                        -> at_stride, FeatureStream
+    first frame's one-hot labels (objects 1..N) resampled onto the grid (--label-resample)  -> label_grid
+    context = frame 0 (ground truth) + the --n-context previous frames (predictions)   -> propagate
+    affinity cos / --temperature, --topk per frame or joint, optional --radius window  -> propagate_frame, local_topk
+    soft labels -> (--minmax) -> bilinear to the frame -> argmax -> indexed PNG         -> labels_to_ids
+    J and F per object on frames 1 .. T-2; Mean, Recall, Decay per object              -> score_sequence
+    J&F-Mean = (J-Mean + F-Mean) / 2, each averaged over all objects of all sequences  -> summarise
 
 Protocols: --protocol sets these knobs, a typed flag wins, the settings used are printed. Radii are in feature
 cells; a preset's radius keeps its pixel extent at another --stride (CRW at --stride 4: 24), a typed one does not.
-    timecycle (default, the VADeR paper's): 320 x 320 at stride 4 (VADeR's grid), context 1 + 7, per context frame
-        a softmax with T = 1/sqrt(512) and its top-5, no window, each prediction min-max rescaled before it is carried.
+    timecycle (default, the VADeR paper's): 320 x 320 on the network's own grid (VADeR 1/4, res4 1/8), context
+        1 + 7 that starts as copies of frame 0, frame 0 first propagated onto itself, a softmax with T = 1/sqrt(512)
+        per context frame and its top-5, no window, each prediction min-max rescaled before it is carried.
     crw (ajabri/videowalk): native 480p at stride 8, context 1 + 20 that starts as copies of frame 0, a joint top-10
         with T = 0.05, a disc window (distance < 12 cells) on the previous frames only, no min-max.
     dino (facebookresearch/dino): native 480p at stride 8, context 1 + 7, a joint top-5 with T = 0.1, a square window
         (|dy|, |dx| <= 12 cells) on all frames, the raw labels carried and only the upsampled prediction rescaled.
+    First-frame labels: bilinear (CRW; TimeCycle after a nearest resize to 320), nearest pixel (DINO).
+Which layer (--layer, for ResNet weights): CRW and TimeCycle read res4 (layer3 at stride 1, layer4 dropped: 1/8,
+40 x 40 at 320), and so do the crw and timecycle presets; dino reads the last layer, res5 dilated to the stride.
+VADeR's Table 2 names no layer for its ResNet rows (supervised ImageNet, MoCo), but its footnote says it used
+TimeCycle's evaluation code, whose network is res4 (resnet_res4s1): res4 it is. The dilated 1/4 C5 of §4.1 is
+Table 1's. res4 exists at stride 8 only; a VADeR checkpoint is read at its own dense head.
 What each preset still does differently from its reference code: the notes at the end of this file.
 
 Output: <output-dir>/<seq>/<frame>.png (indexed, original size: the official evaluator's layout), metrics.json
 (summary, per-sequence table, settings, speed), --save-overlays JPEGs; the last stdout line is the summary as JSON.
+After a failure, every <seq>/ present is complete and from this run, and there is no metrics.json (run_propagation).
 """
 import argparse
 import collections
@@ -61,17 +71,28 @@ import common
 from vader import VADeRNet  # VADeR checkpoints carry their own dense head
 
 # ---- arguments ----
-# Stride 4 is the grid the VADeR paper evaluates every method on (§4.1); CRW and DINO read theirs at stride 8.
+# Stride 4 is the grid of VADeR's decoder, on which the paper reads VADeR (§4.1); CRW and DINO read theirs at 8.
 PROTOCOLS = {  # stride and radius in the published units: feature cells at the published stride
-    "timecycle": dict(resolution="320", stride=4, n_context=7, topk=5, topk_mode="per-frame",
+    "timecycle": dict(resolution="320", stride="network", layer="res4", n_context=7, topk=5, topk_mode="per-frame",
                       temperature=512 ** -0.5, radius=0, window="square", radius_first_frame=False,
-                      minmax="carried", fill_context=False),
-    "crw": dict(resolution="native", stride=8, n_context=20, topk=10, topk_mode="joint", temperature=0.05,
-                radius=12, window="disc", radius_first_frame=False, minmax="none", fill_context=True),
-    "dino": dict(resolution="native", stride=8, n_context=7, topk=5, topk_mode="joint", temperature=0.1,
-                 radius=12, window="square", radius_first_frame=True, minmax="output", fill_context=False),
+                      minmax="carried", fill_context=True, predict_first_frame=True, label_resample="bilinear"),
+    "crw": dict(resolution="native", stride=8, layer="res4", n_context=20, topk=10, topk_mode="joint",
+                temperature=0.05, radius=12, window="disc", radius_first_frame=False, minmax="none",
+                fill_context=True, predict_first_frame=False, label_resample="bilinear"),
+    "dino": dict(resolution="native", stride=8, layer="res5", n_context=7, topk=5, topk_mode="joint",
+                 temperature=0.1, radius=12, window="square", radius_first_frame=True, minmax="output",
+                 fill_context=False, predict_first_frame=False, label_resample="nearest"),
 }
 DEMO_PRESET = dict(arch="resnet18", resolution="native", output_dir="runs/davis-demo")  # no --data: CPU-sized
+
+
+def stride_value(text):
+    """--stride: 4, 8 or 'network' (the network's own output stride)."""
+    if text == "network":
+        return text
+    if text in ("4", "8"):
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: expected 4, 8 or network")
 
 
 def get_parser():
@@ -79,7 +100,8 @@ def get_parser():
                                 allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None,
                    help="DAVIS-2017 root (JPEGImages/480p, Annotations/480p, ImageSets/2017); none: the demo")
-    p.add_argument("--split", default="val", help="sequence list ImageSets/2017/<split>.txt")
+    p.add_argument("--split", default="val",
+                   help="sequence list ImageSets/2017/<split>.txt (test-dev: first masks only, propagated unscored)")
     p.add_argument("--sequences", nargs="*", default=None, help="only these sequences of the split")
     p.add_argument("--output-dir", default="runs/davis", help="<seq>/<frame>.png, metrics.json and overlays go here")
     p.add_argument("--weights", default="random",
@@ -87,10 +109,12 @@ def get_parser():
     p.add_argument("--arch", default="resnet50", help="ResNet depth for 'random' and for files that do not say it")
     p.add_argument("--protocol", default="timecycle", choices=sorted(PROTOCOLS),
                    help="preset of the knobs whose default is None (timecycle: the VADeR paper's); typed flags win")
+    p.add_argument("--layer", default=None, choices=["res4", "res5"],
+                   help="where a ResNet is read: res4 = layer3 at 1/8 (CRW, TimeCycle), res5 = dilated C5")
     p.add_argument("--resolution", default=None,
                    help="square input side (320 and 480 are TimeCycle's; any integer >= 32) or 'native' (480p)")
-    p.add_argument("--stride", type=int, default=None, choices=[4, 8],
-                   help="feature stride: 4 = VADeR's grid; 8 = TimeCycle's, CRW's, DINO /8's (16x cheaper affinity)")
+    p.add_argument("--stride", type=stride_value, default=None,
+                   help="feature stride 4 or 8 (16x cheaper affinity), or 'network': its own (VADeR 4, res4 8)")
     p.add_argument("--n-context", type=int, default=None, help="previous predicted frames in the context")
     p.add_argument("--topk", type=int, default=None, help="neighbours whose labels are mixed")
     p.add_argument("--topk-mode", default=None, choices=["per-frame", "joint"],
@@ -105,11 +129,18 @@ def get_parser():
                    help="rescale each channel to [0, 1]: each carried prediction (TimeCycle) or only the output (DINO)")
     p.add_argument("--fill-context", action=argparse.BooleanOptionalAction, default=None,
                    help="start the context as --n-context copies of frame 0 (TimeCycle, CRW), not the frames seen")
+    p.add_argument("--predict-first-frame", action=argparse.BooleanOptionalAction, default=None,
+                   help="propagate frame 0 onto itself first and carry that prediction as a previous frame (TimeCycle)")
+    p.add_argument("--label-resample", default=None, choices=["area", "bilinear", "nearest"],
+                   help="first-frame masks onto the grid: cell area, bilinear at cell centres (CRW, TimeCycle), "
+                        "nearest pixel (DINO)")
     p.add_argument("--affinity", default="local", choices=["local", "full"],
                    help="with a --radius: score only each query's neighbourhood, or all keys then mask (same labels)")
     p.add_argument("--chunk-size", type=int, default=1024,
                    help="queries per affinity block; lower it if memory runs out (results do not change)")
     p.add_argument("--batch-size", type=int, default=1, help="frames per forward pass of the network")
+    p.add_argument("--workers", type=int, default=None,
+                   help="frame-decoding processes (default: 4, or the CPUs this process may use if fewer); 0: none")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="network autocast (fp16 needs a GPU); the affinity is always fp32")
     p.add_argument("--eval-only", default=None, metavar="DIR",
@@ -125,23 +156,24 @@ def get_parser():
 
 
 def resolve_settings(parser, args, argv):
-    """Fill the knobs left unset from --protocol (and the demo preset), check every size and path before any work;
-    returns the settings to print."""
-    preset = PROTOCOLS[args.protocol]
-    radius_typed = args.radius is not None
-    for k, v in preset.items():
-        if getattr(args, k) is None:
+    """Fill the knobs left unset from --protocol (and the demo preset), check every path, then every size, before
+    any work; returns the settings to print (build_model adds the stride and the radius, which depend on the
+    network)."""
+    for k, v in PROTOCOLS[args.protocol].items():
+        if getattr(args, k) is None and k != "radius":  # an untyped radius follows the stride (build_model)
             setattr(args, k, v)
-    if not radius_typed and args.stride != preset["stride"]:  # the same window in pixels at another stride
-        args.radius = round(preset["radius"] * preset["stride"] / args.stride)
     if args.data is None and args.eval_only is None:
         common.apply_preset(parser, args, DEMO_PRESET, argv)
+    if args.workers is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        args.workers = min(4, cpus)
+    check_paths(args)
     if args.resolution != "native" and not (str(args.resolution).isdigit() and int(args.resolution) >= 32):
         raise common.UserError(f"--resolution {args.resolution}: expected a square size >= 32 (320 and 480 are "
                                "TimeCycle's) or native")
     for flag, value, low in (("--n-context", args.n_context, 0), ("--topk", args.topk, 1),
-                             ("--radius", args.radius, 0), ("--chunk-size", args.chunk_size, 1),
-                             ("--batch-size", args.batch_size, 1),
+                             ("--radius", args.radius or 0, 0), ("--chunk-size", args.chunk_size, 1),
+                             ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
                              ("--synthetic-sequences", args.synthetic_sequences, 1),
                              ("--synthetic-frames", args.synthetic_frames, 3),
                              ("--synthetic-size", min(args.synthetic_size), 16)):
@@ -149,11 +181,12 @@ def resolve_settings(parser, args, argv):
             raise common.UserError(f"{flag} {value}: must be >= {low}")
     if not args.temperature > 0:
         raise common.UserError(f"--temperature {args.temperature}: must be > 0")
-    check_paths(args)
-    return dict(protocol=args.protocol, resolution=args.resolution, stride=args.stride, n_context=args.n_context,
-                topk=args.topk, topk_mode=args.topk_mode, temperature=args.temperature, radius=args.radius,
-                window=args.window, radius_first_frame=args.radius_first_frame, minmax=args.minmax,
-                fill_context=args.fill_context, affinity=args.affinity, chunk_size=args.chunk_size)
+    return dict(protocol=args.protocol, layer=args.layer, resolution=args.resolution, stride=args.stride,
+                n_context=args.n_context, topk=args.topk, topk_mode=args.topk_mode, temperature=args.temperature,
+                radius=args.radius, window=args.window, radius_first_frame=args.radius_first_frame,
+                minmax=args.minmax, fill_context=args.fill_context, predict_first_frame=args.predict_first_frame,
+                label_resample=args.label_resample, affinity=args.affinity, chunk_size=args.chunk_size,
+                workers=args.workers)
 
 
 def check_paths(args):
@@ -251,34 +284,70 @@ def first_annotation_path(root, seq, frames):
     return os.path.join(root, "Annotations", "480p", seq, stem(frames[0]) + ".png")
 
 
+END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}  # a truncated copy lacks its format's last bytes
+
+
+def image_size(path, what):
+    """(width, height) from the header, after a cheap test for truncation: a JPEG ends with the end-of-image marker,
+    a PNG with its IEND chunk. A file without it is decoded once (bytes after the marker are legal); one that does
+    not decode is a one-line error naming it, before any work. A frame that fails later: see FrameDataset."""
+    try:
+        with Image.open(path) as img:
+            size, marker = img.size, END_MARKERS.get(img.format)
+            if marker is not None:
+                with open(path, "rb") as f:
+                    f.seek(max(os.path.getsize(path) - len(marker), 0))
+                    if f.read() != marker:
+                        img.load()  # raises on a truncated file (PIL's LOAD_TRUNCATED_IMAGES is off)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise common.UserError(f"{path}: unreadable {what} ({e}); re-extract or re-download it") from None
+    return size
+
+
 def check_sequence(root, seq):
-    """Validate one sequence before anything is computed; returns (frames, annotations, number of objects)."""
+    """Validate one sequence before anything is computed; returns (frames, annotations, number of objects,
+    whether every frame is annotated). A sequence with its first mask only (test-dev) is propagated, not scored."""
     frames, anns = sequence_files(root, seq)
     first_ann = first_annotation_path(root, seq, frames)
     if not os.path.isfile(first_ann):
         raise common.UserError(f"{first_ann}: first-frame annotation missing (propagation starts from it)")
-    with Image.open(frames[0]) as img:
-        size = img.size
+    size = image_size(frames[0], "frame")
     for path in frames[1:]:
-        with Image.open(path) as img:  # header only: cheap
-            if img.size != size:
-                raise common.UserError(f"{path}: frame size {img.size[0]}x{img.size[1]} differs from "
-                                       f"{frames[0]} ({size[0]}x{size[1]})")
+        w, h = image_size(path, "frame")
+        if (w, h) != size:
+            raise common.UserError(f"{path}: frame size {w}x{h} differs from {frames[0]} ({size[0]}x{size[1]})")
     for path in anns:
-        with Image.open(path) as img:
-            if img.size != size:
-                raise common.UserError(f"{path}: mask size {img.size[0]}x{img.size[1]} differs from the frames "
-                                       f"({size[0]}x{size[1]}, {frames[0]})")
+        w, h = image_size(path, "annotation")
+        if (w, h) != size:
+            raise common.UserError(f"{path}: mask size {w}x{h} differs from the frames ({size[0]}x{size[1]}, "
+                                   f"{frames[0]})")
     first = read_annotation(first_ann)
     ids = first[first != VOID]
     num_objects = int(ids.max()) if ids.size else 0
     if num_objects >= VOID or first.max() > VOID:
         raise common.UserError(f"{first_ann}: object id {int(first.max())} does not fit the 255-colour palette "
                                f"(ids 1..254, 255 = void)")
-    if len(anns) < 3:
+    complete = [stem(a) for a in anns] == [stem(f) for f in frames]
+    if complete and len(anns) < 3:
         raise common.UserError(f"{os.path.dirname(first_ann)}: {len(anns)} annotated frames; scoring needs >= 3 "
                                "(the first and the last are not scored)")
-    return frames, anns, num_objects
+    return frames, anns, num_objects, complete
+
+
+def scoring_plan(split_file, checked):
+    """None when every sequence is annotated in full (scored), else why scoring is skipped: the first masks only in
+    every sequence (a test-dev split, which the DAVIS server scores). A mixture is a one-line error before any
+    work: scores on part of a split would read as the split's."""
+    partial = [s for s, c in checked.items() if not c[3]]
+    if not partial:
+        return None
+    first_only = [s for s in partial if len(checked[s][1]) == 1]
+    if len(first_only) == len(checked):
+        return f"{split_file}: the ground truth holds the first frames only (as test-dev's does)"
+    s = partial[0]
+    frames, anns = checked[s][:2]
+    raise common.UserError(f"{os.path.dirname(anns[0])}: annotations for {len(anns)} of {len(frames)} frames; "
+                           "scoring needs every frame annotated in every sequence, or the first masks only (test-dev)")
 
 
 def synthetic_sequence(leaves, index, num_frames=12, num_objects=(1, 3), height=160, width=160, speed=2.0):
@@ -339,19 +408,24 @@ def feature_grid(height, width, resolution, stride):
     return math.ceil(side / stride), math.ceil(side / stride)
 
 
-def network_input(frame, resolution, stride=4):
-    """PIL frame -> (normalised 3 x H' x W' network input, feature grid).
+def frame_pixels(frame, resolution):
+    """PIL frame -> uint8 3 x H' x W' network pixels: stretched to S x S by PIL's bilinear resize (TimeCycle's
+    square) or the native frame. uint8 is what the loader's workers hand over (a quarter of float32's bytes)."""
+    if resolution != "native":
+        frame = frame.resize((int(resolution), int(resolution)), Image.BILINEAR)
+    return common.to_uint8(frame)
 
-    Square mode stretches the frame to S x S (TimeCycle). At native size the frame is zero-padded after
-    normalisation (zero = the mean colour) to a multiple of 32 for the network; FeatureStream crops the features
-    back to the grid, so the padding never reaches the labels."""
+
+def network_input(pixels, resolution, stride, device):
+    """uint8 B x 3 x H x W frame pixels -> (the ImageNet-normalised network input on `device`, the feature grid).
+
+    At native size the input is zero-padded after normalisation (zero = the mean colour) to a multiple of 32 for
+    the network; FeatureStream crops the features back to the grid, so the padding never reaches the labels."""
+    x = common.normalize(pixels, device)  # B x 3 x H x W, float32
+    h, w = x.shape[-2:]
     if resolution == "native":
-        x = common.to_tensor(frame)  # 3 x H x W
-        h, w = x.shape[1:]
-        x = F.pad(x, (0, -w % 32, 0, -h % 32))  # 3 x H' x W', multiples of 32
-        return x, feature_grid(h, w, resolution, stride)
-    s = int(resolution)
-    return common.to_tensor(frame.resize((s, s), Image.BILINEAR)), feature_grid(s, s, resolution, stride)
+        x = F.pad(x, (0, -w % 32, 0, -h % 32))  # B x 3 x H' x W', multiples of 32
+    return x, feature_grid(h, w, resolution, stride)
 
 
 def set_resnet_stride(net, stride):
@@ -400,10 +474,12 @@ class AveragePooled(nn.Module):
 def at_stride(model, stride):
     """The frozen network with its features at 1/stride; returns (model, description).
 
-    common.dense_feature_model gives 1/4: VADeR's decoder, or a ResNet dilated to 1/4 (common.DilatedResNet, as §4.1
-    does for the baselines). At stride 8 that ResNet is re-dilated to 1/8 only (layer2 keeps its stride: the grid
-    on which TimeCycle and CRW read their res4 features; this is C5), and VADeR's decoder output is average-pooled
-    2 x 2 (AveragePooled)."""
+    common.dense_feature_model gives VADeR's decoder (1/4), a ResNet dilated to 1/4 (res5, common.DilatedResNet, as
+    §4.1 does for Table 1's baselines) or res4 (common.Res4ResNet, 1/8: build_model allows it at stride 8 only). At
+    stride 8 the dilated ResNet is re-dilated to 1/8 only (layer2 keeps its stride: C5 on res4's grid), and VADeR's
+    decoder output is average-pooled 2 x 2 (AveragePooled)."""
+    if isinstance(model, common.Res4ResNet):
+        return model, "at stride 8: res4's own grid"
     if stride == 4:
         return model, "at stride 4"
     if isinstance(model, common.DilatedResNet):
@@ -412,12 +488,39 @@ def at_stride(model, stride):
     return AveragePooled(model), f"at stride {stride}: the 1/4 output average-pooled 2 x 2"
 
 
-class FeatureStream:
-    """Yields the L2-normalised features (C x h x w) of a sequence's frames in order, each computed once, in batches.
-    `seconds` accumulates the time spent reading frames and running the network."""
+class FrameDataset(torch.utils.data.Dataset):
+    """The frames of every sequence a rank propagates, in order, as uint8 network pixels (frame_pixels), decoded by
+    the loader's workers while the main process runs the network. A frame that does not decode (damaged past the
+    checks of image_size) comes back as its error message, which FeatureStream raises as a one-line error: an
+    exception inside a worker would reach the user wrapped in the worker's traceback."""
 
-    def __init__(self, model, paths, resolution, stride, device, batch_size=1, precision="fp32"):
-        self.model, self.paths, self.resolution, self.stride = model, paths, resolution, stride
+    def __init__(self, paths, resolution):
+        self.paths, self.resolution = paths, resolution
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return frame_pixels(common.load_image(self.paths[i]), self.resolution)
+        except (OSError, ValueError, SyntaxError) as e:
+            return f"{type(e).__name__}: {e}"
+
+
+def frame_loader(paths, resolution, workers, device):
+    """The frames of `paths` one at a time, in order, decoded by `workers` processes ahead of the network
+    (0: in this process)."""
+    return torch.utils.data.DataLoader(FrameDataset(paths, resolution), batch_size=None, num_workers=workers,
+                                       pin_memory=device.type == "cuda")
+
+
+class FeatureStream:
+    """Yields the L2-normalised features (C x h x w) of one sequence's frames in order, each computed once, in
+    batches; `frames` yields their pixels (frame_loader), in the order of `paths`. `seconds` accumulates the time
+    spent waiting for frames and running the network."""
+
+    def __init__(self, model, frames, paths, resolution, stride, device, batch_size=1, precision="fp32"):
+        self.model, self.frames, self.paths, self.resolution, self.stride = model, frames, paths, resolution, stride
         self.device, self.batch_size, self.precision = device, batch_size, precision
         self.seconds = 0.0
 
@@ -425,13 +528,18 @@ class FeatureStream:
     def __iter__(self):
         for start in range(0, len(self.paths), self.batch_size):
             begin = time.perf_counter()
-            inputs, grids = zip(*(network_input(common.load_image(p), self.resolution, self.stride)
-                                  for p in self.paths[start:start + self.batch_size]))
-            x = torch.stack(inputs).to(self.device)  # B x 3 x H' x W'
+            batch = []
+            for path in self.paths[start:start + self.batch_size]:
+                pixels = next(self.frames)  # 3 x H' x W' uint8, or why the frame did not decode
+                if isinstance(pixels, str):
+                    raise common.UserError(f"{path}: unreadable frame ({pixels}); re-extract or re-download it")
+                batch.append(pixels)
+            x, (gh, gw) = network_input(torch.stack(batch), self.resolution, self.stride, self.device)
             with common.autocast(self.device, self.precision):
                 feats = self.model(x)  # B x C x H'/stride x W'/stride
-            gh, gw = grids[0]
             feats = F.normalize(feats[:, :, :gh, :gw].float(), dim=1)  # B x C x h x w, unit vectors
+            if not torch.isfinite(feats).all():
+                raise common.UserError(f"{path}: the network's features are not finite (a diverged checkpoint?)")
             feats = [f.clone() for f in feats]  # own storage: the batch is freed once the window moves on
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # so that `seconds` counts the GPU's work
@@ -440,20 +548,31 @@ class FeatureStream:
 
 
 # ---- propagation ----
-def label_grid(ids, num_objects, grid, resolution, stride=4):
-    """H x W ids -> (N+1) x h x w soft labels: the fraction of each feature cell covered by each object.
+def label_grid(ids, num_objects, grid, resolution, stride=4, resample="area"):
+    """H x W ids -> (N+1) x h x w soft labels of the feature grid's cells.
 
     At native size cell j covers pixels [stride*j, stride*(j+1)), so the mask is edge-padded to stride*h x stride*w
-    first and the fractions are exact. In square mode the grid spans the whole frame and each cell averages the
-    whole pixels its span touches (adaptive average pooling). This area average is our choice: TimeCycle and CRW
-    resample the labels bilinearly, DINO takes the nearest pixel; all agree inside an object."""
+    first; in square mode the grid spans the whole frame. `resample`:
+      area: the fraction of each cell covered by each object (in square mode: of the whole pixels its span touches);
+      bilinear (CRW, TimeCycle): the one-hot masks at the network input's size (square mode: the ids resized to
+        S x S by nearest neighbour first, TimeCycle's imresize) sampled bilinearly at each cell's centre without
+        antialiasing, as their cv2.resize(INTER_LINEAR) does: at stride 8, the mean of the 2 x 2 central pixels;
+      nearest (DINO): the object at the pixel nearest each cell's centre (PIL's NEAREST, DINO's read_seg).
+    All agree inside an object and differ on the cells an edge crosses."""
     ids = torch.as_tensor(ids).long()
     ids = torch.where(ids > num_objects, torch.zeros_like(ids), ids)  # void (255) and ids unknown at frame 0 -> bg
-    onehot = F.one_hot(ids, num_objects + 1).permute(2, 0, 1).float()  # (N+1) x H x W
+    if resolution != "native" and resample == "bilinear":
+        side = int(resolution)
+        ids = F.interpolate(ids[None, None].float(), size=(side, side), mode="nearest-exact")[0, 0].long()
+    onehot = F.one_hot(ids, num_objects + 1).permute(2, 0, 1).float()[None]  # 1 x (N+1) x H x W
     if resolution == "native":
-        h, w = onehot.shape[1:]
-        onehot = F.pad(onehot[None], (0, stride * grid[1] - w, 0, stride * grid[0] - h), mode="replicate")[0]
-    return F.interpolate(onehot[None], size=grid, mode="area")[0]  # (N+1) x h x w
+        h, w = onehot.shape[2:]
+        onehot = F.pad(onehot, (0, stride * grid[1] - w, 0, stride * grid[0] - h), mode="replicate")
+    if resample == "area":
+        return F.interpolate(onehot, size=grid, mode="area")[0]  # (N+1) x h x w
+    if resample == "bilinear":
+        return F.interpolate(onehot, size=grid, mode="bilinear", align_corners=False, antialias=False)[0]
+    return F.interpolate(onehot, size=grid, mode="nearest-exact")[0]
 
 
 def minmax_rescale(soft):
@@ -497,6 +616,25 @@ def window_mask(query_index, grid, radius, window="square"):
     return ~in_window(ky[None] - qy[:, None], kx[None] - qx[:, None], radius, window)  # B x h*w
 
 
+def topk_first(scores, k):
+    """The k largest scores along the last dimension, ties broken by position (the lower one first): returns
+    (values, positions), by value, then position. torch.topk leaves the order of exact ties unspecified, so the
+    local and full affinities, whose keys sit at different positions, would keep different keys from the same
+    tie; by position they keep the same ones (a box of local_topk lists its keys in the frame's order)."""
+    value, position = scores.topk(k, dim=-1)  # ... x k
+    kth = value[..., -1:]
+    cut = (scores == kth).sum(-1) > (value == kth).sum(-1)  # rows where a tie with the k-th score is cut
+    if cut.any():  # there, the tied entries are taken in position order
+        rows, low = scores[cut], kth[cut]  # R x P, R x 1
+        above, tied = rows > low, rows == low
+        take = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))  # exactly k per row
+        position[cut] = take.nonzero()[:, 1].reshape(-1, k)
+        value[cut] = rows.gather(-1, position[cut])
+    position, order = position.sort(dim=-1)
+    value, by_value = value.gather(-1, order).sort(dim=-1, descending=True, stable=True)
+    return value, position.gather(-1, by_value)
+
+
 def full_topk(queries, keys, grid, temperature, topk, probabilities, radius=0, window="square", chunk_size=1024,
               mask_cache=None):
     """The `topk` best keys of one context frame for every query, from the whole affinity (a radius masks it).
@@ -516,7 +654,7 @@ def full_topk(queries, keys, grid, temperature, topk, probabilities, radius=0, w
             logits = logits.masked_fill(mask_cache[start, radius], float("-inf"))
         if probabilities:
             logits = logits.softmax(dim=1)
-        value, idx = logits.topk(topk, dim=1)  # B x topk
+        value, idx = topk_first(logits, topk)  # B x topk
         values.append(value)
         indices.append(idx)
     return torch.cat(values), torch.cat(indices)
@@ -587,9 +725,9 @@ def local_topk(queries, keys, grid, temperature, topk, probabilities, radius, wi
         logits = logits.masked_fill(~ok, float("-inf"))
         if box * box < topk:  # fewer keys in a box than k: the full affinity's top-k would also pick -inf entries
             logits = F.pad(logits, (0, topk - box * box), value=float("-inf"))
-        if probabilities:
-            logits = logits.softmax(dim=-1)
-        value, idx = logits.topk(topk, dim=-1)  # tiles x t*t x topk, index into the box
+        if probabilities:  # a query of the padding past the frame may see no key: its NaN row is cropped below
+            logits = logits.softmax(dim=-1).nan_to_num_(0.0)
+        value, idx = topk_first(logits, topk)  # tiles x t*t x topk, index into the box
         tile_y = torch.arange(ty0, ty1, device=dev).repeat_interleave(tiles_x)[:, None, None] * t
         tile_x = torch.arange(tiles_x, device=dev).repeat(n)[:, None, None] * t
         key_y = (tile_y - r + idx.div(box, rounding_mode="floor")).clamp(0, h - 1)  # -inf picks: any valid index
@@ -606,8 +744,10 @@ def propagate_frame(query, keys, labels, grid, *, topk, topk_mode, temperature, 
     query: C x h x w; keys: list of C x h x w (keys[0] = the first frame); labels: list of L x h x w.
     Returns L x h x w. Each context frame is scored on its own and keeps its top-k per query, so memory stays at
     one chunk of one frame's affinity; a joint top-k (CRW, DINO) is the top-k of these shortlists, which contain
-    it. With a radius, `affinity` 'local' computes only the neighbourhood of the queries (local_topk); 'full' the
-    whole affinity, then the mask (full_topk, the plain way). Both give the same labels.
+    it. A key tensor listed several times (the copies of frame 0 in a filled context) is scored once. With a
+    radius, `affinity` 'local' computes only the neighbourhood of the queries (local_topk); 'full' the whole
+    affinity, then the mask (full_topk, the plain way). Both give the same labels: exact ties go to the earlier
+    context frame, then to the lower key index (topk_first).
     """
     C = query.shape[0]
     q = query.reshape(C, -1)  # C x Q
@@ -617,20 +757,24 @@ def propagate_frame(query, keys, labels, grid, *, topk, topk_mode, temperature, 
     out = torch.zeros(L, q.shape[1], device=query.device)  # L x Q
     best_value = best_labels = None
     mask_cache = {}  # the full path's window masks, computed once for all context frames
+    shortlists = {}  # (key tensor, radius) -> (Q x keep scores, Q x keep key indices)
     for t, (key, label) in enumerate(zip(keys, labels)):
         r = radius if (t > 0 or radius_first_frame) else 0
-        if r > 0 and affinity == "local":
-            value, idx = local_topk(q, key.reshape(C, -1), grid, temperature, keep, per_frame, r, window, chunk_size)
-        else:
-            value, idx = full_topk(q, key.reshape(C, -1), grid, temperature, keep, per_frame, r, window, chunk_size,
-                                   mask_cache)  # Q x keep
+        if (id(key), r) not in shortlists:
+            if r > 0 and affinity == "local":
+                shortlists[id(key), r] = local_topk(q, key.reshape(C, -1), grid, temperature, keep, per_frame, r,
+                                                    window, chunk_size)
+            else:
+                shortlists[id(key), r] = full_topk(q, key.reshape(C, -1), grid, temperature, keep, per_frame, r,
+                                                   window, chunk_size, mask_cache)
+        value, idx = shortlists[id(key), r]  # Q x keep
         chosen = label.reshape(L, -1)[:, idx]  # L x Q x keep
         if per_frame:  # TimeCycle: probabilities over this frame, the k largest kept
             out += (chosen * value[None]).sum(-1)
         elif best_value is None:
             best_value, best_labels = value, chosen
-        else:  # CRW / DINO: the k best logits over all frames so far
-            value, pick = torch.cat([best_value, value], 1).topk(keep, dim=1)  # Q x keep
+        else:  # CRW / DINO: the k best logits over all frames so far (the earlier frames' first among ties)
+            value, pick = topk_first(torch.cat([best_value, value], 1), keep)  # Q x keep
             both = torch.cat([best_labels, chosen], 2)  # L x Q x 2*keep
             best_value, best_labels = value, both.gather(2, pick[None].expand(L, -1, -1))
     if per_frame:
@@ -641,13 +785,19 @@ def propagate_frame(query, keys, labels, grid, *, topk, topk_mode, temperature, 
 
 
 def propagate(features, first_labels, *, n_context, topk, topk_mode, temperature, radius=0, window="square",
-              radius_first_frame=False, fill_context=False, minmax="none", affinity="local", chunk_size=1024):
+              radius_first_frame=False, fill_context=False, predict_first_frame=False, minmax="none",
+              affinity="local", chunk_size=1024):
     """Carry `first_labels` (L x h x w) through a video; `features` yields C x h x w per frame (frame 0 first).
 
     Yields the soft labels (L x h x w) of frames 1, 2, ...: context = frame 0 + the `n_context` previous frames.
-    `fill_context` (TimeCycle, CRW) starts that window full of copies of frame 0 and its labels (a joint top-k then
-    counts a key of frame 0 once per copy); otherwise it holds the frames that exist (DINO). The two contexts differ
-    for the first `n_context` frames only, but what those frames predict is carried on, so any later frame may differ.
+    `fill_context` (TimeCycle, CRW) starts that window full of copies of frame 0 with its ground truth, as their
+    loaders prepend copies of frame 0 to the video (CRW 20; TimeCycle 8, one of them its first-frame slot); the
+    copies are previous frames, so a radius that spares frame 0 applies to them (CRW's mask covers every slot but
+    its first). Otherwise the window holds the frames that exist (DINO). `predict_first_frame` (TimeCycle): frame 0
+    is first propagated from that context and its prediction, not its ground truth, is carried as the newest
+    previous frame, as TimeCycle's loop does with the frame 0 its loader replays after the copies (CRW's loop puts
+    the ground truth there: one more copy). What the first frames predict is carried on, so these choices can
+    change any later frame.
     `minmax` 'carried' (TimeCycle) rescales each frame's prediction per channel before it is carried forward (and
     output); 'output' (DINO) leaves the carried labels raw (labels_to_ids rescales the upsampled prediction).
     Only the context window's features and labels are kept in memory (at 480p, ResNet-50, stride 4: 210 MB a frame).
@@ -657,8 +807,9 @@ def propagate(features, first_labels, *, n_context, topk, topk_mode, temperature
     grid = tuple(first.shape[1:])
     recent = collections.deque(maxlen=n_context)  # (features, soft labels) of the previous frames
     if fill_context:
-        recent.extend([(first, first_labels)] * n_context)
-    for feat in stream:
+        recent.extend([(first, first_labels)] * n_context)  # one tensor: propagate_frame scores it once
+
+    def step(feat):
         keys = [first] + [f for f, _ in recent]
         labels = [first_labels] + [y for _, y in recent]
         soft = propagate_frame(feat, keys, labels, grid, topk=topk, topk_mode=topk_mode, temperature=temperature,
@@ -668,7 +819,12 @@ def propagate(features, first_labels, *, n_context, topk, topk_mode, temperature
             soft = minmax_rescale(soft)
         if n_context > 0:
             recent.append((feat, soft))
-        yield soft
+        return soft
+
+    if predict_first_frame:
+        step(first)
+    for feat in stream:
+        yield step(feat)
 
 
 # ---- scoring: the official davis2017-evaluation definitions ----
@@ -831,58 +987,93 @@ def json_safe(value):
 
 
 def build_model(args, device):
-    """The frozen network at --stride (a bad weights file fails here, before anything is written)."""
+    """The frozen network and the grid it is read on: (model, description, stride, radius).
+
+    --stride 'network' is the network's own (VADeR's decoder 4, res4 8, res5 4). res4 exists at stride 8 only:
+    --stride 4 with it is an error, not a quietly different network (a dilated layer2 would no longer give res4's
+    features). A preset's radius keeps its pixel extent at the stride. A bad weights file fails here, before
+    anything is written."""
     common.autocast_dtype(device, args.precision)  # e.g. fp16 without a GPU: one-line error now, not mid-run
-    model, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet})
-    model, strided = at_stride(model, args.stride)
-    return model.to(device).eval(), f"{description}; {strided}"
+    model, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet}, layer=args.layer)
+    res4 = isinstance(model, common.Res4ResNet)
+    stride = (8 if res4 else 4) if args.stride == "network" else args.stride
+    if res4 and stride != 8:
+        raise common.UserError(f"--stride {stride} with --layer res4: res4 exists at stride 8 only (layer3 at stride "
+                               "1 on layer2's 1/8 grid); use --stride 8 or network, or --layer res5 for stride 4")
+    preset = PROTOCOLS[args.protocol]
+    radius = args.radius if args.radius is not None else \
+        round(preset["radius"] * preset["stride"] / stride) if preset["radius"] else 0
+    model, strided = at_stride(model, stride)
+    return model.to(device).eval(), f"{description}; {strided}", stride, radius
 
 
-def propagate_sequence(args, model, device, frame_paths, first_ids, num_objects):
-    """The soft labels of frames 1, 2, ... of one sequence, and its FeatureStream (which times the network)."""
+def propagate_sequence(args, model, device, frames, frame_paths, first_ids, num_objects):
+    """The soft labels of frames 1, 2, ... of one sequence, and its FeatureStream (which times the network);
+    `frames` yields the pixels of `frame_paths` (frame_loader)."""
     grid = feature_grid(*first_ids.shape, args.resolution, args.stride)
-    first_labels = label_grid(first_ids, num_objects, grid, args.resolution, args.stride).to(device)
-    stream = FeatureStream(model, frame_paths, args.resolution, args.stride, device, args.batch_size, args.precision)
+    first_labels = label_grid(first_ids, num_objects, grid, args.resolution, args.stride,
+                              args.label_resample).to(device)
+    stream = FeatureStream(model, frames, frame_paths, args.resolution, args.stride, device, args.batch_size,
+                           args.precision)
     predictions = propagate(stream, first_labels, n_context=args.n_context, topk=args.topk,
                             topk_mode=args.topk_mode, temperature=args.temperature, radius=args.radius,
                             window=args.window, radius_first_frame=args.radius_first_frame,
-                            fill_context=args.fill_context, minmax=args.minmax, affinity=args.affinity,
-                            chunk_size=args.chunk_size)
+                            fill_context=args.fill_context, predict_first_frame=args.predict_first_frame,
+                            minmax=args.minmax, affinity=args.affinity, chunk_size=args.chunk_size)
     return predictions, stream
 
 
-def run_propagation(args, root, sequences, checked, d, model):
-    """Propagate every sequence of this rank and write the PNGs; returns a dict of speed figures."""
-    mine = sequences[d.rank::d.world_size]
-    total = sum(len(checked[s][0]) for s in mine)
-    bar = common.throughput_bar(None, total, d.is_main, desc="propagate")
-    frames_done, network_s, start = 0, 0.0, time.perf_counter()
-    for seq in mine:
-        frame_paths, _, num_objects = checked[seq]
-        out_dir = os.path.join(args.output_dir, seq)
-        os.makedirs(out_dir, exist_ok=True)
-        first_ids = read_annotation(first_annotation_path(root, seq, frame_paths))
-        first_ids[first_ids == VOID] = 0
-        save_indexed_png(os.path.join(out_dir, stem(frame_paths[0]) + ".png"), first_ids.astype(np.uint8))
-        predictions, stream = propagate_sequence(args, model, d.device, frame_paths, first_ids, num_objects)
+def write_sequence(args, root, seq, frame_paths, num_objects, folder, model, device, frames, bar):
+    """Propagate one sequence and write its PNGs (and overlays) into `folder`; returns its FeatureStream."""
+    first_ids = read_annotation(first_annotation_path(root, seq, frame_paths))
+    first_ids[first_ids == VOID] = 0
+    save_indexed_png(os.path.join(folder, stem(frame_paths[0]) + ".png"), first_ids.astype(np.uint8))
+    predictions, stream = propagate_sequence(args, model, device, frames, frame_paths, first_ids, num_objects)
+    bar.update(1)
+    for path, soft in zip(frame_paths[1:], predictions):
+        ids = labels_to_ids(soft, first_ids.shape, args.resolution, args.stride,
+                            minmax_output=args.minmax == "output")  # H x W uint8
+        save_indexed_png(os.path.join(folder, stem(path) + ".png"), ids)
+        if args.save_overlays:
+            overlay_dir = os.path.join(args.output_dir, "overlays", seq)
+            os.makedirs(overlay_dir, exist_ok=True)
+            overlay(common.load_image(path), ids).save(os.path.join(overlay_dir, stem(path) + ".jpg"), quality=90)
         bar.update(1)
-        for path, soft in zip(frame_paths[1:], predictions):
-            ids = labels_to_ids(soft, first_ids.shape, args.resolution, args.stride,
-                                minmax_output=args.minmax == "output")  # H x W uint8
-            save_indexed_png(os.path.join(out_dir, stem(path) + ".png"), ids)
-            if args.save_overlays:
-                overlay_dir = os.path.join(args.output_dir, "overlays", seq)
-                os.makedirs(overlay_dir, exist_ok=True)
-                overlay(common.load_image(path), ids).save(os.path.join(overlay_dir, stem(path) + ".jpg"), quality=90)
-            bar.update(1)
-        frames_done += len(frame_paths)
-        network_s += stream.seconds
-        bar.set_postfix(seq=seq, fps=f"{frames_done / (time.perf_counter() - start):.2f}")
-    bar.close()
+    return stream
+
+
+def run_propagation(args, root, sequences, checked, d, model):
+    """Propagate every sequence of this rank and write the PNGs; returns a dict of speed figures.
+
+    The folders an earlier run left for these sequences are removed first; each sequence is written to
+    <seq>.partial/ and renamed to <seq>/ once complete (removed if it fails): a <seq>/ present is complete and
+    from this run."""
+    mine = sequences[d.rank::d.world_size]
+    for seq in mine:
+        for old in (seq, seq + ".partial", os.path.join("overlays", seq)):
+            shutil.rmtree(os.path.join(args.output_dir, old), ignore_errors=True)
+    frames = iter(frame_loader([p for s in mine for p in checked[s][0]], args.resolution, args.workers, d.device))
+    total = sum(len(checked[s][0]) for s in mine)
+    frames_done, network_s, start = 0, 0.0, time.perf_counter()
+    with common.throughput_bar(None, total, d.is_main, desc="propagate") as bar:  # closed before an error prints
+        for seq in mine:
+            frame_paths, _, num_objects, _ = checked[seq]
+            partial = os.path.join(args.output_dir, seq + ".partial")
+            os.makedirs(partial)
+            try:
+                stream = write_sequence(args, root, seq, frame_paths, num_objects, partial, model, d.device, frames,
+                                        bar)
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+            os.replace(partial, os.path.join(args.output_dir, seq))
+            frames_done += len(frame_paths)
+            network_s += stream.seconds
+            bar.set_postfix(seq=seq, fps=f"{frames_done / (time.perf_counter() - start):.2f}")
     seconds = time.perf_counter() - start
     return dict(frames=frames_done, seconds=round(seconds, 2), frames_per_s=round(frames_done / max(seconds, 1e-9), 4),
                 network_seconds=round(network_s, 2), propagation_seconds=round(seconds - network_s, 2),
-                peak_memory_mb=round(peak_memory_mb(d.device), 1), device=str(d.device))
+                peak_memory_mb=round(peak_memory_mb(d.device), 1), device=str(d.device), workers=args.workers)
 
 
 def write_json(path, record):
@@ -894,15 +1085,19 @@ def write_json(path, record):
 
 
 def run(args, settings, root, built=None):
-    """Propagate (unless --eval-only) and score the split under `root`; `built` is a (model, description) made
-    earlier (the demo builds it before it writes its videos)."""
+    """Propagate (unless --eval-only) and score the split under `root`; `built` is what build_model returned
+    earlier (the demo builds it before it writes its videos). A split with first masks only is not scored."""
     d = common.init_distributed()
     sequences = list_sequences(root, args.split, args.sequences)
     checked = {s: check_sequence(root, s) for s in sequences}  # fail before any work
+    unscored = scoring_plan(os.path.join(root, "ImageSets", "2017", f"{args.split}.txt"), checked)
+    if unscored and args.eval_only is not None:
+        raise common.UserError(f"--eval-only {args.eval_only}: nothing to score ({unscored})")
     metrics_path = os.path.join(args.eval_only or args.output_dir, "metrics.json")
     speed = {}
     if args.eval_only is None:
-        model, description = built or build_model(args, d.device)
+        model, description, args.stride, args.radius = built or build_model(args, d.device)
+        settings.update(stride=args.stride, radius=args.radius)
         model = model.to(d.device)
         os.makedirs(args.output_dir, exist_ok=True)
         if d.is_main:
@@ -919,7 +1114,12 @@ def run(args, settings, root, built=None):
         if common.distributed():
             dist.barrier()  # every rank's PNGs are written before rank 0 scores them
     if d.is_main:
-        summary, table = evaluate(root, sequences, args.eval_only or args.output_dir)
+        if unscored:
+            unscored += f"; the masks in {args.output_dir} are not scored: submit them to the DAVIS evaluation server"
+            summary, table = dict(scoring="skipped", reason=unscored), {}
+            print(f"scoring skipped: {unscored}", flush=True)
+        else:
+            summary, table = evaluate(root, sequences, args.eval_only or args.output_dir)
         write_json(metrics_path, dict(summary, per_sequence=table, settings=settings if args.eval_only is None else {},
                                       speed=speed, data=args.data or "embedded synthetic", split=args.split))
         common.print_result(summary)
@@ -952,21 +1152,31 @@ if __name__ == "__main__":
 
 
 # ---- notes ----
-# What each preset still does differently from its reference code (all three: first-frame labels are area-averaged
-# onto the grid, see label_grid; any --weights, not the reference's own network):
-#   timecycle (TimeCycle's test_davis.py): its own features are res4 at stride 8 (a 40 x 40 grid at 320: --stride 8);
-#     its loader fills the context with copies of frame 0 (--fill-context).
-#   crw (videowalk's test.py): it resizes the h x w prediction to the whole frame (see labels_to_ids); its network
-#     is its own ResNet at stride 8.
+# What each preset still does differently from its reference code (all three: any --weights, not the reference's
+# own network; exact ties in a top-k go to the earlier context frame, then the lower key index, where the
+# references' torch.topk / argpartition leave them unspecified):
+#   timecycle (TimeCycle's test_davis.py and its DAVIS loader): it shrinks frames to 320 x 320 with cv2's bilinear
+#     resize, which does not antialias (here PIL's bilinear, which does); its label set keeps only the colours of
+#     more than 11 pixels of frame 0 at 320 x 320 (here every id 1..N); its min-max makes a constant channel NaN
+#     (here 0); it upsamples the prediction to 320 x 320, takes the argmax and resizes the ids to the frame by
+#     nearest neighbour (here: bilinear soft labels at the frame's size, then the argmax). Its code reads its 1/8
+#     grid only: the paper does not say how VADeR's 1/4 output was read (here on the 1/4 grid, 80 x 80 at 320).
+#   crw (videowalk's test.py): it stretches the grid over the frame, for the labels (cv2's bilinear resize to
+#     ceil(H/8) x ceil(W/8)) and for the output (854 / 107 = 7.98 px a cell); here a cell is exactly 8 x 8 pixels,
+#     as the features' cells are (at most 2 px apart at the right edge of an 854-wide frame); its window adds
+#     -1e10 to the logits (here -inf: the same unless fewer than k keys are in it).
 #   dino (eval_video_segmentation.py): it resizes every frame to 480 x (W * 480 / H rounded down to a multiple of
-#     64), 480 x 832 for DAVIS's 854 (here: the native frame, zero-padded to a multiple of 32); it writes the argmax
-#     at that size and resizes it to the frame by nearest neighbour (here: bilinear soft labels at native size, then
-#     the argmax); its top-k keeps every key tied with the k-th; its norm_mask makes a constant positive channel NaN
-#     (here 0); ViT-S/16's grid is stride 16, which a ResNet here does not offer (stride 8 is the grid of DINO's /8
-#     models).
+#     64), 480 x 832 for DAVIS's 854 (here: the native frame, zero-padded to a multiple of 32), and its labels with
+#     it; it writes the argmax at that size and resizes it to the frame by nearest neighbour (here: bilinear soft
+#     labels at native size, then the argmax); its top-k keeps every key tied with the k-th; its norm_mask makes a
+#     constant positive channel NaN (here 0); ViT-S/16's grid is stride 16, which a ResNet here does not offer
+#     (stride 8 is the grid of DINO's /8 models).
 # Speed and memory: at 480 x 854, a random ResNet-50 at stride 8 with CRW's knobs (21 distinct context frames), the
 # local windows propagate a frame 1.9x faster than --affinity full on a CPU (1.7x in frames/s once the network's
 # time is counted), peak RSS 2.4 GB. CRW's code builds the full affinity in chunks; DINO's a full (n_ctx, HW, HW)
 # one, which runs out of memory on 16 GB GPUs at 480 x 1152. At native 480p a ResNet-50's activations take about
 # 1 GB a frame (--batch-size); the affinity memory is --chunk-size x the keys of one frame (with a window: at least
-# one row of query tiles, each with its box of keys).
+# one row of query tiles, each with its box of keys). The copies of frame 0 in a filled context are scored once: with
+# CRW's knobs on the embedded videos (10 frames, 20 copies) that halves the propagation time; on DAVIS (70 frames
+# a video on average) it saves about a seventh of it. Loader workers decode the next frames while the network runs;
+# on a 2-core CPU, where the network takes seconds a frame at 480p, they change nothing measurable.

@@ -1,5 +1,6 @@
-"""davis_propagate.py: propagation with oracle features, the official J&F against independent computations,
-chunking, PNG output, --eval-only and one-line errors on bad input. CPU only."""
+"""davis_propagate.py: propagation with oracle features, each preset against its reference's loop re-expressed,
+the layers and label resampling against torchvision and PIL, the official J&F against independent computations,
+chunking and ties, PNG output, --eval-only, test-dev splits and one-line errors on bad input. CPU only."""
 import json
 import math
 import os
@@ -145,6 +146,12 @@ def test_chunked_and_unchunked_propagation_agree(mode):
     assert torch.equal(runs[0].argmax(1), runs[1].argmax(1))
 
 
+def stable_topk(scores, k):
+    """The k largest scores of each row, exact ties to the lower position: the first k of a stable sort."""
+    value, index = scores.sort(dim=-1, descending=True, stable=True)
+    return value[..., :k], index[..., :k]
+
+
 def naive_propagate(feats, first, n_context, topk, topk_mode, temperature, radius, window, radius_first_frame,
                     minmax, fill_context):
     """The protocols written plainly: the whole affinity of every context frame at once, the window as an explicit
@@ -171,9 +178,9 @@ def naive_propagate(feats, first, n_context, topk, topk_mode, temperature, radiu
             logits.append(a)
         if topk_mode == "per-frame":
             soft = sum((labels[c][:, i] * p[None]).sum(-1) for c, (p, i) in
-                       zip(context, (a.softmax(1).topk(topk, dim=1) for a in logits))) / len(context)
+                       zip(context, (stable_topk(a.softmax(1), topk) for a in logits))) / len(context)
         else:
-            value, pick = torch.cat(logits, 1).topk(topk, dim=1)
+            value, pick = stable_topk(torch.cat(logits, 1), topk)
             every = torch.cat([labels[c] for c in context], 1)  # L x (frames * keys)
             soft = (every[:, pick] * value.softmax(1)[None]).sum(-1)
         if minmax == "carried":
@@ -258,6 +265,274 @@ def test_fill_context_with_copies_of_frame_zero():
     assert torch.allclose(bare[1], torch.full(grid, by_hand))
 
 
+# ---- each preset against its reference's loop, re-expressed ----
+def cv2_linear(a, out_h, out_w):
+    """cv2.resize(a, (out_w, out_h)) with INTER_LINEAR written out (a: H x W x C): output pixel x samples the
+    input at (x + 0.5) * in / out - 0.5, clamped to the edge pixels, bilinearly and without antialiasing."""
+    def axis(n_in, n_out):
+        src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        low = np.floor(src).astype(int)
+        return low, np.minimum(low + 1, n_in - 1), src - low
+    y0, y1, fy = axis(a.shape[0], out_h)
+    x0, x1, fx = axis(a.shape[1], out_w)
+    fx, fy = fx[None, :, None], fy[:, None, None]
+    top = a[y0][:, x0] * (1 - fx) + a[y0][:, x1] * fx
+    bottom = a[y1][:, x0] * (1 - fx) + a[y1][:, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def onehot_np(ids, num_objects):
+    return (np.asarray(ids)[..., None] == np.arange(num_objects + 1)).astype(np.float64)  # H x W x L
+
+
+def timecycle_loop(feats, first_ids, num_objects, side, stride, video_len=8, topk=5):
+    """TimeCycle's test_davis.py with its DAVIS loader, re-expressed. The loader puts video_len copies of frame 0
+    before the video, and its label map at side x side by nearest neighbour (PIL, as scipy's imresize); the one-hot
+    map goes onto the grid by cv2's bilinear resize. Step i predicts slot i + video_len (frame i, from frame 0 on)
+    from slot 0 and slots i+1 .. i+video_len-1: per context slot a softmax of cos * sqrt(512) over its keys, the
+    top-k probabilities times their labels, summed; / video_len; each channel min-max rescaled; stored in the
+    slot. Returns frames 1.. (frame 0's own prediction is only carried)."""
+    g = side // stride
+    ids = np.array(Image.fromarray(first_ids).resize((side, side), Image.NEAREST))
+    first = torch.from_numpy(cv2_linear(onehot_np(ids, num_objects), g, g)).flatten(0, 1).double()  # keys x L
+    video = [feats[0]] * video_len + list(feats)
+    labels = [first] * video_len + [None] * len(feats)
+    out = []
+    for i in range(len(feats)):
+        query = video[i + video_len].flatten(1).double()  # C x Q
+        pred = torch.zeros(query.shape[1], num_objects + 1, dtype=torch.float64)  # Q x L
+        for slot in [0] + list(range(i + 1, i + video_len)):
+            prob = (video[slot].flatten(1).double().t() @ query * 512 ** 0.5).softmax(dim=0)  # keys x Q
+            value, index = stable_topk(prob.t(), topk)  # Q x k
+            pred += (labels[slot][index] * value[..., None]).sum(1)
+        pred /= video_len
+        pred = (pred - pred.min(0).values) / (pred.max(0).values - pred.min(0).values)
+        labels[i + video_len] = pred
+        out.append(pred.t().reshape(-1, g, g).float())
+    return out[1:]
+
+
+def crw_loop(feats, first_ids, num_objects, stride, n_context=20, topk=10, temperature=0.05, radius=12):
+    """videowalk's test.py with its VOS loader, re-expressed. The loader repeats frame 0 n_context times before the
+    video; each frame-0 slot's labels are its one-hot mask resized onto the grid by cv2's bilinear resize, later
+    slots start empty. Query frame t (slot n_context + t, t from 0) sees the long-term slot 0 and the short-term
+    slots t .. t + n_context - 1, the radius mask (0 where distance < r, else -1e10) added to the short-term ones;
+    logits / temperature, the top-k over all context keys together, a softmax over the kept ones. Frame 0's
+    prediction is replaced by its ground truth."""
+    h, w = feats[0].shape[1:]
+    first = torch.from_numpy(cv2_linear(onehot_np(first_ids, num_objects), h, w)).flatten(0, 1).double()
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    yy, xx = yy.ravel(), xx.ravel()
+    near = np.sqrt((yy[:, None] - yy[None]) ** 2 + (xx[:, None] - xx[None]) ** 2) < radius  # key x query
+    mask = torch.from_numpy(np.where(near, 0.0, -1e10))
+    video = [feats[0]] * n_context + list(feats)
+    labels = [first] * (n_context + 1) + [None] * (len(feats) - 1)
+    out = []
+    for t in range(len(feats)):
+        query = video[n_context + t].flatten(1).double()
+        slots = [0] + list(range(t, t + n_context))
+        A = torch.stack([video[s].flatten(1).double().t() @ query for s in slots])  # slots x keys x Q
+        A[1:] += mask
+        value, index = stable_topk((A / temperature).flatten(0, 1).t(), topk)  # Q x k, into slots * keys
+        every = torch.cat([labels[s] for s in slots])  # (slots * keys) x L
+        pred = (every[index] * value.softmax(1)[..., None]).sum(1)  # Q x L
+        if t > 0:
+            labels[n_context + t] = pred
+            out.append(pred.t().reshape(-1, h, w).float())
+    return out
+
+
+def dino_loop(feats, first_ids, num_objects, stride, n_last=7, topk=5, radius=12):
+    """DINO's eval_video_segmentation.py re-expressed. The first labels: the mask resized onto the grid by PIL's
+    nearest neighbour, one-hot. A queue holds the n_last previous (features, labels). aff = exp(cos / 0.1) times a
+    0/1 square window (|dy|, |dx| <= r) on every context frame; over all context keys, per query, entries below the
+    k-th largest are set to 0 and the rest normalised to sum 1; the labels are the context labels times aff and are
+    carried raw. Returns (soft labels, ids): ids = argmax of the x stride bilinear upsampling after norm_mask."""
+    h, w = feats[0].shape[1:]
+    small = np.array(Image.fromarray(first_ids).resize((w, h), Image.NEAREST))
+    first = torch.from_numpy(onehot_np(small, num_objects)).flatten(0, 1).double()
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    yy, xx = yy.ravel(), xx.ravel()
+    window = torch.from_numpy(((np.abs(yy[:, None] - yy[None]) <= radius)
+                               & (np.abs(xx[:, None] - xx[None]) <= radius)).astype(np.float64))
+    queue, soft, ids = [], [], []
+    for t in range(1, len(feats)):
+        query = feats[t].flatten(1).double()
+        context = [(feats[0], first)] + queue
+        aff = torch.cat([torch.exp(f.flatten(1).double().t() @ query / 0.1) * window for f, _ in context])
+        kth = aff.topk(topk, dim=0).values[-1]
+        aff[aff < kth] = 0
+        aff = aff / aff.sum(0, keepdim=True)
+        pred = torch.cat([y for _, y in context]).t() @ aff  # L x Q
+        queue = (queue + [(feats[t], pred.t())])[-n_last:]
+        up = torch.nn.functional.interpolate(pred.reshape(1, -1, h, w), scale_factor=stride, mode="bilinear",
+                                             align_corners=False)[0]
+        for c in range(up.shape[0]):  # norm_mask
+            if up[c].max() > 0:
+                up[c] = (up[c] - up[c].min()) / (up[c] - up[c].min()).max()
+        soft.append(pred.reshape(-1, h, w).float())
+        ids.append(up.argmax(0).numpy())
+    return soft, ids
+
+
+def random_clip(num_frames, grid, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.functional.normalize(torch.randn(16, *grid, generator=g), dim=0) for _ in range(num_frames)]
+
+
+def box_ids(height, width):
+    ids = np.zeros((height, width), np.uint8)
+    ids[height // 5:height // 2, width // 6:width // 2] = 1
+    ids[height // 2 - 3:height - 7, width // 2 + 5:width - 9] = 2  # touches object 1: edges between objects too
+    return ids
+
+
+def preset_run(protocol, feats, first_ids, resolution, stride, **typed):
+    knobs = {k: v for k, v in dp.PROTOCOLS[protocol].items()
+             if k not in ("resolution", "stride", "layer", "label_resample")}
+    knobs.update(typed)
+    grid = tuple(feats[0].shape[1:])
+    first = dp.label_grid(first_ids, 2, grid, resolution, stride, dp.PROTOCOLS[protocol]["label_resample"])
+    return list(dp.propagate(iter(feats), first, chunk_size=50, **knobs))
+
+
+def test_timecycle_preset_is_timecycles_loop():
+    """Square 80 x 80 frames of a 60 x 100 video at stride 8 (a 10 x 10 grid, as 320 gives 40 x 40): labels,
+    8 copies of frame 0, frame 0 predicted onto itself, per-frame top-5, min-max carried."""
+    feats, first_ids = random_clip(7, (10, 10), 0), box_ids(60, 100)
+    ours = preset_run("timecycle", feats, first_ids, "80", 8)
+    theirs = timecycle_loop(feats, first_ids, 2, side=80, stride=8)
+    assert len(ours) == len(theirs) == 6
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-6) and torch.equal(a.argmax(0), b.argmax(0))
+    unfilled = preset_run("timecycle", feats, first_ids, "80", 8, fill_context=False, predict_first_frame=False)
+    assert sum(int((a.argmax(0) != b.argmax(0)).sum()) for a, b in zip(unfilled, theirs)) > 20  # the copies
+    ground_truth = preset_run("timecycle", feats, first_ids, "80", 8, predict_first_frame=False)
+    assert (ground_truth[0] - theirs[0]).abs().max() > 1e-5  # frame 0 is carried as its own prediction
+
+
+def test_crw_preset_is_crws_loop():
+    """Native 64 x 96 frames at stride 8 (8 x 12), radius 3: 20 copies of frame 0, the disc window on every slot but
+    the first (the copies too), joint top-10, bilinear labels, no min-max; the output ids after bilinear upsampling."""
+    feats, first_ids = random_clip(6, (8, 12), 1), box_ids(64, 96)
+    ours = preset_run("crw", feats, first_ids, "native", 8, radius=3)
+    theirs = crw_loop(feats, first_ids, 2, stride=8, radius=3)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-6) and torch.equal(a.argmax(0), b.argmax(0))
+        up = cv2_linear(b.permute(1, 2, 0).double().numpy(), 64, 96)  # their output: resize, then argmax
+        assert np.array_equal(dp.labels_to_ids(a, (64, 96), "native", 8), up.argmax(-1))
+
+
+def test_dino_preset_is_dinos_loop():
+    """Native 64 x 96 frames at stride 8, radius 3: no copies, the square window on all frames, exp(cos / 0.1) over
+    the joint top-5, nearest-pixel labels, raw labels carried, norm_mask on the upsampled prediction only."""
+    feats, first_ids = random_clip(6, (8, 12), 2), box_ids(64, 96)
+    ours = preset_run("dino", feats, first_ids, "native", 8, radius=3)
+    soft, ids = dino_loop(feats, first_ids, 2, stride=8, radius=3)
+    for a, b, i in zip(ours, soft, ids):
+        assert torch.allclose(a, b, atol=1e-6) and torch.equal(a.argmax(0), b.argmax(0))
+        assert np.array_equal(dp.labels_to_ids(a, (64, 96), "native", 8, minmax_output=True), i)
+
+
+# ---- first-frame labels on the grid ----
+def test_bilinear_labels_sample_the_cell_centres():
+    """Native, stride 4: cell (i, j) is the mean of pixels 4i+1..4i+2 x 4j+1..4j+2 (the frame edge-padded). Square
+    (TimeCycle): the ids nearest-resized to S x S by PIL first, then the same at the cells of the square."""
+    ids = np.random.default_rng(0).integers(0, 3, (30, 41)).astype(np.uint8)
+    soft = dp.label_grid(ids, 2, (8, 11), "native", 4, "bilinear")
+    padded = np.pad(onehot_np(ids, 2), ((0, 2), (0, 3), (0, 0)), mode="edge")  # 32 x 44
+    by_hand = np.stack([[padded[4 * i + 1:4 * i + 3, 4 * j + 1:4 * j + 3].mean((0, 1)) for j in range(11)]
+                        for i in range(8)])
+    assert np.allclose(soft.permute(1, 2, 0).numpy(), by_hand, atol=1e-6)
+    square = dp.label_grid(ids, 2, (10, 10), "80", 8, "bilinear")
+    big = onehot_np(np.array(Image.fromarray(ids).resize((80, 80), Image.NEAREST)), 2)
+    by_hand = np.stack([[big[8 * i + 3:8 * i + 5, 8 * j + 3:8 * j + 5].mean((0, 1)) for j in range(10)]
+                        for i in range(10)])
+    assert np.allclose(square.permute(1, 2, 0).numpy(), by_hand, atol=1e-6)
+
+
+def test_nearest_labels_take_the_pixel_at_the_cell_centre():
+    """Native, stride 8: the pixel (8i + 4, 8j + 4), clamped to the frame; square: PIL's NEAREST onto the grid."""
+    ids = np.random.default_rng(1).integers(0, 4, (61, 90)).astype(np.uint8)
+    cells = dp.label_grid(ids, 3, (8, 12), "native", 8, "nearest")
+    rows, cols = np.minimum(8 * np.arange(8) + 4, 60), np.minimum(8 * np.arange(12) + 4, 89)
+    assert np.array_equal(cells.argmax(0).numpy(), ids[rows][:, cols]) and set(cells.unique().tolist()) == {0, 1}
+    for side, grid in ((480, (60, 60)), (320, (80, 80))):
+        davis = np.random.default_rng(side).integers(0, 4, (480, 854)).astype(np.uint8)
+        square = dp.label_grid(davis, 3, grid, str(side), side // grid[0], "nearest")
+        assert np.array_equal(square.argmax(0).numpy(), np.array(Image.fromarray(davis).resize(grid[::-1], 0)))
+
+
+def test_label_resampling_agrees_inside_objects():
+    ids = box_ids(64, 96)
+    grids = {m: dp.label_grid(ids, 2, (8, 12), "native", 8, m) for m in ("area", "bilinear", "nearest")}
+    pure = grids["area"].max(0).values == 1  # cells inside one object
+    assert pure.sum() > 40 and all(torch.equal(g[:, pure], grids["area"][:, pure]) for g in grids.values())
+
+
+# ---- exact ties ----
+def test_topk_first_breaks_ties_by_position_by_hand():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 2.0]])
+    assert dp.topk_first(scores, 2)[1].tolist() == [[1, 2]]
+    assert dp.topk_first(scores, 4)[1].tolist() == [[1, 2, 4, 3]]  # by value, then position
+    assert dp.topk_first(scores, 5)[0].tolist() == [[3.0, 3.0, 3.0, 2.0, 2.0]]
+
+
+@pytest.mark.parametrize("window,topk_mode,fill", [("disc", "joint", True), ("square", "joint", False),
+                                                   ("disc", "per-frame", True)])
+def test_exact_ties_keep_the_same_keys_in_local_and_full(window, topk_mode, fill):
+    """Features of four entries +-0.5: 16 distinct unit vectors whose dot products (0, +-0.5, +-1) are exact, so
+    most top-k sets are cut inside a tie. Local and full affinity keep the same keys (the earlier frame, then the
+    lower key index) and equal the plain implementation with a stable sort."""
+    g = torch.Generator().manual_seed(3)
+    grid, frames = (13, 17), 6
+    feats = [(torch.randint(0, 2, (4, *grid), generator=g).float() - 0.5) for _ in range(frames)]
+    first = torch.softmax(torch.randn(3, *grid, generator=g) * 3, dim=0)
+    q, k = feats[1].reshape(4, -1), feats[0].reshape(4, -1)
+    for probabilities in (False, True):
+        full = dp.full_topk(q, k, grid, 0.1, 5, probabilities, radius=3, window=window, chunk_size=40)
+        local = dp.local_topk(q, k, grid, 0.1, 5, probabilities, radius=3, window=window, chunk_size=40)
+        assert torch.equal(full[1], local[1]) and torch.allclose(full[0], local[0], atol=1e-7)
+    knobs = dict(n_context=2, topk=5, topk_mode=topk_mode, temperature=0.1, radius=3, window=window,
+                 radius_first_frame=False, minmax="none", fill_context=fill)
+    runs = {a: torch.stack(list(dp.propagate(iter(feats), first, chunk_size=40, affinity=a, **knobs)))
+            for a in ("local", "full")}
+    naive = torch.stack(naive_propagate(feats, first, **knobs))
+    for soft in runs.values():
+        assert torch.equal(soft.argmax(1), naive.argmax(1)) and torch.allclose(soft, naive, atol=1e-6)
+
+
+# ---- frames decoded by workers, frame 0's copies scored once ----
+def test_workers_and_shared_copies_leave_the_features_and_labels_unchanged(tmp_path):
+    """The stream's features with 0 and 2 loader workers equal the network run on each frame in turn; a context
+    of one tensor repeated (scored once) gives the labels of distinct copies (each scored)."""
+    torch.manual_seed(0)
+    paths = []
+    for t, frame in enumerate(grey_frames(5, 40, 56)):
+        paths.append(str(tmp_path / f"{t:05d}.jpg"))
+        Image.fromarray(frame).save(paths[-1])
+    model = common.Res4ResNet("resnet18").eval()
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        one_by_one = []
+        for p in paths:
+            x = common.to_uint8(common.load_image(p))[None]
+            x = torch.nn.functional.pad(common.normalize(x, cpu), (0, 8, 0, 24))  # 64 x 64: multiples of 32
+            one_by_one.append(torch.nn.functional.normalize(model(x)[0, :, :5, :7], dim=0))
+    streams = {}
+    for workers, batch in ((0, 1), (2, 1), (2, 3)):
+        frames = iter(dp.frame_loader(paths, "native", workers, cpu))
+        streams[workers, batch] = list(dp.FeatureStream(model, frames, paths, "native", 8, cpu, batch_size=batch))
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(streams[workers, batch], one_by_one))
+    assert all(torch.equal(a, b) for a, b in zip(streams[0, 1], streams[2, 1]))  # a batch of 3 rounds otherwise
+    first = torch.softmax(torch.randn(3, 5, 7), 0)
+    knobs = dict(topk=10, topk_mode="joint", temperature=0.05, radius=2, window="disc")
+    shared = dp.propagate_frame(one_by_one[1], [one_by_one[0]] * 4, [first] * 4, (5, 7), **knobs)
+    copies = dp.propagate_frame(one_by_one[1], [one_by_one[0].clone() for _ in range(4)], [first] * 4, (5, 7),
+                                **knobs)
+    assert torch.equal(shared, copies)
+
+
 def test_resnet_strides_match_torchvision_and_the_shared_dilation():
     """Stride 8 on a ResNet-50 is torchvision's replace_stride_with_dilation=[False, True, True] with the same
     weights; stride 4 on a ResNet-18 reproduces common.dilated_resnet; the grids are 1/8 and 1/4."""
@@ -290,7 +565,8 @@ def test_vader_output_at_stride_8_is_the_2x2_mean():
     x = torch.randn(1, 3, 36, 36)  # 1/4: 9 x 9 -> the last row and column of 1/8 average what exists
     with torch.no_grad():
         fine, coarse = vader(x), model(x)
-    assert coarse.shape[-2:] == (5, 5) and dp.network_input(Image.new("RGB", (36, 36)), "native", 8)[1] == (5, 5)
+    pixels = dp.frame_pixels(Image.new("RGB", (36, 36)), "native")[None]
+    assert coarse.shape[-2:] == (5, 5) and dp.network_input(pixels, "native", 8, torch.device("cpu"))[1] == (5, 5)
     assert torch.allclose(coarse[0, :, 4, 4], fine[0, :, 8, 8], atol=1e-6)
 
 
@@ -303,16 +579,74 @@ def test_label_grid_at_stride_8_covers_8x8_cells():
     assert soft[2, 1, 2] == pytest.approx(0.5)  # rows 8..11 x columns 16..19, edge-padded to 16..23: 32 of 64
 
 
-def test_preset_radius_keeps_its_pixel_extent_at_another_stride():
+def resolved(argv):
+    """The stride and radius a run with `argv` uses (resolve_settings, then build_model, as main does)."""
     p = dp.get_parser()
-    for argv, radius, window in ((["--protocol", "crw"], 12, "disc"),
-                                 (["--protocol", "crw", "--stride", "4"], 24, "disc"),
-                                 (["--protocol", "dino", "--stride", "4", "--radius", "5"], 5, "square")):
-        args = p.parse_args(["--data", ".", *argv])
-        settings = dp.resolve_settings(p, args, ["--data", ".", *argv])
-        assert (settings["radius"], settings["window"]) == (radius, window)
-    args = p.parse_args(["--data", "."])
-    assert dp.resolve_settings(p, args, ["--data", "."])["stride"] == 4  # the VADeR paper's grid
+    args = p.parse_args(["--data", ".", *argv])
+    settings = dp.resolve_settings(p, args, ["--data", ".", *argv])
+    _, description, stride, radius = dp.build_model(args, torch.device("cpu"))
+    return settings, description, stride, radius
+
+
+def test_preset_radius_keeps_its_pixel_extent_at_another_stride():
+    for argv, stride, radius, window in ((["--protocol", "crw"], 8, 12, "disc"),
+                                         (["--protocol", "crw", "--layer", "res5", "--stride", "4"], 4, 24, "disc"),
+                                         (["--protocol", "dino", "--stride", "4", "--radius", "5"], 4, 5, "square")):
+        settings, _, s, r = resolved(["--arch", "resnet18", *argv])
+        assert (s, r, settings["window"]) == (stride, radius, window)
+
+
+def test_each_preset_reads_a_resnet_at_its_references_layer(tmp_path):
+    """CRW and TimeCycle read res4 (1/8), DINO its last layer (res5, dilated to the stride); a VADeR checkpoint is
+    read at its own head, on VADeR's 1/4 grid under the timecycle preset ('network' stride); res4 at stride 4 is
+    refused rather than re-dilated."""
+    for protocol, layer, stride in (("timecycle", "res4", 8), ("crw", "res4", 8), ("dino", "res5", 8)):
+        settings, description, s, _ = resolved(["--arch", "resnet18", "--protocol", protocol])
+        assert (settings["layer"], s) == (layer, stride)
+        assert ("res4 at 1/8" in description) == (layer == "res4")
+    _, _, s, _ = resolved(["--arch", "resnet18", "--layer", "res5"])  # timecycle at VADeR's grid with C5
+    assert s == 4
+    path = tmp_path / "vader.pth"
+    torch.save({"method": "vader", "model": VADeRNet("resnet18", dim=16).state_dict(),
+                "args": {"arch": "resnet18", "embedding_dim": 16}}, path)
+    _, description, s, _ = resolved(["--weights", str(path)])
+    assert s == 4 and "its own dense head" in description
+    with pytest.raises(common.UserError, match="--stride 4 with --layer res4"):
+        resolved(["--arch", "resnet18", "--protocol", "crw", "--stride", "4"])
+
+
+def res4_by_hand(arch, state, x):
+    """torchvision's own ResNet with these weights and layer3's stride set to 1 (the strided 3x3 conv and the
+    downsample's 1x1 conv of its first block), run stem -> layer1 -> layer2 -> layer3."""
+    net = getattr(torchvision.models, arch)(weights=None)
+    net.load_state_dict(state)
+    block = net.layer3[0]
+    (block.conv2 if hasattr(block, "conv3") else block.conv1).stride = (1, 1)
+    block.downsample[0].stride = (1, 1)
+    net.eval()
+    with torch.no_grad():
+        return net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_res4_is_torchvisions_layer3_at_stride_1(arch, tmp_path):
+    torch.manual_seed(0)
+    reference = getattr(torchvision.models, arch)(weights=None)
+    for m in reference.modules():  # non-trivial batch-norm statistics, so that eval mode matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "tv.pth"
+    torch.save(reference.state_dict(), path)
+    x = torch.randn(1, 3, 64, 96)
+    p = dp.get_parser()
+    args = p.parse_args(["--data", ".", "--weights", str(path), "--protocol", "crw"])
+    dp.resolve_settings(p, args, ["--data", ".", "--weights", str(path), "--protocol", "crw"])
+    model, _, stride, _ = dp.build_model(args, torch.device("cpu"))
+    with torch.no_grad():
+        out = model(x)
+    expected = res4_by_hand(arch, reference.state_dict(), x)
+    assert stride == 8 and out.shape == expected.shape == (1, common.resnet_channels(arch)[2], 8, 12)
+    assert torch.allclose(out, expected, atol=1e-5)
 
 
 # ---- metrics, against hand-computed values and a brute-force implementation ----
@@ -582,3 +916,69 @@ def test_vader_checkpoint_with_its_own_embedding_dim(run_script, tmp_path):
         assert r.returncode == 0, r.stderr
         assert "vader checkpoint" in r.stdout and f"stride={stride}" in r.stdout
         assert 0 <= json.loads(r.stdout.strip().splitlines()[-1])["J&F-Mean"] <= 1
+
+
+# ---- damaged frames, and splits with the first masks only: main() in this process ----
+def damage_huffman_table(path):
+    """A JPEG whose header and end marker are intact but whose first Huffman table is not: PIL opens it and
+    fails only when it decodes the pixels (as a frame corrupted on disk mid-file would)."""
+    data = bytearray(open(path, "rb").read())
+    table = data.index(b"\xff\xc4")
+    data[table + 5:table + 21] = b"\xff" * 16  # 16 x 255 codes per length: no valid table
+    open(path, "wb").write(data)
+
+
+def one_line(error):
+    message = str(error.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def test_truncated_frame_is_reported_before_anything_is_written(small_davis, tmp_path):
+    path = os.path.join(small_davis, "JPEGImages", "480p", "seqb", "00003.jpg")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+    with pytest.raises(common.UserError) as e:
+        dp.main(["--data", small_davis, "--arch", "resnet18", "--output-dir", str(tmp_path / "o")])
+    assert one_line(e).startswith(path) and "truncated" in one_line(e)
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_frame_that_fails_mid_run_leaves_only_complete_folders_of_this_run(small_davis, tmp_path):
+    """An earlier complete run, then one whose seqb frame 2 does not decode (in a loader worker): one line naming
+    the frame; seqb leaves no folder (not even seqb.partial, nor the earlier run's), seqa is complete, and the
+    earlier metrics.json is gone."""
+    out = tmp_path / "o"
+    argv = ["--data", small_davis, "--arch", "resnet18", "--output-dir", str(out), "--n-context", "2"]
+    dp.main(argv)
+    assert sorted(os.listdir(out)) == ["metrics.json", "seqa", "seqb"]
+    bad = os.path.join(small_davis, "JPEGImages", "480p", "seqb", "00002.jpg")
+    damage_huffman_table(bad)
+    with pytest.raises(common.UserError) as e:
+        dp.main(argv + ["--workers", "2"])
+    assert one_line(e).startswith(f"{bad}: unreadable frame")
+    assert sorted(os.listdir(out)) == ["seqa"]
+    assert sorted(os.listdir(out / "seqa")) == [f"{t:05d}.png" for t in range(6)]
+
+
+def test_first_frame_masks_only_are_propagated_not_scored(tmp_path, capsys):
+    """A test-dev-like split (each sequence's first mask only): every frame's PNG is written, the last JSON line
+    and metrics.json say that scoring was skipped and why; --eval-only on it has nothing to score; a split that
+    mixes full and first-only ground truth is refused before any work."""
+    masks = box_masks(5, 40, 48, [(1, 8, 8, 14, 16, 1, 1), (2, 24, 28, 10, 12, -1, 0)])
+    first_only = {"seqa": (grey_frames(5, 40, 48), [masks[0]] + [None] * 4),
+                  "seqb": (grey_frames(4, 40, 48), [masks[0]] + [None] * 3)}
+    root = write_davis(tmp_path / "davis", first_only, split="test-dev")
+    out = tmp_path / "o"
+    dp.main(["--data", root, "--split", "test-dev", "--arch", "resnet18", "--output-dir", str(out)])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["scoring"] == "skipped" and "test-dev.txt: the ground truth holds the first frames" in last["reason"]
+    assert json.loads((out / "metrics.json").read_text())["scoring"] == "skipped"
+    assert sorted(os.listdir(out / "seqa")) == [f"{t:05d}.png" for t in range(5)] and len(os.listdir(out / "seqb")) == 4
+    with pytest.raises(common.UserError, match="nothing to score"):
+        dp.main(["--data", root, "--split", "test-dev", "--eval-only", str(out)])
+    mixed = write_davis(tmp_path / "mixed", {"full": (grey_frames(5, 40, 48), masks), **first_only})
+    with pytest.raises(common.UserError) as e:
+        dp.main(["--data", mixed, "--arch", "resnet18", "--output-dir", str(tmp_path / "m")])
+    assert os.path.join("mixed", "Annotations", "480p", "seqa") in one_line(e) and "1 of 5 frames" in one_line(e)
+    assert not os.path.exists(tmp_path / "m")
