@@ -892,7 +892,8 @@ BASELINE_LAYERS = {"res5": DilatedResNet, "res4": Res4ResNet}  # --layer of the 
 
 
 def dense_feature_model(weights, arch, dense_models, layer="res5"):
-    """(frozen network, description) that an evaluation reads, from `weights` ('random' or a file). `dense_models`
+    """(frozen network, description) that an evaluation reads, from `weights` ('random' or a file): N x 3 x H x W ->
+    N x C x H/4 x W/4 (H/8 for res4). `dense_models`
     maps a method to its class with a dense head ({"vader": VADeRNet}, so this file imports no method), whose
     `from_args(saved_args)` builds the trained network (None: no dense head was trained). Every other kind is a
     ResNet read at `layer`: res5, C5 dilated to 1/4 (VADeR §4.1), or res4, C4 at 1/8 (Res4ResNet)."""
