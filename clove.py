@@ -457,8 +457,8 @@ def train(args):
                              optimizer=optimizer, scaler=scaler), may_change={"base_lr"},
                              remedy="Lower --base-lr or use --precision fp32")
     step = run.resume()
-    one_image = [(2, 3, args.image_size, args.image_size), (args.local_crops, 3, args.local_size, args.local_size)]
-    model = common.wrap_ddp(f, d, one_image[:1 + bool(args.local_crops)], memory_format, args.precision)
+    two_images = [(4, 3, args.image_size, args.image_size), (2 * args.local_crops, 3, args.local_size, args.local_size)]
+    model = common.wrap_ddp(f, d, two_images[:1 + bool(args.local_crops)], memory_format, args.precision)  # BN: N > 1
     run.start(step, total_steps, f"CLoVE: {args.arch}, batch {args.batch_size} = {d.world_size} rank(s) x {per_rank} x "
               f"{args.accum_steps} accumulation, lr = {args.base_lr} x {args.batch_size}/256 = {lr:g}, {d.device}",
               per_rank_batch=per_rank, accum_steps=args.accum_steps, global_batch=args.batch_size, lr=lr,

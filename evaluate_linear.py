@@ -54,6 +54,7 @@ import argparse
 import math
 import os
 import pickle
+import sys
 import time
 
 import numpy as np
@@ -407,7 +408,7 @@ UNREADABLE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, SyntaxEr
 def warn_unreadable(path, error):
     """One line on stderr naming a file that is skipped because it cannot be decoded."""
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    common.warn(f"skipping unreadable image {path}: {reason}")
+    print(f"warning: skipping unreadable image {path}: {reason}", file=sys.stderr)
 
 
 class ImageFolderClasses:

@@ -248,7 +248,8 @@ class Probe(torch.nn.Module):
 
 def test_ddp_warm_up_runs_one_image_per_view_under_the_training_precision(tmp_path):
     """The warm-up that settles DDP's buckets must fit wherever a training step fits: a tiny batch, in the training's
-    precision, buffers and gradients left as they were (clove.py's shapes for one image: 2 global, 6 local views)."""
+    precision, buffers and gradients left as they were (clove.py passes two images' views, 4 global and 12 local, since BN needs
+    more than one value per channel)."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         model = Probe()

@@ -414,7 +414,7 @@ def test_data_without_init_and_a_tiny_encoder_lr_is_refused(tmp_path, run_script
     args[args.index("--lr-encoder") + 1] = "3e-7"  # the paper's lr, meant for a MoCo v2 start
     r = run_script("vader.py", "--data", data, "--output-dir", tmp_path / "x", "--max-steps", "1", *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert "--init" in r.stderr and "--lr-encoder 0.003" in r.stderr
+    assert "--init" in r.stderr and "--lr-encoder 0.03 --lr-decoder 0.03 --loss-weight 1" in r.stderr
     assert not (tmp_path / "x" / "checkpoint.pth").exists()
     # the embedded demo (no --data) is unaffected by the rule
     r = run_script("vader.py", "--output-dir", tmp_path / "demo", "--max-steps", "1", "--synthetic-images", "8",
