@@ -287,6 +287,29 @@ def test_init_from_a_moco_checkpoint_loads_the_encoder(tmp_path, run_script):
     assert torch.equal(model["encoder.layer4.1.conv2.weight"], resnet.state_dict()["layer4.1.conv2.weight"])
 
 
+def test_the_two_stage_recipe_starts_vader_from_the_moco_v2_encoder(tmp_path, run_script):
+    """The paper's protocol: stage 1 is MoCo v2 (--objective global), stage 2 is VADeR with --init at its checkpoint.
+    At lr 0 stage 2's encoder must still be stage 1's, in f and in g, and the FPN decoder is new."""
+    data = make_folder(tmp_path / "data", bad=False)
+    stage1, stage2 = tmp_path / "moco", tmp_path / "vader"
+    flags = list(TINY)
+    r = run_script("vader.py", "--data", data, "--output-dir", stage1, "--max-steps", "2", *flags,
+                   "--objective", "global", "--loss-weight", "1")
+    assert r.returncode == 0, r.stderr
+    frozen = [a if a != "0.01" else "0" for a in flags]
+    r = run_script("vader.py", "--data", data, "--output-dir", stage2, "--max-steps", "1", *frozen,
+                   "--init", stage1 / "checkpoint.pth", "--weight-decay", "0")
+    assert r.returncode == 0, r.stderr
+    moco = torch.load(stage1 / "checkpoint.pth", weights_only=False)["model"]
+    dense = torch.load(stage2 / "checkpoint.pth", weights_only=False)
+    assert dense["args"]["objective"] == "dense" and any(k.startswith("decoder.") for k in dense["model"])
+    weights = [k for k in moco if k.startswith("encoder.") and k.endswith(".weight")]
+    assert len(weights) > 20 and not any(k.startswith("head.") for k in dense["model"])
+    for net in ("model", "momentum_encoder"):
+        for key in weights:
+            assert torch.equal(dense[net][key], moco[key]), (net, key)
+
+
 def bad_run(run_script, tmp_path, *args):
     r = run_script("vader.py", *TINY, "--max-steps", "1", "--output-dir", tmp_path / "bad-run", *args)
     assert r.returncode != 0
