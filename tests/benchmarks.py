@@ -42,7 +42,7 @@ Prints one JSON line.
 warmup-memory: what DDP's bucket-settling warm-up (common.wrap_ddp) holds for backward against a training step, as
 the bytes of the tensors autograd saves (distinct storages), for --method's network at the papers' view sizes:
 per image in fp32 and under bf16 autocast, then at --per-rank images: the old warm-up (the whole per-rank batch in
-fp32), the new one (one image's views under the training precision) and the training step (per-rank batch, bf16).
+fp32), the new one (two images' views under the training precision) and the training step (per-rank batch, bf16).
 
 stop-flag: what the preemption flag costs a step: the loss's all-reduce with the flag riding along (2 float64)
 against the loss alone (1) and against a second collective for the flag, timed over --repeats x 200 rounds on two
@@ -615,7 +615,7 @@ def bench_warmup_memory(a):
     return dict(benchmark="warmup-memory", network=a.method_net, arch=a.arch, per_rank_images=a.per_rank,
                 views=[list(s[1:]) for s in shapes], per_image_mib={k: round(v / 2**20, 1) for k, v in per_image.items()},
                 old_warmup_gib=round(a.per_rank * per_image["fp32"] / gib, 1),
-                new_warmup_gib=round(per_image[a.precision if a.precision != "auto" else "bf16"] / gib, 3),
+                new_warmup_gib=round(images * per_image[a.precision if a.precision != "auto" else "bf16"] / gib, 3),
                 training_step_gib=round(a.per_rank * per_image["bf16"] / gib, 1))
 
 
