@@ -246,7 +246,7 @@ class Probe(torch.nn.Module):
         return [self.bn(o) for o in outputs]
 
 
-def test_ddp_warm_up_runs_one_image_per_view_under_the_training_precision(tmp_path):
+def test_ddp_warm_up_runs_a_tiny_batch_under_the_training_precision(tmp_path):
     """The warm-up that settles DDP's buckets must fit wherever a training step fits: a tiny batch, in the training's
     precision, buffers and gradients left as they were (clove.py passes two images' views, 4 global and 12 local, since BN needs
     more than one value per channel)."""
