@@ -84,13 +84,15 @@ def init_distributed(deterministic=False):
         env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
         env.setdefault("MASTER_PORT", "29500")
     rank, world, local_rank = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    # a launcher may show each process only its own GPU (srun --gpus-per-task=1): then LOCAL_RANK exceeds the count
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if torch.cuda.is_available() else \
+        torch.device("cpu")
     if deterministic:
         env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode needs it
         torch.use_deterministic_algorithms(True, warn_only=True)  # warns where an op has no deterministic version
         torch.backends.cudnn.deterministic = True
     if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not deterministic  # fixed view sizes: cuDNN times its algorithms once
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
@@ -123,7 +125,7 @@ def wrap_ddp(model, d, shapes, memory_format=torch.contiguous_format, precision=
     `precision` so that it never needs more memory than a step, makes fresh and resumed runs sum alike."""
     if d.world_size == 1:
         return model
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None)
     saved = [b.detach().clone() for b in model.buffers()]
     generator = torch.Generator().manual_seed(0)  # not the global RNG: runs stay reproducible
     with autocast(d.device, precision):

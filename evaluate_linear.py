@@ -1070,7 +1070,7 @@ def train_finetune(weights, train_set, subset, trial, args, d, log):
     if d.world_size > 1:
         if d.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        device_ids = [d.local_rank] if d.device.type == "cuda" else None
+        device_ids = [d.device] if d.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     per_rank = max(1, args.batch_size // d.world_size)
     indices = shard(subset, d.rank, d.world_size)

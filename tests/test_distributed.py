@@ -446,6 +446,19 @@ def test_srun_without_torchrun_forms_the_same_job_as_torchrun(tmp_path):
     assert_same_state(checkpoint(tmp_path / "srun" / "checkpoint.pth"), reference, ("model", "momentum_encoder"))
 
 
+def test_a_process_that_sees_only_its_own_gpu_uses_it(monkeypatch):
+    """srun --gpus-per-task=1 shows each task one GPU while SLURM_LOCALID counts to 3: cuda:3 does not exist there
+    (the CUDA calls are stood in for, so this runs on a CPU)."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setenv("RANK", "3"), monkeypatch.setenv("LOCAL_RANK", "3"), monkeypatch.setenv("WORLD_SIZE", "1")
+    d = common.init_distributed()
+    assert d.device == torch.device("cuda", 0) and chosen == [torch.device("cuda", 0)] and d.local_rank == 3
+
+
 @pytest.mark.parametrize("nodelist, host", [("gpu[003-005,9],cpu1", "gpu003"), ("node1,node2", "node1"),
                                             ("a-b[12,14]", "a-b12"), ("localhost", "localhost")])
 def test_the_master_is_the_first_host_of_slurms_node_list(nodelist, host):
