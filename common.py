@@ -219,6 +219,15 @@ def load_image(path):
         return img.convert("RGB")
 
 
+UNREADABLE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, SyntaxError)  # what load_image raises
+
+
+def warn_unreadable(path, error):
+    """One line on stderr naming a file that is skipped because it cannot be decoded."""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    print(f"warning: skipping unreadable image {path}: {reason}", file=sys.stderr)
+
+
 def list_images(root, name="--data"):
     """All image files below `root` (root/train when it exists), sorted; one-line errors when there are none."""
     if not root or not os.path.isdir(root):
@@ -259,10 +268,9 @@ class ViewDataset(torch.utils.data.Dataset):
             try:
                 img = self.image(i)
                 break
-            except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+            except UNREADABLE_ERRORS as e:
                 skipped += 1
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                print(f"warning: skipping unreadable image {self.files[i]}: {reason}", file=sys.stderr)
+                warn_unreadable(self.files[i], e)
         else:
             raise RuntimeError("every image of the data set is unreadable")
         return (*self.transform(img, sample_rng(self.seed, self.epoch, index)), skipped)

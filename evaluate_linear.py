@@ -54,7 +54,6 @@ import argparse
 import math
 import os
 import pickle
-import sys
 import time
 
 import numpy as np
@@ -402,15 +401,6 @@ class SyntheticClassification:
         return image, label
 
 
-UNREADABLE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, SyntaxError)  # what common.load_image raises
-
-
-def warn_unreadable(path, error):
-    """One line on stderr naming a file that is skipped because it cannot be decoded."""
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    print(f"warning: skipping unreadable image {path}: {reason}", file=sys.stderr)
-
-
 class ImageFolderClasses:
     """ImageNet's layout: DIR/<split>/<class>/<image>; a class is a sub-folder, classes are numbered in sorted order
     of the training split's folders, and the validation split must use the same names. The files' headers are not
@@ -447,8 +437,8 @@ class ImageFolderClasses:
         path, label = self.items[index]
         try:
             return common.load_image(path), label
-        except UNREADABLE_ERRORS as e:
-            warn_unreadable(path, e)
+        except common.UNREADABLE_ERRORS as e:
+            common.warn_unreadable(path, e)
             return None, UNREADABLE
 
 
@@ -1113,8 +1103,8 @@ class CorrespondencePairs(torch.utils.data.Dataset):
             return self.views(self.leaves.image(self.first + i)[0], common.sample_rng(self.seed, 0, i))
         try:
             image = common.load_image(self.files[i])
-        except UNREADABLE_ERRORS as e:
-            warn_unreadable(self.files[i], e)
+        except common.UNREADABLE_ERRORS as e:
+            common.warn_unreadable(self.files[i], e)
             return None
         return self.views(image, common.sample_rng(self.seed, 0, i))
 
