@@ -2,6 +2,7 @@
 
     python tests/ablation_table.py table3 --out runs/table3 --jobs 2      # Table 3 and the reviewers' rows
     python tests/ablation_table.py table3 --rows paper                    # Table 3's three rows only
+    python tests/ablation_table.py table3 --named queue                   # the rows whose name holds "queue"
     python tests/ablation_table.py shuffle-bn --out runs/shuffle-bn       # one GPU: --shuffle-bn-splits 1, 2, 4
 
 table3 runs the paper's protocol in miniature. Stage 1 is MoCo v2 (`vader.py --objective global`, the demo preset:
@@ -98,12 +99,12 @@ def loss_against_chance(checkpoint):
             statistics.mean(r["match_top1"] for r in steps if "match_top1" in r) if "match_top1" in steps[0] else None)
 
 
-def rows_of(table, only=None):
+def rows_of(table, which="all", named=()):
     if table == "shuffle-bn":
         rows = [(f"--shuffle-bn-splits {s}", ["--shuffle-bn-splits", str(s)], SEEDS) for s in (1, 2, 4)]
     else:
-        rows = TABLE3[:3] if only == "paper" else TABLE3[3:] if only == "reviewers" else TABLE3
-    return rows
+        rows = TABLE3[:3] if which == "paper" else TABLE3[3:] if which == "reviewers" else TABLE3
+    return [r for r in rows if not named or any(n in r[0] for n in named)]
 
 
 def main():
@@ -114,6 +115,8 @@ def main():
     p.add_argument("--pretrain-only", action="store_true", help="stop after the pre-training runs")
     p.add_argument("--rows", choices=["all", "paper", "reviewers"], default="all",
                    help="table3: Table 3's three rows, the reviewers' rows, or both")
+    p.add_argument("--named", nargs="+", default=(), metavar="TEXT",
+                   help="only the rows whose name contains one of these (e.g. --named queue momentum)")
     a = p.parse_args()
     out = a.out or os.path.join(ROOT, "runs", a.table)
     os.makedirs(out, exist_ok=True)
@@ -126,7 +129,7 @@ def main():
         stage2 = ["--init", start, *STAGE2]
     else:
         stage2 = []
-    for row, flags, seeds in rows_of(a.table, a.rows):
+    for row, flags, seeds in rows_of(a.table, a.rows, a.named):
         for seed in seeds:
             runs.append((row, seed, f"{row.split(' (')[0].replace(' ', '-').replace(',', '').replace('.', '')}-seed{seed}",
                          [*stage2, *flags, "--seed", str(seed)]))
@@ -142,7 +145,7 @@ def main():
     table = []
     for name, w in baselines:
         table.append(dict(row=name, seeds=1, **scored[name][0]))
-    for row, flags, seeds in rows_of(a.table, a.rows):
+    for row, flags, seeds in rows_of(a.table, a.rows, a.named):
         members = [(r, ckpt) for r, (ckpt, _) in zip(runs, trained) if r[0] == row]
         per_seed = [dict(**scored[r[2]][0], **dict(zip(("loss", "chance_loss", "match_top1"),
                                                         loss_against_chance(ckpt)))) for r, ckpt in members]
