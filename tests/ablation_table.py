@@ -150,7 +150,7 @@ def main():
         per_seed = [dict(**scored[r[2]][0], **dict(zip(("loss", "chance_loss", "match_top1"),
                                                         loss_against_chance(ckpt)))) for r, ckpt in members]
         entry = dict(row=row, flags=" ".join(flags), seeds=len(per_seed))
-        for key in per_seed[0]:
+        for key in [k for k in per_seed[0] if not k.endswith("_std")]:  # the seeds' std, not the trials'
             values = [s[key] for s in per_seed if s[key] is not None]
             entry[key] = statistics.mean(values) if values else None
             if len(values) > 1:
