@@ -82,7 +82,7 @@ def get_parser():
     p.add_argument("--loss-weight", type=float, default=None, help="Eq. 2 is multiplied by this (default 10; 1 for "
                    "--objective global/crops, MoCo v2's)")
     p.add_argument("--embedding-dim", type=int, default=128, help="d, the per-pixel embedding size")
-    p.add_argument("--shuffle-bn-splits", type=int, default=4, help="one process: g's BN sub-batches (shuffle BN); 1, 2 and 4 score alike on the demo")
+    p.add_argument("--shuffle-bn-splits", type=int, default=4, help="one process: g's BN sub-batches (shuffle BN)")
     p.add_argument("--precision", default="auto", choices=common.PRECISIONS, help=common.PRECISION_HELP)
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"], help="NHWC (auto: on a GPU)")
     p.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms where PyTorch has them")
