@@ -7,7 +7,7 @@ checkpoints, exact resumption: TrainingRun), ResNet weights, and the feature pic
 """
 import collections
 import colorsys
-import contextlib
+import itertools
 import json
 import math
 import os
@@ -32,6 +32,7 @@ from tqdm import tqdm
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+PREEMPTED = 75  # the exit status of a preempted run (sysexits' EX_TEMPFAIL: re-run the same command to resume)
 
 
 # ---- errors and printing ----
@@ -41,9 +42,6 @@ class UserError(Exception):
 
 class Preempted(Exception):
     """Every rank stopped after the same optimiser step on SIGTERM or SIGUSR1, and the checkpoint is written."""
-
-
-PREEMPTED = 75  # the exit status of a preempted run (sysexits' EX_TEMPFAIL: re-run the same command to resume)
 
 
 def run_main(main):
@@ -61,6 +59,32 @@ def run_main(main):
             sys.stdout.flush(), sys.stderr.flush()
             os._exit(2)
         sys.exit(2)
+
+
+def print_result(result, path=None):
+    """Every script ends with its result as one JSON line on stdout (and in `path`)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+    print(json.dumps(result), flush=True)
+
+
+def apply_preset(parser, args, preset, argv=None, announce=None):
+    """Set the values of `preset` the user did not type; returns them (printed on rank 0 with `announce`)."""
+    typed = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")]
+    given = {parser._option_string_actions[a].dest for a in typed if a in parser._option_string_actions}
+    changed = {k: v for k, v in preset.items() if k not in given}
+    for k, v in changed.items():
+        setattr(args, k, v)
+    if announce and int(os.environ.get("RANK", 0)) == 0:
+        print(f"no --data: {announce} and the CPU demo preset "
+              + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()), flush=True)
+    return changed
+
+
+def throughput_bar(iterable, total, enabled, initial=0, desc="train"):
+    return tqdm(iterable, total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True,
+                smoothing=0.05)
 
 
 # ---- distributed ----
@@ -119,10 +143,10 @@ def finish_distributed():
 
 
 def wrap_ddp(model, d, shapes, memory_format=torch.contiguous_format, precision="fp32"):
-    """`model` in DDP (or itself on one process) with its gradient buckets settled: DDP rebuilds them once, in the
-    order of the first backward, and the all-reduce's summation order follows. One zero-weighted pass on fixed
-    inputs of `shapes` (one or two images per view: the order does not depend on the batch), in the training's
-    `precision` so that it never needs more memory than a step, makes fresh and resumed runs sum alike."""
+    """`model` in DDP (or itself on one process) with its gradient buckets settled. DDP rebuilds them once, in the
+    order of the first backward, and the all-reduce's summation order follows: one zero-weighted pass on fixed
+    inputs of `shapes`, in the training's `precision` (never more memory than a step), makes fresh and resumed runs
+    sum alike."""
     if d.world_size == 1:
         return model
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None)
@@ -133,8 +157,7 @@ def wrap_ddp(model, d, shapes, memory_format=torch.contiguous_format, precision=
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     (sum(o.float().sum() for o in outputs) * 0).backward()
     with torch.no_grad():
-        for b, s in zip(model.buffers(), saved):
-            b.copy_(s)
+        torch._foreach_copy_(list(model.buffers()), saved)
     model.zero_grad(set_to_none=True)
     return ddp
 
@@ -181,8 +204,7 @@ def sample_rng(seed, epoch, index):
 
 
 def rng_states():
-    """The generators' states, of this rank's own GPU only (every visible GPU's would tie the checkpoint to the
-    machine's layout)."""
+    """The generators' states; of the GPUs, this rank's own (all would tie the checkpoint to the machine)."""
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()  # the current device's
@@ -193,7 +215,7 @@ def set_rng_states(states):
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if torch.cuda.is_available() and torch.is_tensor(states.get("cuda")):  # a list: saved by all_rng_state (older)
+    if torch.cuda.is_available() and torch.is_tensor(states.get("cuda")):
         torch.cuda.set_rng_state(states["cuda"])
 
 
@@ -213,9 +235,7 @@ def load_image(path):
                 a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
             img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
         if img.mode in ("P", "PA", "LA", "RGBA") or "transparency" in img.info:
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)
+            img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
         return img.convert("RGB")
 
 
@@ -234,9 +254,8 @@ def list_images(root, name="--data"):
         raise UserError(f"{name} {root}: no such folder; point it at a folder of images")
     if os.path.isdir(os.path.join(root, "train")):
         root = os.path.join(root, "train")
-    files = []
-    for folder, _, names in os.walk(root, followlinks=True):
-        files += [os.path.join(folder, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    files = [os.path.join(folder, n) for folder, _, names in os.walk(root, followlinks=True) for n in names
+             if n.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise UserError(f"{name} {root}: no image files ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) found below it")
     return sorted(files)
@@ -262,18 +281,28 @@ class ViewDataset(torch.utils.data.Dataset):
         return load_image(self.files[index]) if self.files else self.leaves.image(index)[0]
 
     def __getitem__(self, index):
-        skipped = 0
-        for attempt in range(len(self)):
-            i = (index + attempt) % len(self)
+        for skipped in range(len(self)):  # an unreadable file: the next one, counted
+            i = (index + skipped) % len(self)
             try:
                 img = self.image(i)
                 break
             except UNREADABLE_ERRORS as e:
-                skipped += 1
                 warn_unreadable(self.files[i], e)
         else:
             raise RuntimeError("every image of the data set is unreadable")
         return (*self.transform(img, sample_rng(self.seed, self.epoch, index)), skipped)
+
+    def pictures(self, size, count=4):
+        """The first `count` readable images, at size x size (at least 128 px, to be readable): features.png's."""
+        size, images = max(size, 128), []
+        for i in range(len(self)):
+            try:
+                images.append(self.image(i).resize((size, size), Image.BILINEAR))
+            except UNREADABLE_ERRORS:
+                continue
+            if len(images) == count:
+                break
+        return images
 
 
 # ---- embedded procedural data: dead leaves ----
@@ -300,8 +329,7 @@ class DeadLeaves:
     def texture(cls, yy, xx, rng):
         """Pattern in [0, 1] for one class; the class decides the family, `rng` its phase and orientation."""
         angle, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
-        u = xx * np.cos(angle) + yy * np.sin(angle)
-        v = -xx * np.sin(angle) + yy * np.cos(angle)
+        u, v = rotate(xx, yy, angle)
         name = DeadLeaves.TEXTURES[cls - 1]
         if name == "flat":
             return np.full(np.broadcast(yy, xx).shape, 0.5)
@@ -317,16 +345,15 @@ class DeadLeaves:
 
     @staticmethod
     def shape_mask(kind, yy, xx, cy, cx, r, angle):
-        dy, dx = yy - cy, xx - cx
-        u = dx * np.cos(angle) + dy * np.sin(angle)
-        v = -dx * np.sin(angle) + dy * np.cos(angle)
+        """A disc, a rectangle, an ellipse or a triangle (`kind` 0..3) of radius r, turned by `angle`."""
+        u, v = rotate(xx - cx, yy - cy, angle)
         if kind == 0:
             return u**2 + v**2 <= r**2
         if kind == 1:
             return (np.abs(u) <= r) & (np.abs(v) <= 0.6 * r)
         if kind == 2:
             return (u / r) ** 2 + (v / (0.5 * r)) ** 2 <= 1
-        return (v >= -0.5 * r) & (v <= r - 1.7 * np.abs(u))  # triangle
+        return (v >= -0.5 * r) & (v <= r - 1.7 * np.abs(u))
 
     def leaf(self, rng, height, width):
         r = self.size * float(np.exp(rng.uniform(np.log(0.04), np.log(0.3))))
@@ -342,8 +369,7 @@ class DeadLeaves:
 
     def paint(self, canvas, labels, instances, leaf, instance_id, offset=(0.0, 0.0)):
         h, w = labels.shape
-        cy, cx = leaf["cy"] + offset[0], leaf["cx"] + offset[1]
-        r = leaf["r"]
+        cy, cx, r = leaf["cy"] + offset[0], leaf["cx"] + offset[1], leaf["r"]
         y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, h)
         x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, w)
         if y0 >= y1 or x0 >= x1:
@@ -352,8 +378,7 @@ class DeadLeaves:
         mask = self.shape_mask(leaf["kind"], yy, xx, cy, cx, r, leaf["angle"])
         # the texture is attached to the shape (shape-relative coordinates), so it moves with the shape
         t = self.texture(leaf["cls"], yy - cy, xx - cx, np.random.default_rng(leaf["tex_seed"]))[..., None]
-        colour = (1 - t) * leaf["c0"] + t * leaf["c1"]
-        canvas[y0:y1, x0:x1][mask] = colour[mask]
+        canvas[y0:y1, x0:x1][mask] = ((1 - t) * leaf["c0"] + t * leaf["c1"])[mask]
         labels[y0:y1, x0:x1][mask] = leaf["cls"]
         instances[y0:y1, x0:x1][mask] = instance_id
 
@@ -365,14 +390,18 @@ class DeadLeaves:
 
     def image(self, index):
         """(PIL RGB image, class map uint8 HxW with 0 = background, instance map int32 HxW with 0 = background)."""
-        rng = self.rng(0, index)
-        s = self.size
+        rng, s = self.rng(0, index), self.size
         canvas = self.background(rng, s, s)
         labels, instances = np.zeros((s, s), np.uint8), np.zeros((s, s), np.int32)
         for i in range(int(rng.integers(self.shapes[0], self.shapes[1] + 1))):
             self.paint(canvas, labels, instances, self.leaf(rng, s, s), i + 1)
         pixels = np.clip(canvas * 255 + rng.normal(0, 3, canvas.shape), 0, 255).astype(np.uint8)
         return Image.fromarray(pixels), labels, instances
+
+
+def rotate(x, y, angle):
+    """Coordinates (x, y) turned by -angle: (u, v) along and across the direction `angle`."""
+    return x * np.cos(angle) + y * np.sin(angle), -x * np.sin(angle) + y * np.cos(angle)
 
 
 # ---- crop-box geometry ----
@@ -420,10 +449,7 @@ def cell_centres(box, flip, grid):
     the columns: column j of the view shows column grid - 1 - j of the crop)."""
     j = torch.arange(grid, dtype=torch.float64) + 0.5
     xs = box.x0 + j * box.width / grid
-    if flip:
-        xs = xs.flip(0)
-    ys = box.y0 + j * box.height / grid
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    yy, xx = torch.meshgrid(box.y0 + j * box.height / grid, xs.flip(0) if flip else xs, indexing="ij")
     return torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
 
 
@@ -469,27 +495,23 @@ def normalize(images, device):
 
 
 # ---- sampling and loading ----
-class ResumableSampler(torch.utils.data.Sampler):
-    """DistributedSampler's shuffle (one permutation, rank r takes every world-th index) that can start part-way
-    through an epoch, so a resumed run sees exactly the batches an uninterrupted one would."""
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler's shuffle (one permutation, padded; rank r takes every world-th index) that can start
+    part-way through an epoch, so a resumed run sees exactly the batches an uninterrupted one would."""
 
     def __init__(self, length, rank=0, world_size=1, seed=0):
-        self.length, self.rank, self.world, self.seed = length, rank, world_size, seed
-        self.per_rank = math.ceil(length / world_size)
-        self.epoch, self.start = 0, 0
+        super().__init__(range(length), world_size, rank, shuffle=True, seed=seed)
+        self.start = 0
 
     def set_epoch(self, epoch, start=0):
         """`start`: how many of this rank's indices of the epoch to skip (batches done x per-rank batch)."""
         self.epoch, self.start = epoch, start
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.length, generator=g).tolist()
-        order += order[: self.per_rank * self.world - self.length]  # pad so every rank gets the same count
-        return iter(order[self.rank::self.world][self.start:])
+        return itertools.islice(super().__iter__(), self.start, None)
 
     def __len__(self):
-        return self.per_rank - self.start
+        return self.num_samples - self.start
 
 
 def make_loader(dataset, d, per_rank, workers, seed):
@@ -509,7 +531,7 @@ def ignore_stop_signals(worker_id):
         signal.signal(s, signal.SIG_IGN)
 
 
-# ---- schedules and optimisers ----
+# ---- schedules, EMA and precision ----
 def cosine(step, total, start, end):
     """Half-cosine from `start` (step 0) to `end` (step `total`)."""
     progress = min(max(step / max(total, 1), 0.0), 1.0)
@@ -526,7 +548,6 @@ def ema_update(teacher, student, momentum, copy_buffers=True):
         torch._foreach_copy_(list(teacher.buffers()), list(student.buffers()))
 
 
-# ---- precision ----
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PRECISION_HELP = ("autocast: auto = bf16 on GPUs with native bf16, fp16 (loss-scaled) on older ones, fp32 on a CPU")
 
@@ -549,11 +570,9 @@ def grad_scaler(device, precision):
 
 
 def autocast(device, precision):
-    """Autocast to `--precision` on `device` (GPU or CPU: CPU autocast supports bf16); a no-op context for fp32."""
+    """Autocast to `--precision` on `device` (GPU or CPU: CPU autocast supports bf16); disabled for fp32."""
     dtype = autocast_dtype(device, precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def memory_format(device, channels_last):
@@ -581,13 +600,12 @@ class TrainingRun:
     all-reduce (no extra collective)."""
 
     def __init__(self, method, args, d, dataset, state, may_change=(), remedy=""):
-        self.method, self.args, self.d, self.state = method, args, d, state
-        self.may_change, self.remedy = may_change, remedy
+        self.method, self.args, self.d, self.state, self.may_change = method, args, d, state, may_change
         os.makedirs(args.output_dir, exist_ok=True)
-        self.path = os.path.join(args.output_dir, "checkpoint.pth")
+        self.path, self.remedy = os.path.join(args.output_dir, "checkpoint.pth"), remedy
         self.log = JsonLog(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
         self.facts = dict(world_size=d.world_size, images=len(dataset))
-        self.picture_images = picture_images(dataset, args.image_size)
+        self.pictures = dataset.pictures(args.image_size)
         self.first_loss = self.last_loss = self.signal = None
         self.skipped, self.stopping = 0, False
 
@@ -607,8 +625,7 @@ class TrainingRun:
                 ckpt = None
             ckpt = ckpt if isinstance(ckpt, dict) and ckpt.get("id") == decision["id"] else None
         sent = all_reduce_mean(float(ckpt is not None)) < 1  # some rank sees no file, or another one
-        if sent:
-            ckpt = broadcast_object(ckpt)
+        ckpt = broadcast_object(ckpt) if sent else ckpt
         if self.d.is_main:
             print(f"resumed from {decision['path']} at step {ckpt['step']}"
                   + (" (rank 0 sent it to every rank: not every rank could read that file)" if sent else "")
@@ -616,9 +633,9 @@ class TrainingRun:
         self.log.write(event="resume", step=ckpt["step"], path=decision["path"], sent_by_rank0=sent,
                        changed=decision["allowed"])
         for name, obj in self.state.items():
-            if isinstance(obj, torch.amp.GradScaler) and not ckpt[name]:
-                continue  # saved by a disabled scaler (--precision may change): an enabled one starts afresh
-            obj.load_state_dict(ckpt[name])
+            # a disabled scaler saves {} (--precision may change): an enabled one then starts afresh
+            if not (isinstance(obj, torch.amp.GradScaler) and not ckpt[name]):
+                obj.load_state_dict(ckpt[name])
         set_rng_states(ckpt["rng"])
         return ckpt["step"]
 
@@ -640,9 +657,10 @@ class TrainingRun:
             return dict(error=f"{path}: not a {self.method}.py checkpoint (method {found}); pass --resume never or "
                         "another --output-dir"), None
         saved, now = dict(ckpt.get("args", {}), **ckpt.get("facts", {})), dict(vars(self.args), **self.facts)
+        as_list = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 (a two-value flag: typed, a list)
         forbidden, allowed = [], []
         for key in sorted(set(saved) & set(now)):  # flags unknown to either side are not compared
-            if as_list(saved[key]) != as_list(now[key]):  # a two-value flag typed (a list) vs its default (a tuple)
+            if as_list(saved[key]) != as_list(now[key]):
                 name = key.replace("_", " ") if key in self.facts else "--" + key.replace("_", "-")
                 may = key in RESUMABLE_CHANGES or key in self.may_change
                 (allowed if may else forbidden).append(f"{name} {saved[key]} -> {now[key]}")
@@ -670,8 +688,7 @@ class TrainingRun:
         self.total_steps, self.t_start, self.marks = total_steps, time.time(), collections.deque(maxlen=21)
         self.marks.append((time.perf_counter(), 0))
         self.bar = throughput_bar(None, total_steps, self.d.is_main, initial=step, desc=self.method)
-        self.log.write(event="start", step=step, world_size=self.d.world_size, images=self.facts["images"],
-                       total_steps=total_steps, **facts)
+        self.log.write(event="start", step=step, **self.facts, total_steps=total_steps, **facts)
 
     def loss_value(self, loss, step):
         """The loss as a float averaged over ranks; a non-finite one stops the run before the update, so the
@@ -687,8 +704,7 @@ class TrainingRun:
     def step_done(self, step, epoch, loss, images, postfix=None, **fields):
         """After optimiser step `step`: the bar, a log.jsonl line every --log-every steps (and at the last one), a
         checkpoint every --save-every steps. Images/s is over the last 20 steps (the first one's warm-up drops out)."""
-        self.first_loss = loss if self.first_loss is None else self.first_loss
-        self.last_loss = loss
+        self.first_loss, self.last_loss = loss if self.first_loss is None else self.first_loss, loss
         self.marks.append((time.perf_counter(), self.marks[-1][1] + images))
         (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
         rate = (n1 - n0) / max(t1 - t0, 1e-9)
@@ -708,7 +724,7 @@ class TrainingRun:
         """The checkpoint, and features.png: `model`'s features of a few fixed images (VADeR Figures 2 and 5)."""
         self.save(epoch, step)
         if self.d.is_main:
-            feature_picture(model, self.picture_images, os.path.join(self.args.output_dir, "features.png"))
+            feature_picture(model, self.pictures, os.path.join(self.args.output_dir, "features.png"))
 
     def finish(self, step, steps_per_epoch, message=None, **fields):
         """Close the run: log its end, print `message(result)` (rank 0) and the result as one JSON line."""
@@ -725,15 +741,10 @@ class TrainingRun:
         return result
 
 
-def as_list(value):
-    return list(value) if isinstance(value, tuple) else value  # a two-value flag: typed, a list; default, a tuple
-
-
 def save_checkpoint(path, state):
     """Write atomically; a fresh `id` tells a rank that finds a file of that name whether it is rank 0's latest."""
-    tmp = f"{path}.tmp"
-    torch.save(dict(state, id=uuid.uuid4().hex), tmp)
-    os.replace(tmp, path)
+    torch.save(dict(state, id=uuid.uuid4().hex), f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
 class JsonLog:
@@ -748,33 +759,7 @@ class JsonLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def print_result(result, path=None):
-    """Every script ends with its result as one JSON line on stdout (and in `path`)."""
-    if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-    print(json.dumps(result), flush=True)
-
-
-def apply_preset(parser, args, preset, argv=None, announce=None):
-    """Set the values of `preset` the user did not type; returns them (printed on rank 0 with `announce`)."""
-    typed = [a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")]
-    given = {parser._option_string_actions[a].dest for a in typed if a in parser._option_string_actions}
-    changed = {k: v for k, v in preset.items() if k not in given}
-    for k, v in changed.items():
-        setattr(args, k, v)
-    if announce and int(os.environ.get("RANK", 0)) == 0:
-        print(f"no --data: {announce} and the CPU demo preset "
-              + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()), flush=True)
-    return changed
-
-
-def throughput_bar(iterable, total, enabled, initial=0, desc="train"):
-    return tqdm(iterable, total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True,
-                smoothing=0.05)
-
-
-# ---- ResNet weights ----
+# ---- ResNet weights, and the frozen features the evaluations read ----
 def resnet(arch):
     """A torchvision ResNet without weights; the classifier is dropped (dense methods never use it)."""
     if arch not in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
@@ -789,12 +774,12 @@ def resnet_channels(arch):
     return [64, 128, 256, 512] if arch in ("resnet18", "resnet34") else [256, 512, 1024, 2048]
 
 
-def resnet_stages(net, x):
-    """C2..C5 of a torchvision ResNet (strides 4, 8, 16, 32 unless dilated)."""
-    stages = [net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))]
-    for layer in (net.layer2, net.layer3, net.layer4):
-        stages.append(layer(stages[-1]))
-    return stages
+def resnet_stages(net, x, stages=4):
+    """C2..C5 of a torchvision ResNet (strides 4, 8, 16, 32 unless dilated); the first `stages` of them."""
+    outputs = [net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))]
+    for layer in (net.layer2, net.layer3, net.layer4)[:stages - 1]:
+        outputs.append(layer(outputs[-1]))
+    return outputs
 
 
 def read_weights(path):
@@ -840,40 +825,48 @@ def load_resnet_state(net, state, path):
 
 def infer_arch(state):
     """The ResNet depth of a state dict, from its keys (MoCo and torchvision files carry no args)."""
-    blocks = {i: len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4)}
-    bottleneck = any(k.endswith("conv3.weight") for k in state)
+    blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in (1, 2, 3, 4))
     table = {(2, 2, 2, 2, False): "resnet18", (3, 4, 6, 3, False): "resnet34", (3, 4, 6, 3, True): "resnet50",
              (3, 4, 23, 3, True): "resnet101", (3, 8, 36, 3, True): "resnet152"}
-    return table.get((blocks[1], blocks[2], blocks[3], blocks[4], bottleneck))
+    return table.get((*blocks, any(k.endswith("conv3.weight") for k in state)))
 
 
-def dilated_resnet(arch):
-    """A ResNet whose layer2..layer4 trade their stride for dilation (DeepLab), so C5 comes out at 1/4: VADeR §4.1
-    evaluates the baselines at its decoder's resolution. Names and shapes are unchanged, so weights load into it."""
-    if resnet_channels(arch)[-1] == 2048:
-        net = getattr(torchvision.models, arch)(weights=None, replace_stride_with_dilation=[True, True, True])
-        net.fc = nn.Identity()
-        return net
-    net = resnet(arch)  # torchvision refuses dilation in BasicBlock: set it by hand, as torchvision would
-    dilation = 1
+def set_resnet_stride(net, stride):
+    """Make a torchvision ResNet (plain or dilated) output C5 at 1/stride (4, 8, 16 or 32), in place: going down
+    the stages, a stage keeps its stride 2 while the output is finer than 1/stride, then trades it for dilation
+    (DeepLab's "large field of view", VADeR §4.1). For Bottlenecks this is torchvision's
+    replace_stride_with_dilation (e.g. [False, True, True] for 8); BasicBlocks, which torchvision refuses to
+    dilate, follow the same rule (first block: the previous dilation in conv1; conv2 and later blocks: the new one).
+    Parameter names and shapes do not change, so loaded weights stay."""
+    current, dilation = 4, 1
     for layer in (net.layer2, net.layer3, net.layer4):
-        previous, dilation = dilation, dilation * 2
+        if current < stride:
+            s, previous, current = 2, dilation, current * 2
+        else:
+            s, previous, dilation = 1, dilation, dilation * 2
         for i, block in enumerate(layer):
-            first = block.conv1
+            bottleneck = hasattr(block, "conv3")
+            strided = block.conv2 if bottleneck else block.conv1  # torchvision puts the stride in the 3x3 conv
             if i == 0:
-                first.stride, block.downsample[0].stride = (1, 1), (1, 1)
-            d = previous if i == 0 else dilation
-            first.dilation, first.padding = (d, d), (d, d)
-            block.conv2.dilation, block.conv2.padding = (dilation, dilation), (dilation, dilation)
+                strided.stride = (s, s)
+                if block.downsample is not None:
+                    block.downsample[0].stride = (s, s)
+            first = previous if i == 0 else dilation
+            if bottleneck:
+                block.conv2.dilation = block.conv2.padding = (first, first)
+            else:
+                block.conv1.dilation = block.conv1.padding = (first, first)
+                block.conv2.dilation = block.conv2.padding = (dilation, dilation)
     return net
 
 
 class DilatedResNet(nn.Module):
-    """A ResNet whose C5 is computed at 1/4 resolution: the frozen-feature baseline of VADeR §4.1."""
+    """res5: a ResNet whose C5 is computed at 1/4 resolution, the frozen-feature baseline of VADeR §4.1 (which
+    evaluates the baselines at its decoder's resolution)."""
 
     def __init__(self, arch):
         super().__init__()
-        self.net = dilated_resnet(arch)
+        self.net = set_resnet_stride(resnet(arch), 4)
         self.out_channels = resnet_channels(arch)[-1]
 
     def forward(self, x):
@@ -894,8 +887,7 @@ class Res4ResNet(nn.Module):
         self.out_channels = resnet_channels(arch)[2]
 
     def forward(self, x):
-        return self.net.layer3(self.net.layer2(self.net.layer1(self.net.maxpool(self.net.relu(self.net.bn1(
-            self.net.conv1(x)))))))
+        return resnet_stages(self.net, x, stages=3)[-1]
 
 
 BASELINE_LAYERS = {"res5": DilatedResNet, "res4": Res4ResNet}  # --layer of the evaluation scripts
@@ -903,10 +895,9 @@ BASELINE_LAYERS = {"res5": DilatedResNet, "res4": Res4ResNet}  # --layer of the 
 
 def dense_feature_model(weights, arch, dense_models, layer="res5"):
     """(frozen network, description) that an evaluation reads, from `weights` ('random' or a file): N x 3 x H x W ->
-    N x C x H/4 x W/4 (H/8 for res4). `dense_models`
-    maps a method to its class with a dense head ({"vader": VADeRNet}, so this file imports no method), whose
-    `from_args(saved_args)` builds the trained network (None: no dense head was trained). Every other kind is a
-    ResNet read at `layer`: res5, C5 dilated to 1/4 (VADeR §4.1), or res4, C4 at 1/8 (Res4ResNet)."""
+    N x C x H/4 x W/4 (H/8 for res4). `dense_models` maps a method to its class with a dense head ({"vader":
+    VADeRNet}, so this file imports no method), whose `from_args(saved_args)` builds the trained network (None: no
+    dense head was trained). Every other kind is a ResNet read at `layer` (BASELINE_LAYERS)."""
     where = "dilated to 1/4" if layer == "res5" else "res4 at 1/8"
     if weights == "random":
         return BASELINE_LAYERS[layer](arch), f"random init ({arch}, {where})"
@@ -920,10 +911,8 @@ def dense_feature_model(weights, arch, dense_models, layer="res5"):
             raise UserError(f"{weights}: does not fit the network its saved arguments describe "
                             f"({str(e).splitlines()[1].strip()})") from None
         return model, f"{kind} checkpoint {weights} ({arch}, its own dense head)"
-    if kind in ("vader", "clove"):
-        state = encoder_state(state)
     model = BASELINE_LAYERS[layer](arch)
-    load_resnet_state(model.net, state, weights)
+    load_resnet_state(model.net, encoder_state(state) if kind in ("vader", "clove") else state, weights)
     return model, f"{kind} weights {weights} ({arch}, {where})"
 
 
@@ -977,19 +966,6 @@ def pca_colours(features):
     lo, hi = y.quantile(0.01, dim=0), y.quantile(0.99, dim=0)
     y = ((y - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1)
     return y.reshape(n, h, w, 3).permute(0, 3, 1, 2)
-
-
-def picture_images(dataset, size, count=4):
-    """The first `count` readable images of a ViewDataset, at size x size (at least 128 px, to be readable)."""
-    size, images = max(size, 128), []
-    for i in range(len(dataset)):
-        if len(images) == count:
-            break
-        try:
-            images.append(dataset.image(i).resize((size, size), Image.BILINEAR))
-        except (OSError, ValueError, SyntaxError):
-            continue
-    return images
 
 
 @torch.no_grad()

@@ -428,37 +428,6 @@ def network_input(pixels, resolution, stride, device):
     return x, feature_grid(h, w, resolution, stride)
 
 
-def set_resnet_stride(net, stride):
-    """Make a torchvision ResNet (plain or dilated) output C5 at 1/stride (4, 8, 16 or 32), in place.
-
-    Going down the stages, a stage keeps its stride 2 while the output is still finer than 1/stride; after that
-    it trades the stride for dilation (DeepLab's "large field of view", VADeR §4.1): torchvision's
-    replace_stride_with_dilation, e.g. [False, True, True] for stride 8, and common.dilated_resnet's convention for
-    BasicBlocks (first block: the previous dilation in conv1; conv2 and later blocks: the new one). Parameter
-    names and shapes do not change, so the loaded weights stay.
-    """
-    current, dilation = 4, 1
-    for layer in (net.layer2, net.layer3, net.layer4):
-        if current < stride:
-            s, previous, current = 2, dilation, current * 2
-        else:
-            s, previous, dilation = 1, dilation, dilation * 2
-        for i, block in enumerate(layer):
-            bottleneck = hasattr(block, "conv3")
-            strided = block.conv2 if bottleneck else block.conv1  # torchvision puts the stride in the 3x3 conv
-            if i == 0:
-                strided.stride = (s, s)
-                if block.downsample is not None:
-                    block.downsample[0].stride = (s, s)
-            first = previous if i == 0 else dilation
-            if bottleneck:
-                block.conv2.dilation = block.conv2.padding = (first, first)
-            else:
-                block.conv1.dilation = block.conv1.padding = (first, first)
-                block.conv2.dilation = block.conv2.padding = (dilation, dilation)
-    return net
-
-
 class AveragePooled(nn.Module):
     """A network with output at 1/4 seen at 1/8: each stride-8 cell is the mean of the 2 x 2 stride-4 cells it
     covers (a partial cell at an odd edge: of those that exist), i.e. the area average of the features."""
@@ -483,7 +452,7 @@ def at_stride(model, stride):
     if stride == 4:
         return model, "at stride 4"
     if isinstance(model, common.DilatedResNet):
-        set_resnet_stride(model.net, stride)
+        common.set_resnet_stride(model.net, stride)
         return model, f"at stride {stride}: re-dilated to 1/{stride} (layer2 keeps its stride)"
     return AveragePooled(model), f"at stride {stride}: the 1/4 output average-pooled 2 x 2"
 

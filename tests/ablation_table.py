@@ -107,6 +107,18 @@ def rows_of(table, which="all", named=()):
     return [r for r in rows if not named or any(n in r[0] for n in named)]
 
 
+def over_seeds(row, flags, per_seed):
+    """A table row from its seeds' scores: each score's mean and, with several seeds, its std over the seeds (a
+    score's own `_std`, e.g. the probe's over its trials, is dropped: it says nothing of the seeds' spread)."""
+    entry = dict(row=row, flags=" ".join(flags), seeds=len(per_seed))
+    for key in [k for k in per_seed[0] if not k.endswith("_std")]:
+        values = [s[key] for s in per_seed if s[key] is not None]
+        entry[key] = statistics.mean(values) if values else None
+        if len(values) > 1:
+            entry[f"{key}_std"] = statistics.stdev(values)
+    return entry
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("table", choices=["table3", "shuffle-bn"])
@@ -149,13 +161,7 @@ def main():
         members = [(r, ckpt) for r, (ckpt, _) in zip(runs, trained) if r[0] == row]
         per_seed = [dict(**scored[r[2]][0], **dict(zip(("loss", "chance_loss", "match_top1"),
                                                         loss_against_chance(ckpt)))) for r, ckpt in members]
-        entry = dict(row=row, flags=" ".join(flags), seeds=len(per_seed))
-        for key in [k for k in per_seed[0] if not k.endswith("_std")]:  # the seeds' std, not the trials'
-            values = [s[key] for s in per_seed if s[key] is not None]
-            entry[key] = statistics.mean(values) if values else None
-            if len(values) > 1:
-                entry[f"{key}_std"] = statistics.stdev(values)
-        table.append(entry)
+        table.append(over_seeds(row, flags, per_seed))
     pct = lambda e, k: "-" if e.get(k) is None else (f"{100 * e[k]:.1f}" + (f" ± {100 * e[k + '_std']:.1f}"  # noqa
                                                                               if f"{k}_std" in e else ""))
     print("| row | seeds | seg. mIoU (%) | J&F (%) | corr. top-1 (%) | within one (%) | final loss (chance) |")

@@ -533,24 +533,34 @@ def test_workers_and_shared_copies_leave_the_features_and_labels_unchanged(tmp_p
     assert torch.equal(shared, copies)
 
 
-def test_resnet_strides_match_torchvision_and_the_shared_dilation():
-    """Stride 8 on a ResNet-50 is torchvision's replace_stride_with_dilation=[False, True, True] with the same
-    weights; stride 4 on a ResNet-18 reproduces common.dilated_resnet; the grids are 1/8 and 1/4."""
+def test_resnet_strides_match_torchvision_and_deeplabs_rule():
+    """Strides 8 and 4 on a ResNet-50 are torchvision's replace_stride_with_dilation ([False, True, True] and
+    [True, True, True]) with the same weights. On a ResNet-18, which torchvision refuses to dilate, the BasicBlocks'
+    dilations follow the same rule (written out by hand), and 4 -> 8 -> 4 gives the stride-4 network back."""
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 96)
-    ref = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True]).eval()
-    net = dp.set_resnet_stride(torchvision.models.resnet50(weights=None), 8).eval()
-    net.load_state_dict(ref.state_dict())
+    for stride, dilate, grid in ((8, [False, True, True], (8, 12)), (4, [True, True, True], (16, 24))):
+        ref = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=dilate).eval()
+        net = common.set_resnet_stride(torchvision.models.resnet50(weights=None), stride).eval()
+        net.load_state_dict(ref.state_dict())
+        with torch.no_grad():
+            out = common.resnet_stages(net, x)[-1]
+            assert out.shape == (1, 2048, *grid)
+            assert torch.allclose(out, common.resnet_stages(ref, x)[-1], atol=1e-5)
+    net = common.set_resnet_stride(common.resnet("resnet18"), 4).eval()
+    # each block's (conv1, conv2) dilation at 1/4: the first block keeps the previous stage's in conv1
+    expected = {"layer2": [(1, 2), (2, 2)], "layer3": [(2, 4), (4, 4)], "layer4": [(4, 8), (8, 8)]}
+    for name, dilations in expected.items():
+        layer = getattr(net, name)
+        assert layer[0].conv1.stride == (1, 1) and layer[0].downsample[0].stride == (1, 1)
+        assert [(b.conv1.dilation[0], b.conv2.dilation[0]) for b in layer] == dilations
+        assert all(b.conv1.padding == b.conv1.dilation and b.conv2.padding == b.conv2.dilation for b in layer)
+    mine = common.set_resnet_stride(common.resnet("resnet18"), 8).eval()
+    mine.load_state_dict(net.state_dict())
     with torch.no_grad():
-        out = common.resnet_stages(net, x)[-1]
-        assert out.shape == (1, 2048, 8, 12)
-        assert torch.allclose(out, common.resnet_stages(ref, x)[-1], atol=1e-5)
-        shared = common.dilated_resnet("resnet18").eval()
-        mine = dp.set_resnet_stride(common.resnet("resnet18"), 8).eval()
-        mine.load_state_dict(shared.state_dict())
         assert common.resnet_stages(mine, x)[-1].shape == (1, 512, 8, 12)
-        dp.set_resnet_stride(mine, 4)  # and back: the shared stride-4 network
-        assert torch.equal(common.resnet_stages(mine, x)[-1], common.resnet_stages(shared, x)[-1])
+        common.set_resnet_stride(mine, 4)  # and back
+        assert torch.equal(common.resnet_stages(mine, x)[-1], common.resnet_stages(net, x)[-1])
 
 
 def test_vader_output_at_stride_8_is_the_2x2_mean():

@@ -678,3 +678,18 @@ def test_a_missing_data_folder_is_named_before_any_other_check(tmp_path, run_scr
     r = run_script("vader.py", "--data", tmp_path / "no" / "such", "--output-dir", tmp_path / "o", "--max-steps", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert f"--data {tmp_path / 'no' / 'such'}: no such folder" in r.stderr and "--lr-encoder" not in r.stderr
+
+
+def test_ablation_table_rows_spread_over_seeds_not_over_probe_trials():
+    """tests/ablation_table.py: a seeded row's mIoU ± is the std of its seeds' mIoUs (hand-computed: 0.2, 0.3,
+    0.4 -> 0.1), not the mean of the probe's trial stds (0.01), which once overwrote it."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "ablation_table.py")
+    spec = importlib.util.spec_from_file_location("ablation_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    per_seed = [dict(miou=m, miou_std=0.01, top1=t, loss=None) for m, t in ((0.2, 0.5), (0.3, 0.5), (0.4, 0.8))]
+    row = table.over_seeds("diff. view", ["--seed"], per_seed)
+    assert row["seeds"] == 3 and row["miou"] == pytest.approx(0.3) and row["miou_std"] == pytest.approx(0.1)
+    assert row["top1_std"] == pytest.approx(math.sqrt(0.03)) and row["loss"] is None and "loss_std" not in row
+    assert table.over_seeds("one seed", [], per_seed[:1]).keys() == {"row", "flags", "seeds", "miou", "top1", "loss"}
