@@ -633,9 +633,9 @@ class TrainingRun:
         self.log.write(event="resume", step=ckpt["step"], path=decision["path"], sent_by_rank0=sent,
                        changed=decision["allowed"])
         for name, obj in self.state.items():
-            # a disabled scaler saves {} (--precision may change): an enabled one then starts afresh
-            if not (isinstance(obj, torch.amp.GradScaler) and not ckpt[name]):
-                obj.load_state_dict(ckpt[name])
+            if isinstance(obj, torch.amp.GradScaler) and not ckpt[name]:
+                continue  # saved by a disabled scaler (--precision may change): an enabled one starts afresh
+            obj.load_state_dict(ckpt[name])
         set_rng_states(ckpt["rng"])
         return ckpt["step"]
 
@@ -657,10 +657,9 @@ class TrainingRun:
             return dict(error=f"{path}: not a {self.method}.py checkpoint (method {found}); pass --resume never or "
                         "another --output-dir"), None
         saved, now = dict(ckpt.get("args", {}), **ckpt.get("facts", {})), dict(vars(self.args), **self.facts)
-        as_list = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 (a two-value flag: typed, a list)
         forbidden, allowed = [], []
         for key in sorted(set(saved) & set(now)):  # flags unknown to either side are not compared
-            if as_list(saved[key]) != as_list(now[key]):
+            if as_list(saved[key]) != as_list(now[key]):  # a two-value flag typed (a list) vs its default (a tuple)
                 name = key.replace("_", " ") if key in self.facts else "--" + key.replace("_", "-")
                 may = key in RESUMABLE_CHANGES or key in self.may_change
                 (allowed if may else forbidden).append(f"{name} {saved[key]} -> {now[key]}")
@@ -739,6 +738,10 @@ class TrainingRun:
             print_result(result, os.path.join(self.args.output_dir, "result.json"))
         finish_distributed()
         return result
+
+
+def as_list(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def save_checkpoint(path, state):
