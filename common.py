@@ -326,10 +326,15 @@ class DeadLeaves:
         return np.random.default_rng([self.seed, kind, index])
 
     @staticmethod
+    def rotate(x, y, angle):
+        """Coordinates (x, y) turned by -angle: (u, v) along and across the direction `angle`."""
+        return x * np.cos(angle) + y * np.sin(angle), -x * np.sin(angle) + y * np.cos(angle)
+
+    @staticmethod
     def texture(cls, yy, xx, rng):
         """Pattern in [0, 1] for one class; the class decides the family, `rng` its phase and orientation."""
         angle, phase = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
-        u, v = rotate(xx, yy, angle)
+        u, v = DeadLeaves.rotate(xx, yy, angle)
         name = DeadLeaves.TEXTURES[cls - 1]
         if name == "flat":
             return np.full(np.broadcast(yy, xx).shape, 0.5)
@@ -346,7 +351,7 @@ class DeadLeaves:
     @staticmethod
     def shape_mask(kind, yy, xx, cy, cx, r, angle):
         """A disc, a rectangle, an ellipse or a triangle (`kind` 0..3) of radius r, turned by `angle`."""
-        u, v = rotate(xx - cx, yy - cy, angle)
+        u, v = DeadLeaves.rotate(xx - cx, yy - cy, angle)
         if kind == 0:
             return u**2 + v**2 <= r**2
         if kind == 1:
@@ -397,11 +402,6 @@ class DeadLeaves:
             self.paint(canvas, labels, instances, self.leaf(rng, s, s), i + 1)
         pixels = np.clip(canvas * 255 + rng.normal(0, 3, canvas.shape), 0, 255).astype(np.uint8)
         return Image.fromarray(pixels), labels, instances
-
-
-def rotate(x, y, angle):
-    """Coordinates (x, y) turned by -angle: (u, v) along and across the direction `angle`."""
-    return x * np.cos(angle) + y * np.sin(angle), -x * np.sin(angle) + y * np.cos(angle)
 
 
 # ---- crop-box geometry ----
