@@ -42,10 +42,11 @@ import math
 import os
 import random
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import common
@@ -71,7 +72,9 @@ def get_parser():
     p.add_argument("--epochs", type=int, default=200, help="passes over the data (the paper: 200 and 400)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: no limit; schedules "
                    "follow --epochs)")
-    p.add_argument("--save-every", type=int, default=1000, help="also checkpoint every N steps (0: per epoch only)")
+    p.add_argument("--save-minutes", type=float, default=30, help="checkpoint every N minutes (rank 0's clock); also "
+                   "at each epoch's end, at the end and on SIGTERM or SIGUSR1")
+    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: off)")
     p.add_argument("--log-every", type=int, default=50, help="one log.jsonl line every N steps")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per rank")
     p.add_argument("--seed", type=int, default=0, help="initialisation (the same on every rank) and views")
@@ -125,39 +128,44 @@ def match_cells(box_s, flip_s, grid_s, box_t, flip_t, grid_t, t_pos, scale=(1.0,
     I_i is the centre of feature cell i in original-image coordinates (flips mirror the columns); d is measured in
     units of the larger of the two views' cell diagonals, so T_pos = 0.7 means "closer than 0.7 of a cell". The views
     need not overlap: cells on both sides of a shared border are still neighbours. `scale` multiplies x and y before
-    measuring ((1/(W-1), 1/(H-1)) is the official code's normalised frame). Needs common.cell_centres.
+    measuring ((1/(W-1), 1/(H-1)) is the official code's normalised frame). The squared distance is the sum of a
+    row term and a column term, computed on the grids' axes. Needs common.cell_axes.
     """
     sx, sy = scale
-    xy = torch.tensor([sx, sy], dtype=torch.float64)
-    centres_s = common.cell_centres(box_s, flip_s, grid_s) * xy  # Ls x 2
-    centres_t = common.cell_centres(box_t, flip_t, grid_t) * xy  # Lt x 2
+    (xs, ys), (xt, yt) = common.cell_axes(box_s, flip_s, grid_s), common.cell_axes(box_t, flip_t, grid_t)
+    dx2 = np.subtract.outer(xs * sx, xt * sx) ** 2  # Gs x Gt: columns of the student view x columns of the teacher's
+    dy2 = np.subtract.outer(ys * sy, yt * sy) ** 2  # Gs x Gt: rows
+    d2 = (dy2[:, None, :, None] + dx2[None, :, None, :]).reshape(grid_s**2, grid_t**2)  # (row, col) x (row, col)
     diag_s = math.hypot(box_s.width / grid_s * sx, box_s.height / grid_s * sy)
     diag_t = math.hypot(box_t.width / grid_t * sx, box_t.height / grid_t * sy)
-    return torch.cdist(centres_s, centres_t) < t_pos * max(diag_s, diag_t)  # Ls x Lt
+    return torch.from_numpy(np.sqrt(d2) < t_pos * max(diag_s, diag_t))  # Ls x Lt
 
 
 class CLoVEViews:
-    """Image -> (globals, locals, pos_global, pos_local): BYOL's views and their Eq. 1 positive masks.
+    """PIL RGB image -> (globals, locals, pos_global, pos_local, appearance): BYOL's views and their Eq. 1 masks.
 
     Two global views (size S): RandomResizedCrop (bicubic) + flip, colour jitter 0.4/0.4/0.2/0.1 with p 0.8, grayscale
     p 0.2, Gaussian blur p 1.0 / 0.1, solarisation p 0 / 0.2 (BYOL's asymmetry). `local_crops` extra views (size s,
-    blur p 0.5, no solarisation) are seen by the student only. Geometry is drawn first and kept; appearance ops never
-    move pixels. Masks have the student's cells as rows and the teacher's as columns:
+    blur p 0.5, no solarisation) are seen by the student only. The geometry is drawn first and applied here, in the
+    loader's workers; the appearance ops never move pixels, so only their parameters are drawn here (from the same
+    `rng`) and common.apply_appearance applies them on the training device, batched. Masks have the student's
+    cells as rows and the teacher's as columns:
         globals    2 x 3 x S x S      uint8
         locals     L x 3 x s x s      uint8
         pos_global 2 x G^2 x G^2       [t] pairs student view 1-t with teacher view t
         pos_local  2 x L x g^2 x G^2   [t, l] pairs local view l with teacher view t
+        appearance (2 + L) x 12       float32, a row of draw_appearance per view (globals, then locals)
     Eq. 1 runs here, in the data-loading workers, so it costs the training step nothing. `match_coords`
     "normalized" is the official code's frame (PixPro's RandomResizedCropCoord: a crop of pixels j..j+w-1 is the box
     [j, j+w-1] / (W-1), y by H-1), where T_pos was tuned; "pixels" is the paper's "pixel space" (notes: Eq. 1).
-    Needs common's crop geometry and colour ops.
+    Needs common's crop geometry (Box, sample_crop_box, cell_centres, crop_resize, to_uint8) and draw_appearance.
     """
 
     def __init__(self, image_size=224, local_crops=6, local_size=96, global_scale=(0.2, 1.0),
-                 local_scale=(0.08, 0.3), t_pos=0.7, match_coords="normalized", stride=32, color=True):
+                 local_scale=(0.08, 0.3), t_pos=0.7, match_coords="normalized", stride=32):
         self.size, self.local_crops, self.local_size = image_size, local_crops, local_size
         self.global_scale, self.local_scale, self.t_pos = tuple(global_scale), tuple(local_scale), t_pos
-        self.match_coords, self.color = match_coords, color
+        self.match_coords = match_coords
         self.grid, self.local_grid = image_size // stride, local_size // stride
 
     def frame(self, geometry, width, height):
@@ -179,32 +187,25 @@ class CLoVEViews:
                                  for g in (g0, g1)])
         return pos_global, pos_local
 
-    def appearance(self, img, rng, blur, solarize):
-        if rng.random() < 0.8:
-            img = common.color_jitter(img, rng, 0.4, 0.4, 0.2, 0.1)
-        if rng.random() < 0.2:
-            img = common.grayscale(img)
-        if rng.random() < blur:
-            img = common.gaussian_blur(img, rng, (0.1, 2.0))
-        if rng.random() < solarize:
-            img = ImageOps.solarize(img, 128)
-        return img
-
     def __call__(self, img, rng=None):
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"CLoVEViews takes a PIL image, not {type(img).__name__} (common.load_image reads one)")
         rng = rng or random.Random()
+        img = img if img.mode == "RGB" else img.convert("RGB")
         w, h = img.size
         geometry = [(common.sample_crop_box(rng, w, h, self.global_scale), rng.random() < 0.5) for _ in range(2)]
         geometry += [(common.sample_crop_box(rng, w, h, self.local_scale), rng.random() < 0.5)
                      for _ in range(self.local_crops)]
         pos_global, pos_local = self.match(geometry, w, h)
-        recipe = [(self.size, 1.0, 0.0), (self.size, 0.1, 0.2)] + [(self.local_size, 0.5, 0.0)] * self.local_crops
-        views = []
-        for (box, flip), (size, blur, solar) in zip(geometry, recipe):
-            view = common.crop_resize(img, box, size, flip, resample=Image.BICUBIC)
-            views.append(common.to_uint8(self.appearance(view, rng, blur, solar) if self.color else view))
+        sizes = [self.size] * 2 + [self.local_size] * self.local_crops
+        views = [common.to_uint8(common.crop_resize(img, box, size, flip, resample=Image.BICUBIC))
+                 for (box, flip), size in zip(geometry, sizes)]
+        blur, solarize = [1.0, 0.1] + [0.5] * self.local_crops, [0.0, 0.2] + [0.0] * self.local_crops  # BYOL's
+        appearance = torch.stack([common.draw_appearance(rng, (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, b, s)
+                                  for b, s in zip(blur, solarize)])
         locals_ = (torch.stack(views[2:]) if self.local_crops
                    else torch.zeros(0, 3, self.local_size, self.local_size, dtype=torch.uint8))
-        return torch.stack(views[:2]), locals_, pos_global, pos_local
+        return torch.stack(views[:2]), locals_, pos_global, pos_local, appearance
 
 
 # ---- model ----
@@ -341,19 +342,20 @@ def clove_loss(pred, target, positive, lamb=2.0, margin=100.0, topk=10):
 
 
 # ---- step ----
-def clove_step(model, teacher, globals_, locals_, pos_global, pos_local, loss=clove_loss,
+def clove_step(model, teacher, globals_, locals_, pos_global, pos_local, appearance, loss=clove_loss,
                memory_format=torch.contiguous_format):
     """The loss of one (micro-)batch: Eq. 2 averaged over every (teacher global view, other student view) pair.
 
-    model: the student, or it in DDP; globals_: N x 2 x 3 x S x S, locals_: N x L x 3 x s x s, pos_global:
-    N x 2 x G^2 x G^2, pos_local: N x 2 x L x g^2 x G^2 (CLoVEViews); `loss`: clove_loss with its hyperparameters
-    (or an ablation's). Returns (loss, teacher features 2 x N x G^2 x D).
+    model: the student, or it in DDP; on the device, CLoVEViews' batch: globals_ uint8 N x 2 x 3 x S x S, locals_
+    uint8 N x L x 3 x s x s, pos_global N x 2 x G^2 x G^2, pos_local N x 2 x L x g^2 x G^2 and `appearance`
+    N x (2 + L) x 12 (common.apply_appearance normalises the views here); `loss`: clove_loss with its
+    hyperparameters (or an ablation's). Returns (loss, teacher features 2 x N x G^2 x D).
     """
     n, n_local = globals_.shape[0], locals_.shape[1]
-    batches = [globals_.transpose(0, 1).flatten(0, 1)]  # 2N x 3 x S x S, view-major: one BN batch per size
-    if n_local:
-        batches.append(locals_.transpose(0, 1).flatten(0, 1))  # LN x 3 x s x s
-    batches = [b.contiguous(memory_format=memory_format) for b in batches]
+    view_major = lambda x: x.transpose(0, 1).flatten(0, 1)  # noqa: E731  N x V x ... -> VN x ...
+    batches = [common.apply_appearance(view_major(globals_), view_major(appearance[:, :2]), memory_format)]  # 2N
+    if n_local:  # one BN batch per view size
+        batches.append(common.apply_appearance(view_major(locals_), view_major(appearance[:, 2:]), memory_format))
     outputs = model(*batches)
     student = outputs[0].unflatten(0, (2, n))  # 2 x N x G^2 x D
     with torch.no_grad():
@@ -464,30 +466,32 @@ def train(args):
               per_rank_batch=per_rank, accum_steps=args.accum_steps, global_batch=args.batch_size, lr=lr,
               warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch, planned_steps=planned_steps,
               chance_loss=args.margin)  # Eq. 2 with every cosine 0 (random features)
-    step_loss, step_pairs = 0.0, 0.0
+    step_loss = step_pairs = 0  # sums over a step's micro-batches, kept on the device
     f.train(), teacher.train()  # the teacher's BN normalises with batch statistics too (BYOL)
     while step < total_steps:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch, start=(step % steps_per_epoch) * per_rank * args.accum_steps)
         dataset.set_epoch(epoch)
         batches = epoch_micro_batches(loader, steps_per_epoch - step % steps_per_epoch, args.accum_steps)
-        for micro, (globals_, locals_, pos_global, pos_local, skipped) in batches:
-            step_pairs += float(pos_global[:, 0].sum()) / (len(pos_global) * args.accum_steps)
-            run.skipped += int(skipped.sum())
-            globals_, locals_ = common.normalize(globals_, d.device), common.normalize(locals_, d.device)
-            pos_global, pos_local = (m.to(d.device, non_blocking=True) for m in (pos_global, pos_local))
+        for micro, batch in batches:  # uint8 views, Eq. 1 masks and appearance parameters (CLoVEViews), pinned
+            globals_, locals_, pos_global, pos_local, appearance, skipped = (x.to(d.device, non_blocking=True)
+                                                                              for x in batch)
             last_micro = micro == args.accum_steps - 1
             # accumulate locally; DDP all-reduces the gradients with the last micro-batch only
             with contextlib.nullcontext() if last_micro or d.world_size == 1 else model.no_sync():
                 with common.autocast(d.device, args.precision):
-                    loss, target = clove_step(model, teacher, globals_, locals_, pos_global, pos_local, loss_fn,
-                                              memory_format)
-                step_loss += run.loss_value(loss, step) / args.accum_steps  # a non-finite loss stops the run here
+                    loss, target = clove_step(model, teacher, globals_, locals_, pos_global, pos_local, appearance,
+                                              loss_fn, memory_format)
                 scaler.scale(loss / args.accum_steps).backward()
+            step_loss = step_loss + loss.detach() / args.accum_steps
+            step_pairs = step_pairs + pos_global[:, 0].sum((1, 2)).double().mean() / args.accum_steps
+            step_skipped = skipped if micro == 0 else step_skipped + skipped
             queue.enqueue(target[0], f"{args.seed}/{step}/{micro}/{d.rank}")  # Table 10's queue (an ablation)
             if not last_micro:
                 continue
 
+            values = run.read_step(step, step_loss, step_skipped, positive_pairs_per_image=step_pairs)  # stops on
+            step_loss = step_pairs = 0  # a non-finite loss, before the update
             lr_now = learning_rate(step, planned_steps, warmup_steps, lr, args.warmup_start_ratio, args.min_lr_ratio)
             momentum = teacher_momentum(step, planned_steps, args.ema_momentum)
             for group in optimizer.param_groups:
@@ -498,9 +502,8 @@ def train(args):
             update_teacher(teacher, f, momentum)
             step += 1
 
-            run.step_done(step, epoch, step_loss, args.batch_size, postfix=dict(lr=f"{lr_now:.2e}"), lr=lr_now,
-                          ema_momentum=momentum, positive_pairs_per_image=step_pairs)
-            step_loss, step_pairs = 0.0, 0.0
+            run.step_done(step, epoch, values, args.batch_size, postfix=dict(lr=f"{lr_now:.2e}"), lr=lr_now,
+                          ema_momentum=momentum)
             if step >= total_steps:
                 break
         run.end_epoch(epoch, step, f)  # features.png: the student's local features F
@@ -654,9 +657,9 @@ class NegativeQueue(nn.Module):
             keys = target[torch.arange(target.shape[0], device=target.device), cells]  # N x D
         keys = common.all_gather_cat(keys.contiguous())
         size = self.keys.shape[0]
-        index = (int(self.ptr) + torch.arange(len(keys), device=keys.device)) % size
-        self.keys[index] = keys.to(self.keys.dtype)
-        self.ptr[0] = (int(self.ptr) + len(keys)) % size
+        index = (self.ptr + torch.arange(len(keys), device=keys.device)) % size  # on the device: no wait for it
+        self.keys.index_copy_(0, index, keys.to(self.keys.dtype))
+        self.ptr.add_(len(keys)).remainder_(size)
 
 
 def cosines(pred, target):

@@ -7,6 +7,7 @@ checkpoints, exact resumption: TrainingRun), ResNet weights, and the feature pic
 """
 import collections
 import colorsys
+import functools
 import itertools
 import json
 import math
@@ -26,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageDraw, ImageFile, ImageFilter
+from PIL import Image, ImageDraw, ImageFile
 from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -444,36 +445,126 @@ def crop_resize(img, box, size, flip=False, resample=Image.BILINEAR):
     return view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view
 
 
-def cell_centres(box, flip, grid):
-    """Original-image (x, y) of the centres of a view's grid x grid cells, row-major: grid^2 x 2 (a flip mirrors
-    the columns: column j of the view shows column grid - 1 - j of the crop)."""
-    j = torch.arange(grid, dtype=torch.float64) + 0.5
+def cell_axes(box, flip, grid):
+    """Original-image x of a view's grid columns and y of its rows (float64 arrays of `grid`): cell (r, c) of the
+    view is centred at (x[c], y[r]). A flip mirrors the columns: column j of the view shows column grid - 1 - j of
+    the crop."""
+    j = np.arange(grid, dtype=np.float64) + 0.5
     xs = box.x0 + j * box.width / grid
-    yy, xx = torch.meshgrid(box.y0 + j * box.height / grid, xs.flip(0) if flip else xs, indexing="ij")
-    return torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+    return (xs[::-1] if flip else xs), box.y0 + j * box.height / grid
 
 
-# ---- appearance augmentations (never move pixels) ----
-def color_jitter(img, rng, brightness, contrast, saturation, hue):
-    """torchvision ColorJitter: the four adjustments in random order with factors drawn from `rng`."""
-    ops = [(TF.adjust_brightness, rng.uniform(max(0, 1 - brightness), 1 + brightness)),
-           (TF.adjust_contrast, rng.uniform(max(0, 1 - contrast), 1 + contrast)),
-           (TF.adjust_saturation, rng.uniform(max(0, 1 - saturation), 1 + saturation)),
-           (TF.adjust_hue, rng.uniform(-hue, hue))]
-    rng.shuffle(ops)
-    for op, factor in ops:
-        img = op(img, factor)
-    return img
+def cell_centres(box, flip, grid):
+    """Original-image (x, y) of the centres of a view's grid x grid cells, row-major: grid^2 x 2 (float64)."""
+    xs, ys = cell_axes(box, flip, grid)
+    xx, yy = np.meshgrid(xs, ys)  # grid x grid: rows of the view, then columns
+    return torch.from_numpy(np.stack([xx.reshape(-1), yy.reshape(-1)], 1))
 
 
-def grayscale(img):
-    """torchvision Grayscale(3): the luma as three equal channels."""
-    return img.convert("L").convert("RGB")
+# ---- appearance augmentations: drawn in the loader, applied on the training device (they never move pixels) ----
+APPEARANCE = ("jitter", "brightness", "contrast", "saturation", "hue", "op1", "op2", "op3", "op4", "grayscale",
+              "sigma", "solarize")  # one view's row of draw_appearance; opK: the jitter op applied K-th (0..3: b c s h)
+BLUR_TAPS = 13  # the Gaussian blur's kernel: +-3 sigma at the largest sigma, 2 px (99.7 % of the mass)
 
 
-def gaussian_blur(img, rng, sigma=(0.1, 2.0)):
-    """MoCo v2 / BYOL blur: PIL's Gaussian filter with a radius (sigma) drawn uniformly."""
-    return img.filter(ImageFilter.GaussianBlur(radius=rng.uniform(*sigma)))
+def draw_appearance(rng, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5, p_solarize=0.0,
+                    sigma=(0.1, 2.0)):
+    """One view's appearance parameters, drawn from `rng` (random.Random) as torchvision's transforms draw them:
+    ColorJitter(b, c, s, h) with p_jitter (factors uniform in [1 - x, 1 + x], the hue shift in [-h, h], the four
+    ops in a random order), RandomGrayscale(p_gray), a Gaussian blur with p_blur and sigma uniform in `sigma`, and
+    solarisation with p_solarize (drawn only when p_solarize > 0). A float32 row laid out as APPEARANCE; a skipped op
+    keeps its identity value (factor 1, shift 0, sigma 0). apply_appearance applies it on the device."""
+    b, c, s, h = jitter
+    row = [0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0]
+    if rng.random() < p_jitter:
+        order = [0, 1, 2, 3]
+        factors = [rng.uniform(max(0, 1 - b), 1 + b), rng.uniform(max(0, 1 - c), 1 + c),
+                   rng.uniform(max(0, 1 - s), 1 + s), rng.uniform(-h, h)]
+        rng.shuffle(order)
+        row[:9] = [1.0, *factors, *order]
+    row[9] = float(rng.random() < p_gray)
+    row[10] = rng.uniform(*sigma) if rng.random() < p_blur else 0.0
+    row[11] = float(p_solarize > 0 and rng.random() < p_solarize)
+    return torch.tensor(row, dtype=torch.float32)
+
+
+def apply_appearance(images, params, memory_format=torch.contiguous_format):
+    """The network's input from a batch of views: uint8 N x 3 x H x W on the training device and their appearance
+    parameters N x 12 (draw_appearance) -> float32 N x 3 x H x W, ImageNet-normalised, in `memory_format`.
+
+    Each image gets its own parameters, in torchvision's order and arithmetic (float in [0, 1], as its tensor ops):
+    colour jitter, grayscale, Gaussian blur, solarisation. Batched, with no read of the parameters on the host, so
+    the step never waits for the device here."""
+    x = images.float().div_(255)  # N x 3 x H x W in [0, 1]
+    p = params.float()
+    on = lambda column: p[:, column].bool()[:, None, None, None]  # noqa: E731  N x 1 x 1 x 1
+    x = colour_jitter(x, p[:, 1:5], p[:, 5:9].long(), on(0))
+    x = torch.where(on(9), grey(x).expand_as(x), x)
+    x = torch.where(on(10), gaussian_blur(x, p[:, 10]), x)
+    x = torch.where(on(11) & (x >= 128 / 255), 1 - x, x)  # PIL's solarize(img, 128): invert the values >= 128
+    mean, std = imagenet_constants(x.device)
+    return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)
+
+
+def grey(x):
+    """torchvision's rgb_to_grayscale: N x 3 x H x W -> N x 1 x H x W."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def colour_jitter(x, factors, order, on):
+    """torchvision's ColorJitter on a batch, each image with its own factors (N x 4: brightness, contrast,
+    saturation, hue shift) and order (N x 4: the op applied at each position, 0..3 in that list); `on`: N x 1 x 1 x 1.
+
+    Brightness, contrast and saturation are torchvision's blends clamp(f x + (1 - f) r, 0, 1), with r = 0, the
+    image's mean grey level and its grey image; a blend with f = 1 leaves an image exactly as it is. The costly hue
+    shift runs once per image: the blends placed before it, the shift, then the blends placed after it."""
+    hue_at = (order == 3).int().argmax(1)  # N: the position of the hue shift
+    for before in (True, False):
+        for position in range(4):
+            op = order[:, position]  # N
+            applies = on.flatten() & (op != 3) & ((position < hue_at) if before else (position > hue_at))
+            f = torch.where(applies, factors.gather(1, op.clamp(max=2)[:, None]).flatten(), 1.0)[:, None, None, None]
+            op = op[:, None, None, None]
+            g = grey(x)
+            reference = torch.where(op == 1, g.mean((1, 2, 3), keepdim=True), 0.0) + torch.where(op == 2, g, 0.0)
+            x = (f * x + (1 - f) * reference).clamp_(0, 1)
+        if before:
+            x = torch.where(on, shift_hue(x, factors[:, 3]), x)
+    return x
+
+
+def shift_hue(x, shift):
+    """torchvision's adjust_hue on a batch (N x 3 x H x W in [0, 1]), each image with its own shift (N): RGB to HSV,
+    h + shift (mod 1), back. V (the max) and the chroma (max - min) are unchanged; h is torchvision's _rgb2hsv."""
+    r, g, b = x.unbind(1)
+    high, low = x.amax(1), x.amin(1)  # N x H x W
+    chroma = high - low
+    safe = torch.where(chroma > 0, chroma, 1.0)  # a grey pixel has no hue, and stays grey
+    rc, gc, bc = (high - r) / safe, (high - g) / safe, (high - b) / safe
+    h = torch.where(high == r, bc - gc, torch.where(high == g, 2 + rc - bc, 4 + gc - rc))
+    h = torch.fmod(h / 6 + 1, 1) + shift[:, None, None]  # in [0, 1) before the shift
+    k = (torch.arange(5, 0, -2, device=x.device)[:, None, None] + 6 * h.unsqueeze(1)) % 6  # N x 3 x H x W: R, G, B
+    return high.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)  # HSV -> RGB
+
+
+def gaussian_blur(x, sigma):
+    """torchvision's gaussian_blur (reflect padding, kernel normalised to 1) with BLUR_TAPS taps on a batch
+    N x 3 x H x W, each image with its own sigma (N; <= 0: left alone by the caller), as two separable passes."""
+    n, c, h, w = x.shape
+    taps = torch.arange(BLUR_TAPS, device=x.device, dtype=x.dtype) - BLUR_TAPS // 2
+    kernel = torch.exp(-0.5 * (taps / torch.where(sigma > 0, sigma, 1.0)[:, None]) ** 2)  # N x taps
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # N*3 x taps
+    y = F.pad(x.reshape(1, n * c, h, w), [BLUR_TAPS // 2] * 4, mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=n * c)  # along x
+    return F.conv2d(y, kernel[:, None, :, None], groups=n * c).reshape(n, c, h, w)  # along y
+
+
+@functools.lru_cache(maxsize=None)
+def imagenet_constants(device, scale=1.0):
+    """ImageNet's mean and std as 3 x 1 x 1 tensors on `device` (x `scale`), built once: a tensor built from Python
+    numbers on a GPU is a copy that waits for the device."""
+    return (torch.tensor(IMAGENET_MEAN, device=device)[:, None, None] * scale,
+            torch.tensor(IMAGENET_STD, device=device)[:, None, None] * scale)
 
 
 def to_tensor(img):
@@ -488,10 +579,8 @@ def to_uint8(img):
 
 def normalize(images, device):
     """uint8 images ... x 3 x H x W -> float32 on `device`, ImageNet-normalised there: (x - 255 mean) / (255 std)."""
-    x = images.to(device, non_blocking=True).float()
-    mean = torch.tensor(IMAGENET_MEAN, device=device).mul_(255)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, device=device).mul_(255)[:, None, None]
-    return x.sub_(mean).div_(std)
+    mean, std = imagenet_constants(torch.device(device), 255.0)
+    return images.to(device, non_blocking=True).float().sub_(mean).div_(std)
 
 
 # ---- sampling and loading ----
@@ -584,8 +673,8 @@ def memory_format(device, channels_last):
 # ---- a training run: log, progress, checkpoints, exact resumption ----
 # Flags a resumed run may change: they move no state and leave the result unchanged (precision too, so that a run
 # stopped by a non-finite loss can go on in fp32). Every other flag, and the facts, must equal the checkpoint's.
-RESUMABLE_CHANGES = {"max_steps", "log_every", "save_every", "workers", "resume", "output_dir", "data", "init",
-                     "precision", "channels_last", "deterministic"}
+RESUMABLE_CHANGES = {"max_steps", "log_every", "save_every", "save_minutes", "workers", "resume", "output_dir", "data",
+                     "init", "precision", "channels_last", "deterministic"}
 
 
 class TrainingRun:
@@ -593,11 +682,12 @@ class TrainingRun:
     checkpoint, exact resumption, and a clean stop on a signal.
 
     `state`: checkpoint key -> what a resumed run restores (anything with state_dict / load_state_dict). Rank 0
-    writes the checkpoint atomically every epoch, every --save-every steps and at the end, with the flags, the RNG
-    states and the facts exact resumption needs (world size, images). `may_change`: the method's flags a resumed run
-    may change besides RESUMABLE_CHANGES. On SIGTERM or SIGUSR1 every rank finishes the step, rank 0 writes the
-    checkpoint and the run raises Preempted; the ranks agree on the step because the flag rides in the loss's
-    all-reduce (no extra collective)."""
+    writes the checkpoint atomically every --save-minutes of its clock, at every epoch's end, every --save-every
+    steps (when set) and at the end, with the flags, the RNG states and the facts exact resumption needs (world
+    size, images). `may_change`: the method's flags a resumed run may change besides RESUMABLE_CHANGES. On SIGTERM or
+    SIGUSR1 every rank finishes the step, rank 0 writes the checkpoint and the run raises Preempted. The step reads
+    the device once (read_step): one all-reduce carries the loss, the watched values, the stop signal of any rank
+    and rank 0's decision to save, so every rank agrees on both decisions with no extra collective."""
 
     def __init__(self, method, args, d, dataset, state, may_change=(), remedy=""):
         self.method, self.args, self.d, self.state, self.may_change = method, args, d, state, may_change
@@ -607,7 +697,7 @@ class TrainingRun:
         self.facts = dict(world_size=d.world_size, images=len(dataset))
         self.pictures = dataset.pictures(args.image_size)
         self.first_loss = self.last_loss = self.signal = None
-        self.skipped, self.stopping = 0, False
+        self.skipped, self.stopping, self.saving = 0, False, False
 
     def resume(self):
         """Restore `state` and the RNGs from the checkpoint this run continues from; returns its step (0: afresh).
@@ -670,12 +760,13 @@ class TrainingRun:
         return dict(path=path, id=ckpt.get("id"), allowed=allowed), ckpt
 
     def save(self, epoch, step):
-        """The checkpoint, and curves.png drawn from log.jsonl (rank 0)."""
+        """The checkpoint, and curves.png drawn from the log's records in memory (rank 0); restarts the save clock."""
         if self.d.is_main:
             save_checkpoint(self.path, dict(
                 method=self.method, epoch=epoch, step=step, args=vars(self.args), rng=rng_states(), facts=self.facts,
                 **{name: obj.state_dict() for name, obj in self.state.items()}))
-            draw_curves(self.log.path, os.path.join(self.args.output_dir, "curves.png"))
+            draw_curves(self.log.records, os.path.join(self.args.output_dir, "curves.png"))
+        self.next_save = time.monotonic() + 60 * self.args.save_minutes
 
     def start(self, step, total_steps, banner, **facts):
         """Print `banner` (rank 0), open the bar at `step` of `total_steps`, log the start with `facts`, and from
@@ -686,33 +777,52 @@ class TrainingRun:
             print(f"{banner}; {self.facts['images']} images, {total_steps} steps in all", flush=True)
         self.total_steps, self.t_start, self.marks = total_steps, time.time(), collections.deque(maxlen=21)
         self.marks.append((time.perf_counter(), 0))
+        self.next_save = time.monotonic() + 60 * self.args.save_minutes
         self.bar = throughput_bar(None, total_steps, self.d.is_main, initial=step, desc=self.method)
         self.log.write(event="start", step=step, **self.facts, total_steps=total_steps, **facts)
 
-    def loss_value(self, loss, step):
-        """The loss as a float averaged over ranks; a non-finite one stops the run before the update, so the
-        checkpoint on disk still holds the last good state. A stop signal on any rank rides along."""
-        value, signalled = all_reduce_mean(loss.item(), float(self.signal is not None))
-        self.stopping |= signalled > 0
-        if not math.isfinite(value):
+    def read_step(self, step, loss, skipped, **means):
+        """The step's one read from the device: the loss and `means` (device scalars, e.g. the match top-1) averaged
+        over the ranks, and `skipped` (unreadable files, on the device) summed, in one all-reduce that also carries
+        any rank's stop signal and rank 0's decision to save (its clock: every --save-minutes). Returns the averages
+        as floats; a non-finite loss stops the run before the update, so the checkpoint on disk still holds the last
+        good state. Everything is built on the device: a tensor made from Python numbers would be a second wait."""
+        flags = loss.new_zeros(2, dtype=torch.float64)
+        if self.signal is not None:
+            flags[0] = 1.0
+        if self.d.is_main and time.monotonic() >= self.next_save:
+            flags[1] = 1.0
+        values = torch.cat([torch.stack([loss.detach().double(), *(m.detach().double() for m in means.values())]),
+                            skipped.sum().double()[None], flags])
+        if distributed():
+            dist.all_reduce(values)
+        values = values.tolist()  # the one wait for the device
+        world = self.d.world_size
+        averages = dict(loss=values[0] / world, **{k: v / world for k, v in zip(means, values[1:])})
+        self.skipped += round(values[-3])
+        self.stopping, self.saving = values[-2] > 0, values[-1] > 0
+        if not math.isfinite(averages["loss"]):
             self.bar.close()
-            raise UserError(f"non-finite loss ({value}) at step {step + 1}; stopped without saving, so {self.path} "
-                            f"still holds the last good state. {self.remedy}")
-        return value
+            raise UserError(f"non-finite loss ({averages['loss']}) at step {step + 1}; stopped without saving, so "
+                            f"{self.path} still holds the last good state. {self.remedy}")
+        return averages
 
-    def step_done(self, step, epoch, loss, images, postfix=None, **fields):
-        """After optimiser step `step`: the bar, a log.jsonl line every --log-every steps (and at the last one), a
-        checkpoint every --save-every steps. Images/s is over the last 20 steps (the first one's warm-up drops out)."""
+    def step_done(self, step, epoch, values, images, postfix=None, **fields):
+        """After optimiser step `step`, with read_step's `values`: a log.jsonl line and a refresh of the bar every
+        --log-every steps (and at the last one; the bar writes nothing in between, so a cluster's log stays small),
+        a checkpoint when rank 0's clock says so or every --save-every steps. Images/s is over the last 20 steps."""
+        loss = values["loss"]
         self.first_loss, self.last_loss = loss if self.first_loss is None else self.first_loss, loss
         self.marks.append((time.perf_counter(), self.marks[-1][1] + images))
-        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
-        rate = (n1 - n0) / max(t1 - t0, 1e-9)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.3f}", **(postfix or {}), img_s=f"{rate:.1f}")
         if step % self.args.log_every == 0 or step == self.total_steps:
-            self.log.write(step=step, epoch=epoch, loss=loss, **fields, images_per_s=rate, skipped_files=self.skipped,
+            (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
+            rate = (n1 - n0) / max(t1 - t0, 1e-9)
+            self.bar.set_postfix(**{k: f"{v:.3f}" for k, v in values.items()}, **(postfix or {}),
+                                 img_s=f"{rate:.1f}", refresh=False)
+            self.bar.update(step - self.bar.n)
+            self.log.write(step=step, epoch=epoch, **values, **fields, images_per_s=rate, skipped_files=self.skipped,
                            elapsed_s=round(time.time() - self.t_start, 1))
-        if self.args.save_every and step % self.args.save_every == 0 or self.stopping:
+        if self.saving or self.args.save_every and step % self.args.save_every == 0 or self.stopping:
             self.save(epoch, step)
         if self.stopping:
             self.bar.close()
@@ -745,19 +855,34 @@ def as_list(value):
 
 
 def save_checkpoint(path, state):
-    """Write atomically; a fresh `id` tells a rank that finds a file of that name whether it is rank 0's latest."""
-    torch.save(dict(state, id=uuid.uuid4().hex), f"{path}.tmp")
+    """Write atomically and durably: the file is on disk (fsync) before it replaces the old one, so a node that
+    fails right after the rename leaves a whole checkpoint. A fresh `id` tells a rank that finds a file of that
+    name whether it is rank 0's latest."""
+    with open(f"{path}.tmp", "wb") as f:
+        torch.save(dict(state, id=uuid.uuid4().hex), f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself
+    finally:
+        os.close(folder)
 
 
 class JsonLog:
-    """Appends one JSON object per line to <output-dir>/log.jsonl (rank 0 only)."""
+    """Appends one JSON object per line to <output-dir>/log.jsonl (rank 0 only), and keeps the records in memory
+    (`records`, with those of the file it continues), so a picture of the curves never re-reads the file."""
 
     def __init__(self, path, enabled=True):
-        self.path, self.enabled = path, enabled
+        self.path, self.enabled, self.records = path, enabled, []
+        if enabled and os.path.isfile(path):
+            with open(path) as f:
+                self.records = [json.loads(line) for line in f if line.strip()]
 
     def write(self, **record):
         if self.enabled:
+            self.records.append(record)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -920,13 +1045,10 @@ def dense_feature_model(weights, arch, dense_models, layer="res5"):
 
 
 # ---- pictures: training curves, and the features (VADeR Figures 2 and 5) ----
-def draw_curves(log_path, path, width=720, height=170):
-    """curves.png from a run's log.jsonl: the loss against its chance level (the start event's `chance_loss`),
-    the learning rates, images/s, and the training-time match top-1 against its chance, over the steps."""
-    if not os.path.isfile(log_path):
-        return None
-    with open(log_path) as f:
-        records = [json.loads(line) for line in f]
+def draw_curves(records, path, width=720, height=170):
+    """curves.png from a run's log records (JsonLog.records): the loss against its chance level (the start event's
+    `chance_loss`), the learning rates, images/s, and the training-time match top-1 against its chance, over the
+    steps."""
     steps = [r for r in records if "loss" in r and "step" in r]
     chance = {k: r[k] for r in records if r.get("event") == "start" for k in ("chance_loss", "match_chance") if k in r}
     panels = [("loss", ["loss"], chance.get("chance_loss")), ("learning rate", [k for k in steps[-1] if

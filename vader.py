@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torchvision.ops import FeaturePyramidNetwork
 
 import common
@@ -64,7 +65,9 @@ def get_parser():
     p.add_argument("--batch-size", type=int, default=128, help="global batch (images), split over the ranks")
     p.add_argument("--epochs", type=int, default=600, help="passes over the data (600 x 10k steps: the paper's 6M)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimiser steps (0: no limit)")
-    p.add_argument("--save-every", type=int, default=1000, help="also checkpoint every N steps (0: per epoch only)")
+    p.add_argument("--save-minutes", type=float, default=30, help="checkpoint every N minutes (rank 0's clock); also "
+                   "at each epoch's end, at the end and on SIGTERM or SIGUSR1")
+    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: off)")
     p.add_argument("--log-every", type=int, default=50, help="one log.jsonl line every N steps")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per rank")
     p.add_argument("--seed", type=int, default=0, help="initialisation (the same on every rank) and views")
@@ -112,19 +115,21 @@ def locate_in_view(points, box, flip, grid):
 
 
 class PairedViews:
-    """Image -> (view1, view2, matches): two augmented views and the cells of their output grids that see the same
-    point of the original image (§3.2).
+    """PIL RGB image -> (view1, view2, matches, appearance): two views' pixels and the cells of their output grids
+    that see the same point of the original image (§3.2).
 
-    The geometry (RandomResizedCrop box + horizontal flip) is drawn first and kept; MoCo v2's appearance ops
-    (colour jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale p 0.2, Gaussian blur sigma 0.1-2 with p 0.5) never move
-    pixels. Views are uint8 3 x S x S. `matches` is a LongTensor M x 4: row-major cell indices into the
-    (S/4) x (S/4) grids of view 1 and view 2, then the original-image pixel (x, y), rounded, that the pair sees.
-    Needs common's crop geometry (sample_crop_box, cell_centres, crop_resize) and colour ops.
+    The geometry (RandomResizedCrop box + horizontal flip) is drawn first and applied here, in the loader's workers;
+    view1 and view2 are uint8 3 x S x S. MoCo v2's appearance ops (colour jitter 0.4/0.4/0.4/0.1 with p 0.8,
+    grayscale p 0.2, Gaussian blur sigma 0.1-2 with p 0.5) never move pixels: their parameters are drawn here too,
+    from the same `rng`, as `appearance` (2 x 12, one row per view), and common.apply_appearance applies them on the
+    training device, batched. `matches` is a LongTensor M x 4: row-major cell indices into the (S/4) x (S/4) grids of
+    view 1 and view 2, then the original-image pixel (x, y), rounded, that the pair sees.
+    Needs common's crop geometry (Box, sample_crop_box, cell_centres, crop_resize, to_uint8) and draw_appearance.
     """
 
-    def __init__(self, image_size=224, num_matches=32, scale=(0.2, 1.0), stride=4, max_tries=10, color=True):
+    def __init__(self, image_size=224, num_matches=32, scale=(0.2, 1.0), stride=4, max_tries=10):
         self.size, self.num_matches, self.scale, self.grid = image_size, num_matches, scale, image_size // stride
-        self.max_tries, self.color = max_tries, color
+        self.max_tries = max_tries
         if num_matches > self.grid**2:
             raise ValueError(f"num_matches {num_matches} > {self.grid}x{self.grid} cells")
 
@@ -152,23 +157,18 @@ class PairedViews:
     def pair(self, rng, cells1, cells2):
         return torch.stack([cells1, cells2[cells1]], 1)  # M x 2: each cell with the view-2 cell that sees its centre
 
-    def appearance(self, img, rng):
-        if rng.random() < 0.8:
-            img = common.color_jitter(img, rng, 0.4, 0.4, 0.4, 0.1)
-        if rng.random() < 0.2:
-            img = common.grayscale(img)
-        if rng.random() < 0.5:
-            img = common.gaussian_blur(img, rng, (0.1, 2.0))
-        return img
+    def appearance(self, rng):
+        return common.draw_appearance(rng, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5)
 
     def __call__(self, img, rng=None):
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"PairedViews takes a PIL image, not {type(img).__name__} (common.load_image reads one)")
         rng = rng or random.Random()
         box1, flip1, box2, flip2, matches = self.match(rng, *img.size)
-        views = []
-        for box, flip in ((box1, flip1), (box2, flip2)):
-            view = common.crop_resize(img, box, self.size, flip)
-            views.append(common.to_uint8(self.appearance(view, rng) if self.color else view))
-        return views[0], views[1], matches
+        img = img if img.mode == "RGB" else img.convert("RGB")
+        view1, view2 = (common.to_uint8(common.crop_resize(img, box, self.size, flip))
+                        for box, flip in ((box1, flip1), (box2, flip2)))
+        return view1, view2, matches, torch.stack([self.appearance(rng), self.appearance(rng)])
 
 
 # ---- model ----
@@ -235,8 +235,9 @@ class VADeRNet(nn.Module):
 class PixelQueue(nn.Module):
     """MoCo's dictionary of negatives, holding pixel embeddings of g: a ring buffer of `size` unit vectors.
 
-    Buffers, so the queue and its pointer are checkpointed. Keys are all-gathered across ranks (common.all_gather_cat)
-    before they are enqueued, so every rank holds the same queue.
+    Buffers, so the queue and its pointer are checkpointed. `enqueue` takes the keys of the whole global batch
+    (key_embeddings gathers them once), so every rank holds the same queue. The pointer moves on the device: the
+    step never waits to read it.
     """
 
     def __init__(self, size, dim):
@@ -245,14 +246,13 @@ class PixelQueue(nn.Module):
         self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
 
     @torch.no_grad()
-    def enqueue(self, keys):  # keys: this rank's P x d
-        keys = common.all_gather_cat(keys)
+    def enqueue(self, keys):  # keys: the global batch's P x d, the same on every rank
         n, size = keys.shape[0], self.keys.shape[0]
         if size % n:
             raise ValueError(f"queue size {size} is not a multiple of the {n} keys enqueued per step")
-        p = int(self.ptr)
-        self.keys[p:p + n] = keys.to(self.keys.dtype)
-        self.ptr[0] = (p + n) % size
+        index = self.ptr + torch.arange(n, device=keys.device)  # n; never wraps, as size is a multiple of n
+        self.keys.index_copy_(0, index, keys.to(self.keys.dtype))
+        self.ptr.add_(n).remainder_(size)
 
 
 # ---- loss ----
@@ -279,41 +279,82 @@ def gather_cells(z, cells):
 
 
 @torch.no_grad()
-def key_embeddings(g, view2, cells2, splits=1):
-    """g's normalised embeddings at `cells2` (N x M) of view 2: N x M x d, with MoCo's shuffle BN.
+def key_embeddings(g, view2, appearance2, cells2, splits=1, seed="", memory_format=torch.contiguous_format):
+    """g's normalised embeddings at `cells2` (N x M) of view 2, with MoCo's shuffle BN: (this rank's keys N x M x d,
+    the global batch's keys N_global x M x d in rank order, gathered once: what the queue takes).
 
-    Under DDP the global batch is permuted (the permutation from rank 0) and each rank runs g on a random shard, so
-    BN statistics never pair a key with its own query's batch; only the M gathered keys per image travel back. In
-    one process, `splits` > 1 emulates it as MoCo's single-GPU SplitBatchNorm does: g runs a random permutation of
-    the batch in `splits` sub-batches, each with its own BN statistics (sizes differ by at most one).
+    view2: uint8 N x 3 x S x S with its appearance parameters (N x 12, PairedViews). A permutation of the global
+    batch, drawn from `seed` (the same on every rank and new every step, so no rank has to send it), cuts it into
+    shards, and g runs each shard as one batch, so BN statistics never pair a key with its own query's batch. Under
+    DDP, shard r runs on rank r: only the uint8 views that change rank travel (one all_to_all, with their
+    appearance parameters and cells), the appearance ops run after the exchange, and only the keys come back. In one
+    process, `splits` shards emulate it, as MoCo's single-GPU SplitBatchNorm does (sizes differ by at most one).
     """
-    if not common.distributed():
-        if splits <= 1:
-            return gather_cells(g(view2), cells2)
-        perm = torch.randperm(len(view2), device=view2.device)
-        parts = [gather_cells(g(view2[idx]), cells2[idx]) for idx in torch.tensor_split(perm, min(splits, len(view2)))]
-        return torch.cat(parts)[torch.argsort(perm)]  # back to the original order
-    world, rank = dist.get_world_size(), dist.get_rank()
-    images, cells = common.all_gather_cat(view2), common.all_gather_cat(cells2)
-    perm = torch.randperm(len(images), device=images.device)
-    dist.broadcast(perm, 0)
-    mine = perm.view(world, -1)[rank]
-    keys = common.all_gather_cat(gather_cells(g(images[mine]), cells[mine]))  # permuted order
-    keys = keys[torch.argsort(perm)]  # back to the original order
-    return keys.view(world, -1, *keys.shape[1:])[rank]
+    world, rank = (dist.get_world_size(), dist.get_rank()) if common.distributed() else (1, 0)
+    n = len(view2)
+    order = list(range(n * world))
+    random.Random(seed).shuffle(order)
+    if world == 1:
+        splits = max(1, min(splits, n))
+        shards = [order[i * n // splits:(i + 1) * n // splits] for i in range(splits)]
+        parts = [[x[host_index(shard, x.device)] for x in (view2, appearance2, cells2)] for shard in shards]
+        keys = torch.cat([shard_keys(g, *part, memory_format) for part in parts])
+        arrival = [i for shard in shards for i in shard]  # the global index of each row of `keys`
+    else:
+        shards = [order[r * n:(r + 1) * n] for r in range(world)]
+        mine = exchange([view2, appearance2, cells2], shards, rank)
+        keys = common.all_gather_cat(shard_keys(g, *mine, memory_format))  # rank by rank, each in arrival order
+        arrival = [i for shard in shards for source in range(world) for i in shard if i // n == source]
+    position = [0] * len(arrival)
+    for row, i in enumerate(arrival):
+        position[i] = row
+    keys = keys[host_index(position, keys.device)]  # N_global x M x d, back in the global batch's order
+    return keys[rank * n:(rank + 1) * n], keys
 
 
-def vader_step(model, f, g, queue, view1, view2, matches, tau=0.07, momentum=0.999, bn_splits=4):
-    """The forward half of a training step (§3.2): Eq. 2 on a batch, g's keys, to enqueue after the update, and
-    match_top1 (what Eq. 2 trains, watched as training goes).
+def shard_keys(g, images, appearance, cells, memory_format=torch.contiguous_format):
+    """g's normalised embeddings at `cells` of a shard of uint8 views, its BN statistics the shard's own."""
+    return gather_cells(g(common.apply_appearance(images, appearance, memory_format)), cells)
 
-    model: f, or f in DDP; view1, view2: N x 3 x S x S; matches: N x M x 4 (PairedViews). Returns (loss, N x M x d
-    keys, top-1).
+
+def exchange(tensors, shards, rank):
+    """Shuffle BN's exchange: every rank sends the rows of `tensors` (the same N first, e.g. the uint8 views, their
+    appearance and cells) that shard r holds to rank r, in one all_to_all of their bytes. Returns the rows of this
+    rank's shard, grouped by the rank they came from, each group in the shard's order."""
+    world, n = len(shards), len(tensors[0])
+    send = [[i - rank * n for i in shard if i // n == rank] for shard in shards]  # my rows, shard by shard
+    received = [sum(1 for i in shards[rank] if i // n == source) for source in range(world)]
+    rows = [t[host_index([i for part in send for i in part], t.device)].flatten(1) for t in tensors]
+    widths = [r.shape[1] * r.element_size() for r in rows]
+    packed = torch.cat([r.contiguous().view(torch.uint8) for r in rows], 1)  # N x bytes per row
+    out = packed.new_empty(sum(received), packed.shape[1])
+    dist.all_to_all_single(out, packed, received, [len(part) for part in send])
+    return [part.contiguous().view(t.dtype).view(-1, *t.shape[1:])
+            for part, t in zip(out.split(widths, 1), tensors)]
+
+
+def host_index(values, device):
+    """A list of indices as a tensor on `device`, copied from pinned memory on a GPU: a copy from ordinary host
+    memory would wait for the device."""
+    index = torch.tensor(values, dtype=torch.long)
+    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
+
+
+def vader_step(model, f, g, queue, view1, view2, matches, appearance, tau=0.07, momentum=0.999, bn_splits=4,
+               shuffle_seed="", memory_format=torch.contiguous_format):
+    """The forward half of a training step (§3.2): Eq. 2 on a batch, the global batch's keys, to enqueue after the
+    update, and match_top1 (what Eq. 2 trains, watched as training goes; a device scalar).
+
+    model: f, or f in DDP; view1, view2: uint8 N x 3 x S x S on the device and `appearance` N x 2 x 12, their
+    appearance parameters (PairedViews; common.apply_appearance normalises them here); matches: N x M x 4.
+    `shuffle_seed`: the same on every rank, new every step (shuffle BN's permutation). Returns (loss, N_global x M
+    x d keys, top-1).
     """
-    q = gather_cells(model(view1), matches[:, :, 0])  # N x M x d: f's embeddings of the matched view-1 cells
+    x1 = common.apply_appearance(view1, appearance[:, 0], memory_format)  # N x 3 x S x S, normalised
+    q = gather_cells(model(x1), matches[:, :, 0])  # N x M x d: f's embeddings of the matched view-1 cells
     common.ema_update(g, f, momentum, copy_buffers=False)  # MoCo: g moves towards f, then computes the keys
-    k = key_embeddings(g, view2, matches[:, :, 1], bn_splits)  # N x M x d: g's embeddings of their matches
-    return vader_loss(q.flatten(0, 1), k.flatten(0, 1), queue.keys, tau), k, match_top1(q, k, matches[:, :, 1])
+    k, keys = key_embeddings(g, view2, appearance[:, 1], matches[:, :, 1], bn_splits, shuffle_seed, memory_format)
+    return vader_loss(q.flatten(0, 1), k.flatten(0, 1), queue.keys, tau), keys, match_top1(q, k, matches[:, :, 1])
 
 
 @torch.no_grad()
@@ -322,7 +363,7 @@ def match_top1(q, k, cells2):
     M matched keys, sees their own view-2 cell (cells2: N x M; two of the M may share one). Chance is about 1/M: on
     ties the first key wins, so constant features score chance. q, k: N x M x d."""
     best = torch.bmm(q.float(), k.float().transpose(1, 2)).argmax(2)  # N x M: the most similar key of each query
-    return (cells2.gather(1, best) == cells2).float().mean().item()
+    return (cells2.gather(1, best) == cells2).float().mean()  # a device scalar: read with the loss, not here
 
 
 # ---- training ----
@@ -332,10 +373,12 @@ def train(args):
     common.seed_all(args.seed)  # the same initialisation on every rank
 
     # the paper's views, networks and step; an ablation switch replaces some of them (ablation_parts, at the bottom)
+    memory_format = common.memory_format(d.device, args.channels_last)
     parts = dict(views=PairedViews(args.image_size, args.num_matches), network=VADeRNet, key_encoder=momentum_copy,
                  queue=PixelQueue, step=functools.partial(vader_step, tau=args.temperature, momentum=args.momentum,
-                                                          bn_splits=args.shuffle_bn_splits), negatives=args.queue_size)
-    parts.update(ablation_parts(args))
+                                                          bn_splits=args.shuffle_bn_splits, memory_format=memory_format),
+                 negatives=args.queue_size)
+    parts.update(ablation_parts(args, memory_format))
     dataset = common.ViewDataset(args.data, parts["views"], args.seed, args.synthetic_images)
     per_rank = args.batch_size // d.world_size
     sampler, loader = common.make_loader(dataset, d, per_rank, args.workers, args.seed)
@@ -351,7 +394,6 @@ def train(args):
         if d.is_main:
             print(f"init: encoder from {kind} weights {args.init}", flush=True)
     g, queue = parts["key_encoder"](f), parts["queue"](args.queue_size, args.embedding_dim)
-    memory_format = common.memory_format(d.device, args.channels_last)
     f, g = f.to(d.device, memory_format=memory_format), g.to(d.device, memory_format=memory_format)
     queue = queue.to(d.device)
     decoder = [p for name, p in f.named_parameters() if not name.startswith("encoder.")]  # FPN + decoder (or a head)
@@ -374,15 +416,14 @@ def train(args):
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch, start=(step % steps_per_epoch) * per_rank)
         dataset.set_epoch(epoch)
-        for view1, view2, matches, skipped in loader:
-            view1 = common.normalize(view1, d.device).contiguous(memory_format=memory_format)  # N x 3 x S x S
-            view2 = common.normalize(view2, d.device).contiguous(memory_format=memory_format)
-            matches = matches.to(d.device, non_blocking=True)  # N x M x 4
+        for batch in loader:  # uint8 views and their appearance parameters (PairedViews), pinned on a GPU
+            view1, view2, matches, appearance, skipped = (x.to(d.device, non_blocking=True) for x in batch)
             with common.autocast(d.device, args.precision):
-                loss, keys, top1 = parts["step"](model, f, g, queue, view1, view2, matches)  # vader_step: Eq. 2
+                loss, keys, top1 = parts["step"](model, f, g, queue, view1, view2, matches, appearance,
+                                                 shuffle_seed=f"{args.seed}/{step}")  # vader_step: Eq. 2
             loss = args.loss_weight * loss  # the paper multiplies Eq. 2 by 10
             lr_encoder, lr_decoder = set_learning_rates(optimizer, args, step, steps_per_epoch)
-            loss_value = run.loss_value(loss, step)  # averaged over ranks; a non-finite loss stops the run here
+            values = run.read_step(step, loss, skipped, match_top1=top1)  # a non-finite loss stops the run here
 
             optimizer.zero_grad(set_to_none=True)  # the optimisation step
             scaler.scale(loss).backward()
@@ -391,9 +432,8 @@ def train(args):
             queue.enqueue(keys[:, :keys_per_image].flatten(0, 1))  # after the update, as MoCo
             step += 1
 
-            run.skipped += int(skipped.sum())
-            run.step_done(step, epoch, loss_value, args.batch_size, postfix=dict(lr=f"{lr_decoder:.1e}",
-                          top1=f"{top1:.2f}"), lr_encoder=lr_encoder, lr_decoder=lr_decoder, match_top1=top1)
+            run.step_done(step, epoch, values, args.batch_size, postfix=dict(lr=f"{lr_decoder:.1e}"),
+                          lr_encoder=lr_encoder, lr_decoder=lr_decoder)
             if step >= total_steps:
                 break
         run.end_epoch(epoch, step, f)
@@ -477,7 +517,7 @@ def main(argv=None):
 # Table 3 (--matching), the reviewers' questions (--in-image-negatives, --negative-radius, --key-encoder shared,
 # --objective global | crops, --keys-per-image) and --lr-schedule cosine. Each replaces one part of the paper's
 # run: ablation_parts is the table that says which.
-def ablation_parts(args):
+def ablation_parts(args, memory_format=torch.contiguous_format):
     """The parts of train()'s run that the ablation switches replace: {} for the paper's setting."""
     parts = {}
     if args.objective == "dense":
@@ -487,12 +527,13 @@ def ablation_parts(args):
                      RegionCrops(args.image_size, regions=args.crop_regions), network=GlobalNet)
     if args.in_image_negatives and args.key_encoder == "momentum":
         parts["step"] = functools.partial(in_image_step, tau=args.temperature, momentum=args.momentum,
-                                          bn_splits=args.shuffle_bn_splits, radius=args.negative_radius)
+                                          bn_splits=args.shuffle_bn_splits, radius=args.negative_radius,
+                                          memory_format=memory_format)
         parts["negatives"] = args.queue_size + args.num_matches - 1
     if args.key_encoder == "shared":
         parts.update(key_encoder=lambda f: nn.Module(), queue=lambda *_: NoQueue(),
                      step=functools.partial(shared_step, tau=args.temperature, in_image=args.in_image_negatives,
-                                            radius=args.negative_radius),
+                                            radius=args.negative_radius, memory_format=memory_format),
                      negatives=2 * args.batch_size * args.num_matches - 2)
     return parts
 
@@ -549,8 +590,8 @@ class TwoCrops(PairedViews):
     """MoCo v2's views for --objective global: two independent crops, no overlap required; one dummy match per
     image (cell 0 of each 1 x 1 map)."""
 
-    def __init__(self, image_size=224, scale=(0.2, 1.0), color=True):
-        super().__init__(image_size, 1, scale, stride=image_size, color=color)
+    def __init__(self, image_size=224, scale=(0.2, 1.0)):
+        super().__init__(image_size, 1, scale, stride=image_size)
 
     def match(self, rng, width, height):
         box1, flip1 = common.sample_crop_box(rng, width, height, self.scale), rng.random() < 0.5
@@ -562,8 +603,8 @@ class RegionCrops(TwoCrops):
     """Reviewer 3's baseline (--objective crops): each image is cut into R x R non-overlapping regions, each an
     instance of an expanded data set; both views are MoCo v2 crops of one region drawn at random."""
 
-    def __init__(self, image_size=224, regions=2, scale=(0.2, 1.0), color=True):
-        super().__init__(image_size, scale, color)
+    def __init__(self, image_size=224, regions=2, scale=(0.2, 1.0)):
+        super().__init__(image_size, scale)
         self.regions = regions
 
     def __call__(self, img, rng=None):
@@ -621,14 +662,16 @@ def in_image_loss(q, k, queue, temperature, in_image):
         return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
-def in_image_step(model, f, g, queue, view1, view2, matches, tau=0.07, momentum=0.999, bn_splits=4, radius=0.0):
+def in_image_step(model, f, g, queue, view1, view2, matches, appearance, tau=0.07, momentum=0.999, bn_splits=4,
+                  radius=0.0, shuffle_seed="", memory_format=torch.contiguous_format):
     """vader_step with --in-image-negatives: the image's other matched pixels are negatives too (the reviewers'
     question; the paper reports that it did not work)."""
-    q = gather_cells(model(view1), matches[:, :, 0])  # N x M x d
+    x1 = common.apply_appearance(view1, appearance[:, 0], memory_format)
+    q = gather_cells(model(x1), matches[:, :, 0])  # N x M x d
     common.ema_update(g, f, momentum, copy_buffers=False)
-    k = key_embeddings(g, view2, matches[:, :, 1], bn_splits)  # N x M x d
+    k, keys = key_embeddings(g, view2, appearance[:, 1], matches[:, :, 1], bn_splits, shuffle_seed, memory_format)
     loss = in_image_loss(q.flatten(0, 1), k.flatten(0, 1), queue.keys, tau, in_image_negatives(matches, radius))
-    return loss, k, match_top1(q, k, matches[:, :, 1])
+    return loss, keys, match_top1(q, k, matches[:, :, 1])
 
 
 class NoQueue(nn.Module):
@@ -691,11 +734,14 @@ def shared_loss(z1, z2, matches, temperature, in_image=False, radius=0.0):
         return (losses[0] + losses[1]) / 2
 
 
-def shared_step(model, f, g, queue, view1, view2, matches, tau=0.07, in_image=False, radius=0.0):
+def shared_step(model, f, g, queue, view1, view2, matches, appearance, tau=0.07, in_image=False, radius=0.0,
+                shuffle_seed=None, memory_format=torch.contiguous_format):
     """--key-encoder shared (Reviewer 1: "is momentum contrast even needed"): both views through f in one batch
-    (BN sees both), with gradients; shared_loss. There are no keys to enqueue."""
+    (BN sees both), with gradients; shared_loss. There are no keys to enqueue, and no shuffle BN (`shuffle_seed` is
+    unused)."""
     n = len(view1)
-    z = model(torch.cat([view1, view2]))  # 2N x d x S/4 x S/4
+    x = common.apply_appearance(torch.cat([view1, view2]), appearance.transpose(0, 1).flatten(0, 1), memory_format)
+    z = model(x)  # 2N x d x S/4 x S/4
     z1, z2 = gather_cells(z[:n], matches[:, :, 0]), gather_cells(z[n:], matches[:, :, 1])  # N x M x d
     return shared_loss(z1.flatten(0, 1), z2.flatten(0, 1), matches, tau, in_image, radius), z2.detach(), \
         match_top1(z1, z2, matches[:, :, 1])
