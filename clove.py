@@ -466,7 +466,7 @@ def train(args):
               per_rank_batch=per_rank, accum_steps=args.accum_steps, global_batch=args.batch_size, lr=lr,
               warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch, planned_steps=planned_steps,
               chance_loss=args.margin)  # Eq. 2 with every cosine 0 (random features)
-    step_loss = step_pairs = 0  # sums over a step's micro-batches, kept on the device
+    step_loss = step_pairs = step_skipped = 0  # sums over a step's micro-batches, kept on the device
     f.train(), teacher.train()  # the teacher's BN normalises with batch statistics too (BYOL)
     while step < total_steps:
         epoch = step // steps_per_epoch
@@ -485,13 +485,13 @@ def train(args):
                 scaler.scale(loss / args.accum_steps).backward()
             step_loss = step_loss + loss.detach() / args.accum_steps
             step_pairs = step_pairs + pos_global[:, 0].sum((1, 2)).double().mean() / args.accum_steps
-            step_skipped = skipped if micro == 0 else step_skipped + skipped
+            step_skipped = step_skipped + skipped.sum()
             queue.enqueue(target[0], f"{args.seed}/{step}/{micro}/{d.rank}")  # Table 10's queue (an ablation)
             if not last_micro:
                 continue
 
             values = run.read_step(step, step_loss, step_skipped, positive_pairs_per_image=step_pairs)  # stops on
-            step_loss = step_pairs = 0  # a non-finite loss, before the update
+            step_loss = step_pairs = step_skipped = 0  # a non-finite loss, before the update
             lr_now = learning_rate(step, planned_steps, warmup_steps, lr, args.warmup_start_ratio, args.min_lr_ratio)
             momentum = teacher_momentum(step, planned_steps, args.ema_momentum)
             for group in optimizer.param_groups:

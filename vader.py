@@ -291,6 +291,9 @@ def key_embeddings(g, view2, appearance2, cells2, splits=1, seed="", memory_form
     process, `splits` shards emulate it, as MoCo's single-GPU SplitBatchNorm does (sizes differ by at most one).
     """
     world, rank = (dist.get_world_size(), dist.get_rank()) if common.distributed() else (1, 0)
+    if world == 1 and splits <= 1:  # plain BN over the batch
+        keys = shard_keys(g, view2, appearance2, cells2, memory_format)
+        return keys, keys
     n = len(view2)
     order = list(range(n * world))
     random.Random(seed).shuffle(order)
@@ -374,10 +377,10 @@ def train(args):
 
     # the paper's views, networks and step; an ablation switch replaces some of them (ablation_parts, at the bottom)
     memory_format = common.memory_format(d.device, args.channels_last)
+    eq2_step = functools.partial(vader_step, tau=args.temperature, momentum=args.momentum,
+                                 bn_splits=args.shuffle_bn_splits, memory_format=memory_format)
     parts = dict(views=PairedViews(args.image_size, args.num_matches), network=VADeRNet, key_encoder=momentum_copy,
-                 queue=PixelQueue, step=functools.partial(vader_step, tau=args.temperature, momentum=args.momentum,
-                                                          bn_splits=args.shuffle_bn_splits, memory_format=memory_format),
-                 negatives=args.queue_size)
+                 queue=PixelQueue, step=eq2_step, negatives=args.queue_size)
     parts.update(ablation_parts(args, memory_format))
     dataset = common.ViewDataset(args.data, parts["views"], args.seed, args.synthetic_images)
     per_rank = args.batch_size // d.world_size

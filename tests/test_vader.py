@@ -32,11 +32,11 @@ def original_coordinates(view, grid):
 @pytest.mark.parametrize("scale", [(0.2, 1.0), (0.05, 0.2), (0.9, 1.0)])
 def test_matched_cells_see_the_same_original_pixel(scale):
     img = coordinate_image(256, 200)
-    views = vader.PairedViews(image_size=64, color=False, num_matches=32)
+    views = vader.PairedViews(image_size=64, num_matches=32)
     views.scale = scale
     grid, flips = 16, 0
     for seed in range(25):
-        v1, v2, matches = views(img, random.Random(seed))
+        v1, v2, matches, _ = views(img, random.Random(seed))
         assert matches.shape == (32, 4) and matches.dtype == torch.long
         xy1, xy2 = original_coordinates(v1, grid), original_coordinates(v2, grid)
         # columns 2, 3: the original-image pixel of the pair's scene point (--negative-radius measures with it)
@@ -53,37 +53,42 @@ def test_matched_cells_see_the_same_original_pixel(scale):
 
 
 def test_matches_are_distinct_cells_of_view_one():
-    v1, v2, matches = vader.PairedViews(image_size=64, color=False, num_matches=40)(coordinate_image(128, 128),
-                                                                                     random.Random(3))
+    v1, v2, matches, _ = vader.PairedViews(image_size=64, num_matches=40)(coordinate_image(128, 128),
+                                                                        random.Random(3))
     assert len(set(matches[:, 0].tolist())) == 40
     assert matches.min() >= 0 and matches.max() < 16 * 16
 
 
 def test_same_view_matching_pairs_each_cell_with_itself():
-    views = vader.SameViewPairs(image_size=64, color=False, num_matches=16)
-    v1, v2, matches = views(coordinate_image(100, 80), random.Random(0))
+    views = vader.SameViewPairs(image_size=64, num_matches=16)
+    v1, v2, matches, _ = views(coordinate_image(100, 80), random.Random(0))
     assert torch.equal(matches[:, 0], matches[:, 1])
-    assert torch.allclose(v1, v2)  # no colour ops: identical crops give identical views
+    assert torch.equal(v1, v2)  # the colour ops come later, on the device: identical crops give identical pixels
 
 
 def test_unmatch_pairs_ignore_the_geometry():
-    views = vader.UnmatchedPairs(image_size=64, color=False, num_matches=32)
+    views = vader.UnmatchedPairs(image_size=64, num_matches=32)
     img = coordinate_image(256, 256)
     far = 0
     for seed in range(5):
-        v1, v2, matches = views(img, random.Random(seed))
+        v1, v2, matches, _ = views(img, random.Random(seed))
         d = (original_coordinates(v1, 16)[matches[:, 0]] - original_coordinates(v2, 16)[matches[:, 1]]).norm(dim=1)
         far += int((d > 30).sum())
     assert far > 80  # most of the 160 "positives" are far apart in the original image
 
 
-def test_views_are_uint8_pixels_and_colour_ops_change_appearance_only():
+def test_views_are_uint8_pixels_with_appearance_parameters_drawn_after_the_geometry():
     img = coordinate_image(64, 64)
-    plain = vader.PairedViews(image_size=32, color=False, num_matches=4)(img, random.Random(7))
-    coloured = vader.PairedViews(image_size=32, color=True, num_matches=4)(img, random.Random(7))
-    assert plain[0].shape == (3, 32, 32) and plain[0].dtype == torch.uint8  # normalised later, on the device
-    assert torch.equal(plain[2], coloured[2])  # same rng -> same geometry and matches
-    assert not torch.equal(plain[0], coloured[0]) or not torch.equal(plain[1], coloured[1])
+    views = vader.PairedViews(image_size=32, num_matches=4)
+    view1, view2, matches, appearance = views(img, random.Random(7))
+    assert view1.shape == view2.shape == (3, 32, 32) and view1.dtype == torch.uint8  # coloured later, on the device
+    assert appearance.shape == (2, len(common.APPEARANCE)) and appearance.dtype == torch.float32
+    rng = random.Random(7)  # the geometry alone, drawn first from the same stream: the same views and matches
+    box1, flip1, box2, flip2, alone = views.match(rng, 64, 64)
+    assert torch.equal(matches, alone)
+    assert torch.equal(view1, common.to_uint8(common.crop_resize(img, box1, 32, flip1)))
+    assert torch.equal(view2, common.to_uint8(common.crop_resize(img, box2, 32, flip2)))
+    assert torch.equal(appearance, torch.stack([views.appearance(rng), views.appearance(rng)]))  # then the colours
 
 
 def random_matches(n, m, grid=4, seed=0):
@@ -345,24 +350,50 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, run_
 
 
 DISTRIBUTED_CHECK = r'''
+import random
 import sys
 import torch
+import torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import common, vader
 d = common.init_distributed()
-torch.manual_seed(0)  # the same network and batch on both ranks
-g = vader.VADeRNet("resnet18").eval()  # eval BN: shuffling must not change any key
-images, cells = torch.randn(8, 3, 64, 64), torch.randint(0, 256, (8, 5))
+torch.manual_seed(0)  # the same network and global batch on both ranks; each rank holds its half
+g = vader.VADeRNet("resnet18").train()  # train-mode BN: a key depends on the shard it is computed in
+images, cells = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8), torch.randint(0, 256, (8, 5))
+rng = random.Random(0)
+appearance = torch.stack([common.draw_appearance(rng) for _ in range(8)])
 mine = slice(4 * d.rank, 4 * d.rank + 4)
-torch.manual_seed(100 + d.rank)  # different local RNGs: the permutation must come from rank 0
+received = []  # bytes that reach this rank from the other one, per collective
+all_to_all, all_gather = dist.all_to_all_single, dist.all_gather
+def counted_all_to_all(out, inp, out_splits, in_splits, **kw):
+    received.append(sum(out_splits[r] for r in range(2) if r != d.rank) * out[0].numel() * out.element_size())
+    return all_to_all(out, inp, out_splits, in_splits, **kw)
+def counted_all_gather(parts, tensor, **kw):
+    received.append(tensor.numel() * tensor.element_size())
+    return all_gather(parts, tensor, **kw)
+dist.all_to_all_single, dist.all_gather = counted_all_to_all, counted_all_gather
+torch.manual_seed(100 + d.rank)  # different local RNGs: the permutation must come from the seed alone
 with torch.no_grad():
-    keys = vader.key_embeddings(g, images[mine], cells[mine])
-    expected = vader.gather_cells(g(images[mine]), cells[mine])
-assert keys.shape == (4, 5, 128)
-assert torch.allclose(keys, expected, atol=1e-5), (keys - expected).abs().max()
-queue = vader.PixelQueue(16, 2)
-queue.enqueue(torch.full((4, 2), float(d.rank)))
-assert queue.keys[:4].eq(0).all() and queue.keys[4:8].eq(1).all() and int(queue.ptr) == 8
+    keys, every_key = vader.key_embeddings(g, images[mine], appearance[mine], cells[mine], seed="7/3")
+dist.all_to_all_single, dist.all_gather = all_to_all, all_gather
+order = list(range(8))
+random.Random("7/3").shuffle(order)  # by hand: shard r is the permutation's r-th half, run by g as one batch
+expected = torch.empty(8, 5, 128)
+with torch.no_grad():
+    for shard in (order[:4], order[4:]):
+        x = common.apply_appearance(images[shard], appearance[shard])
+        expected[shard] = vader.gather_cells(g(x), cells[shard])
+assert every_key.shape == (8, 5, 128) and torch.allclose(every_key, expected, atol=1e-5)
+assert torch.equal(keys, every_key[mine])  # this rank's own images' keys, in order
+# what travels: uint8 views of the shard (+ appearance and cells) and the keys once, against the old exchange:
+# all fp32 views gathered, the cells, and the keys gathered twice (in key_embeddings and again in the queue)
+before = 4 * (3 * 64 * 64 * 4 + 5 * 8 + 2 * 5 * 128 * 4)
+assert sum(received) <= before / 4, (received, before)
+queue = vader.PixelQueue(16, 128)
+queue.enqueue(every_key[:, :2].flatten(0, 1))  # the global batch's keys, gathered once: every rank the same queue
+assert int(queue.ptr) == 0 and torch.equal(queue.keys, every_key[:, :2].flatten(0, 1))
+if d.rank == 0:
+    print("exchange bytes per step:", sum(received), "before:", before, flush=True)
 open(f"{sys.argv[2]}/rank{d.rank}.ok", "w").close()  # a file per rank: the ranks' stdout may interleave
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()  # gloo aborts at exit if the group is left alive
@@ -411,24 +442,28 @@ def test_feature_picture_from_a_tiny_checkpoint(tmp_path, run_script):
 def test_one_process_shuffle_bn_normalises_keys_over_random_sub_batches():
     torch.manual_seed(0)
     g = vader.VADeRNet("resnet18").train()  # train-mode BN: the statistics depend on the sub-batch
-    images, cells = torch.randn(8, 3, 64, 64), torch.randint(0, 256, (8, 5))
-    torch.manual_seed(7)
-    keys = vader.key_embeddings(g, images, cells, splits=4)
-    torch.manual_seed(7)  # the same permutation, by hand: MoCo's SplitBatchNorm = g on each sub-batch alone
-    perm = torch.randperm(8)
+    images, cells = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8), torch.randint(0, 256, (8, 5))
+    rng = random.Random(1)
+    appearance = torch.stack([common.draw_appearance(rng) for _ in range(8)])
+    keys, every_key = vader.key_embeddings(g, images, appearance, cells, splits=4, seed="run/5")
+    assert torch.equal(keys, every_key)  # one process: the global batch is this batch
+    order = list(range(8))
+    random.Random("run/5").shuffle(order)  # by hand: MoCo's SplitBatchNorm = g on each sub-batch alone
     expected = torch.empty(8, 5, 128)
     with torch.no_grad():
-        for part in perm.view(4, 2):
-            z = torch.nn.functional.normalize(g(images[part]).flatten(2), dim=1)  # 2 x 128 x HW
-            for row, i in enumerate(part.tolist()):
+        for part in (order[0:2], order[2:4], order[4:6], order[6:8]):
+            x = common.apply_appearance(images[part], appearance[part])
+            z = torch.nn.functional.normalize(g(x).flatten(2), dim=1)  # 2 x 128 x HW
+            for row, i in enumerate(part):
                 expected[i] = z[row][:, cells[i]].t()
-        plain = vader.gather_cells(g(images), cells)  # one BN over the whole batch (the old behaviour)
+        plain = vader.gather_cells(g(common.apply_appearance(images, appearance)), cells)  # one BN over the batch
     assert torch.allclose(keys, expected, atol=1e-5)
     assert (keys - plain).abs().max() > 1e-2  # not plain BN: the query's batch statistics are not reused
     g.eval()  # with fixed statistics the shuffle must hand each image its own keys back, in order
     with torch.no_grad():
-        assert torch.allclose(vader.key_embeddings(g, images, cells, splits=3), vader.gather_cells(g(images), cells),
-                              atol=1e-5)  # 8 images in 3 splits: sizes 3, 3, 2
+        assert torch.allclose(vader.key_embeddings(g, images, appearance, cells, splits=3, seed=1)[0],
+                              vader.gather_cells(g(common.apply_appearance(images, appearance)), cells),
+                              atol=1e-5)  # 8 images in 3 splits: sizes 2, 3, 3
 
 
 def test_data_without_init_and_a_tiny_encoder_lr_is_refused(tmp_path, run_script):
@@ -466,16 +501,17 @@ def test_global_objective_is_infonce_over_the_image_queue():
     f = vader.GlobalNet("resnet18").eval()
     g = vader.GlobalNet("resnet18").eval()
     queue = vader.PixelQueue(6, 128)
-    view1, view2 = torch.randn(3, 3, 64, 64), torch.randn(3, 3, 64, 64)
+    view1, view2 = (torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8) for _ in range(2))
+    appearance = torch.stack([common.draw_appearance(random.Random(i)) for i in range(6)]).view(3, 2, -1)
     args = vader.parse_args(["--objective", "global"])
     assert args.temperature == 0.2  # MoCo v2's
     matches = vader.TwoCrops(64)(Image.new("RGB", (80, 80)), random.Random(0))[2]
     assert matches.shape == (1, 4) and not matches.any()  # one "cell" per image: the 1 x 1 map's
-    loss, keys, _ = vader.vader_step(f, f, g, queue, view1, view2, matches.expand(3, 1, 4), tau=0.2, momentum=1.0,
-                                     bn_splits=1)
+    loss, keys, _ = vader.vader_step(f, f, g, queue, view1, view2, matches.expand(3, 1, 4), appearance, tau=0.2,
+                                     momentum=1.0, bn_splits=1)
     with torch.no_grad():
-        q = torch.nn.functional.normalize(f(view1).flatten(1), dim=1)
-        k = torch.nn.functional.normalize(g(view2).flatten(1), dim=1)
+        q = torch.nn.functional.normalize(f(common.apply_appearance(view1, appearance[:, 0])).flatten(1), dim=1)
+        k = torch.nn.functional.normalize(g(common.apply_appearance(view2, appearance[:, 1])).flatten(1), dim=1)
     total = 0.0
     for i in range(3):
         pos = math.exp(float(q[i] @ k[i]) / 0.2)
@@ -487,10 +523,10 @@ def test_global_objective_is_infonce_over_the_image_queue():
 
 def test_crops_objective_views_both_come_from_one_non_overlapping_region():
     img = coordinate_image(200, 160)
-    views = vader.RegionCrops(image_size=32, regions=2, color=False)
+    views = vader.RegionCrops(image_size=32, regions=2)
     seen = set()
     for seed in range(30):
-        v1, v2, _ = views(img, random.Random(seed))
+        v1, v2, _, _ = views(img, random.Random(seed))
         quadrants = []
         for v in (v1, v2):
             rgb = v.float()  # uint8 pixel values = original coordinates
@@ -514,7 +550,7 @@ def test_keys_per_image_enqueues_k_random_matched_keys_of_each_image(tmp_path, r
     dataset = common.ViewDataset(str(data), vader.PairedViews(64, 8), seed=0)
     sampler = common.ResumableSampler(len(dataset), 0, 1, seed=0)
     batch = [dataset[i] for i in list(sampler)[:4]]  # step 1's four images
-    view2 = common.normalize(torch.stack([b[1] for b in batch]), torch.device("cpu"))
+    view2 = common.apply_appearance(torch.stack([b[1] for b in batch]), torch.stack([b[3][1] for b in batch]))
     matches = torch.stack([b[2] for b in batch])  # 4 x 8 x 4
     g = vader.VADeRNet("resnet18")
     g.load_state_dict(ckpt["momentum_encoder"])
@@ -635,8 +671,7 @@ def step_one_batch(data, views, batch, seed=0):
     """The first batch a vader.py run on `data` (one process, --workers 0) trains on, rebuilt from its sampler."""
     dataset = common.ViewDataset(str(data), views, seed=seed)
     items = [dataset[i] for i in list(common.ResumableSampler(len(dataset), 0, 1, seed=seed))[:batch]]
-    return [common.normalize(torch.stack([it[v] for it in items]), torch.device("cpu")) for v in (0, 1)] + \
-        [torch.stack([it[2] for it in items])]
+    return [torch.stack([it[part] for it in items]) for part in range(4)]  # view1, view2, matches, appearance
 
 
 def test_global_objective_from_scratch_takes_moco_v2s_sgd_step(tmp_path, run_script):
@@ -654,9 +689,10 @@ def test_global_objective_from_scratch_takes_moco_v2s_sgd_step(tmp_path, run_scr
     g = copy_of(f)
     queue = vader.PixelQueue(64, 128)
     p0 = {k: v.detach().clone() for k, v in f.named_parameters()}
-    view1, view2, matches = step_one_batch(data, vader.TwoCrops(64), 4)
+    view1, view2, matches, appearance = step_one_batch(data, vader.TwoCrops(64), 4)
     f.train(), g.train()
-    loss, _, _ = vader.vader_step(f, f, g, queue, view1, view2, matches, tau=0.2, momentum=0.999, bn_splits=1)
+    loss, _, _ = vader.vader_step(f, f, g, queue, view1, view2, matches, appearance, tau=0.2, momentum=0.999,
+                                  bn_splits=1)
     loss.backward()  # the plain InfoNCE of MoCo v2, weight 1
     for name, p in f.named_parameters():
         expected = p0[name] - 0.03 * (p.grad + 1e-4 * p0[name])
