@@ -263,7 +263,8 @@ def test_ddp_warm_up_runs_a_tiny_batch_under_the_training_precision(tmp_path):
 
 
 def tiny_run(tmp_path, state, resume="auto"):
-    args = argparse.Namespace(output_dir=str(tmp_path), image_size=32, resume=resume, log_every=1, save_every=0)
+    args = argparse.Namespace(output_dir=str(tmp_path), image_size=32, resume=resume, log_every=1, save_every=0,
+                              save_minutes=30)
     return common.TrainingRun("vader", args, common.Dist(), common.ViewDataset(None, None, length=4), state)
 
 
@@ -469,7 +470,9 @@ def test_curves_png_draws_the_loss_against_its_chance_level(tmp_path):
     records = [dict(event="start", step=0, chance_loss=5.0, match_chance=0.25)]
     records += [dict(step=s, loss=10.0 - s, lr=0.1, images_per_s=4.0, match_top1=0.25 + s / 40) for s in range(1, 11)]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    picture = common.draw_curves(tmp_path / "log.jsonl", tmp_path / "curves.png")
+    log = common.JsonLog(tmp_path / "log.jsonl")  # a resumed run's log holds the records of the run it continues
+    assert log.records == records
+    picture = common.draw_curves(log.records, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").exists() and picture.size == (720, 4 * 170)
     pixels = picture.load()
 
