@@ -459,6 +459,8 @@ def train(args):
                              optimizer=optimizer, scaler=scaler), may_change={"base_lr"},
                              remedy="Lower --base-lr or use --precision fp32")
     step = run.resume()
+    if d.device.type == "cuda":  # the paper's 512 images per GPU need about 82 GiB: say so before step 1
+        check_memory(f, teacher, loss_fn, args, d, per_rank, memory_format)
     two_images = [(4, 3, args.image_size, args.image_size), (2 * args.local_crops, 3, args.local_size, args.local_size)]
     model = common.wrap_ddp(f, d, two_images[:1 + bool(args.local_crops)], memory_format, args.precision)  # BN: N > 1
     run.start(step, total_steps, f"CLoVE: {args.arch}, batch {args.batch_size} = {d.world_size} rank(s) x {per_rank} x "
@@ -520,6 +522,66 @@ def build_networks(args, d, predictor, memory_format):
         f = nn.SyncBatchNorm.convert_sync_batchnorm(f)
     teacher = make_teacher(f)
     return f.to(d.device, memory_format=memory_format), teacher.to(d.device, memory_format=memory_format)
+
+
+def check_memory(f, teacher, loss_fn, args, d, per_rank, memory_format):
+    """Stop before step 1, with one line naming the smallest --accum-steps that fits, when a rank's micro-batch will
+    not fit on its GPU (step_memory measures what a step holds)."""
+    per_image, fixed = step_memory(f, teacher, loss_fn, args, d.device, memory_format)
+    free, _ = torch.cuda.mem_get_info(d.device)
+    reusable = torch.cuda.memory_reserved(d.device) - torch.cuda.memory_allocated(d.device)
+    budget = 0.9 * (free + reusable)  # room for the allocator's fragments
+    need = lambda micro: fixed + per_image * micro  # noqa: E731
+    if need(per_rank) <= budget:
+        return
+    world, gib = d.world_size, 2**30
+    fits = [a for a in range(args.accum_steps + 1, args.batch_size // world + 1)
+            if args.batch_size % (world * a) == 0 and need(args.batch_size // (world * a)) <= budget]
+    advice = (f"the smallest --accum-steps that fits is {fits[0]} ({args.batch_size // (world * fits[0])} images a "
+              "micro-batch)" if fits else "not even one image per rank fits: use more GPUs or a smaller --arch")
+    raise common.UserError(f"--accum-steps {args.accum_steps}: a micro-batch of {per_rank} images needs about "
+                           f"{need(per_rank) / gib:.1f} GiB on {torch.cuda.get_device_name(d.device)} "
+                           f"({per_image / 2**20:.0f} MiB per image, measured), {budget / gib:.1f} GiB are usable; "
+                           f"{advice}")
+
+
+def step_memory(f, teacher, loss_fn, args, device, memory_format):
+    """(bytes per image, bytes besides) that a training step holds on a GPU at its peak: two probe steps of 2 and 4
+    images (clove_step and its backward, in the training's precision) measure it, plus the optimiser's momentum
+    (one copy of the student), which comes at step 1. The networks' buffers and gradients are left as they were."""
+    buffers = list(f.buffers()) + list(teacher.buffers())
+    saved, peaks = [b.detach().clone() for b in buffers], {}
+    for images in (2, 4):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        batch = probe_batch(images, args, device)
+        with common.autocast(device, args.precision):
+            loss, _ = clove_step(f, teacher, *batch, loss=loss_fn, memory_format=memory_format)
+        loss.backward()
+        torch.cuda.synchronize(device)
+        peaks[images] = torch.cuda.max_memory_allocated(device) - base
+        f.zero_grad(set_to_none=True)
+        del batch, loss
+    with torch.no_grad():
+        torch._foreach_copy_(buffers, saved)
+    torch.cuda.empty_cache()
+    per_image = (peaks[4] - peaks[2]) / 2
+    momentum = sum(p.numel() * p.element_size() for p in f.parameters())
+    return per_image, peaks[2] - 2 * per_image + momentum
+
+
+def probe_batch(images, args, device):
+    """A CLoVEViews batch of random pixels and masks, on the device, for check_memory (a generator of its own: the
+    run's random numbers stay as they were)."""
+    g, s, n_local = args.image_size // 32, args.local_size // 32, args.local_crops
+    rng = torch.Generator(device).manual_seed(0)
+    pixels = lambda *shape: torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=rng)  # noqa
+    mask = lambda *shape: torch.rand(shape, device=device, generator=rng) < 0.1  # noqa: E731
+    return (pixels(images, 2, 3, args.image_size, args.image_size),
+            pixels(images, n_local, 3, args.local_size, args.local_size),
+            mask(images, 2, g * g, g * g), mask(images, 2, n_local, s * s, g * g),
+            torch.zeros(images, 2 + n_local, len(common.APPEARANCE), device=device))
 
 
 def epoch_micro_batches(loader, steps, accum_steps):

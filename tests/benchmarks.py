@@ -54,6 +54,7 @@ of the final checkpoint's networks, queue and optimiser state. Identical digests
 """
 import argparse
 import collections
+import contextlib
 import copy
 import functools
 import hashlib
@@ -90,14 +91,6 @@ def moco_two_crop(size):
                      T.RandomGrayscale(0.2), T.RandomApply([blur], 0.5), T.RandomHorizontalFlip(), T.ToTensor(),
                      T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
     return lambda img: (aug(img), aug(img))
-
-
-def network_input(views, device, memory_format=torch.contiguous_format):
-    """A batch of views as the training loop feeds the network: uint8 views are normalised on the device by
-    common.normalize; float views (older checkouts) are already normalised."""
-    if views.dtype == torch.uint8:
-        views = common.normalize(views, device)
-    return views.to(device).contiguous(memory_format=memory_format)
 
 
 def interleaved(fns, repeats, device):
@@ -151,15 +144,16 @@ def bench_vader(a):
                                           "--num-matches", str(a.num_matches)])
     args.queue_size = a.queue_size
     args.temperature = vader.TEMPERATURES[args.objective]  # as vader.parse_args does
+    args.loss_weight = vader.LOSS_WEIGHTS[args.objective]
     load_before = load_average()
     leaves = common.DeadLeaves(size=max(160, a.image_size * 2))
     images = [leaves.image(i)[0] for i in range(a.batch_size)]
     views = vader.PairedViews(a.image_size, num_matches=a.num_matches)
     batch = [views(im, random.Random(i)) for i, im in enumerate(images)]
     fmt = common.memory_format(device, "auto")
-    v1 = network_input(torch.stack([b[0] for b in batch]), device, fmt)
-    v2 = network_input(torch.stack([b[1] for b in batch]), device, fmt)
-    matches = torch.stack([b[2] for b in batch]).to(device)
+    u1, u2, matches, appearance = [torch.stack([b[i] for b in batch]).to(device) for i in range(4)]  # uint8 views
+    v1 = common.apply_appearance(u1, appearance[:, 0], fmt)  # the network's inputs, for the bare network
+    v2 = common.apply_appearance(u2, appearance[:, 1], fmt)
     n, m = matches.shape[:2]
 
     torch.manual_seed(0)
@@ -171,8 +165,8 @@ def bench_vader(a):
 
     def full():  # the training loop's step (vader.train), minus data loading and logging
         with common.autocast(device, args.precision):
-            loss, k = vader.vader_step(f, f, g, queue, v1, v2, matches, args.temperature, args.momentum,
-                                       args.shuffle_bn_splits)
+            loss, k, top1 = vader.vader_step(f, f, g, queue, u1, u2, matches, appearance, args.temperature,
+                                             args.momentum, args.shuffle_bn_splits, "0/0", fmt)
         loss = args.loss_weight * loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -180,7 +174,7 @@ def bench_vader(a):
         k = k.flatten(0, 1)
         queue.enqueue(k)
         keys["k"] = k
-        loss.item()
+        torch.stack([loss.detach(), top1]).tolist()  # the step's one read
 
     def bare():  # the same network work: f forward + backward, g forward, SGD step
         with common.autocast(device, args.precision):
@@ -215,7 +209,10 @@ def bench_vader(a):
     def enqueue():
         queue.enqueue(keys["k"].detach())
 
-    parts = dict(full=full, bare=bare, eq2=eq2, ema=ema, gathers=gathers, enqueue=enqueue)
+    def appearance_ops():  # both views' colour jitter, grayscale, blur and normalisation, on the device
+        common.apply_appearance(u1, appearance[:, 0], fmt), common.apply_appearance(u2, appearance[:, 1], fmt)
+
+    parts = dict(full=full, bare=bare, eq2=eq2, ema=ema, gathers=gathers, enqueue=enqueue, appearance=appearance_ops)
     if a.compare:  # the same parts as another checkout (e.g. the commit before a speed-up) implements them
         before = load_tree(a.compare)
 
@@ -239,6 +236,7 @@ def bench_vader(a):
                **dense_parts_report(t, [p for p in parts if p not in ("full", "bare")]),
                ema_gathers_enqueue_over_network=spread(others, 4),
                step_minus_eq2_over_network=spread(rest),
+               appearance_over_step=spread([x / fu for x, fu in zip(t["appearance"], t["full"])], 4),
                train_images_per_s=round(a.batch_size / statistics.median(t["full"]), 2))
     return finish_report(out, a.profile and dict(full=full, eq2=eq2, ema=ema, gathers=gathers), device, load_before)
 
@@ -270,12 +268,13 @@ def bench_clove(a):
     views = clove.CLoVEViews(args.image_size, args.local_crops, args.local_size, args.global_scale,
                              args.local_scale, args.t_pos, args.match_coords)
     items = [views(leaves.image(i)[0], random.Random(i)) for i in range(a.batch_size)]
-    globals_, locals_, pos_global, pos_local = [x.to(device) for x in torch.utils.data.default_collate(items)]
-    globals_, locals_ = network_input(globals_, device), network_input(locals_, device)
+    globals_, locals_, pos_global, pos_local, appearance = [x.to(device) for x in
+                                                            torch.utils.data.default_collate(items)]
     fmt = common.memory_format(device, args.channels_last)
-    batches = [globals_.transpose(0, 1).flatten(0, 1).contiguous(memory_format=fmt)]
+    view_major = lambda x: x.transpose(0, 1).flatten(0, 1)  # noqa: E731
+    batches = [common.apply_appearance(view_major(globals_), view_major(appearance[:, :2]), fmt)]
     if args.local_crops:
-        batches.append(locals_.transpose(0, 1).flatten(0, 1).contiguous(memory_format=fmt))
+        batches.append(common.apply_appearance(view_major(locals_), view_major(appearance[:, 2:]), fmt))
 
     torch.manual_seed(0)
     student = clove.CLoVENet(args.arch, args.proj_hidden, args.embedding_dim, args.heads,
@@ -288,7 +287,8 @@ def bench_clove(a):
 
     def full():  # the training loop's step (clove.train, one micro-batch), minus data loading and logging
         with common.autocast(device, args.precision):
-            loss, target = clove.clove_step(student, teacher, globals_, locals_, pos_global, pos_local, loss_fn, fmt)
+            loss, target = clove.clove_step(student, teacher, globals_, locals_, pos_global, pos_local, appearance,
+                                            loss_fn, fmt)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -333,8 +333,13 @@ def bench_clove(a):
     def ema():  # teacher <- m teacher + (1 - m) student, BN buffers copied
         clove.update_teacher(teacher, student, 0.99)
 
+    def appearance_ops():  # every view's colour jitter, grayscale, blur, solarisation and normalisation
+        common.apply_appearance(view_major(globals_), view_major(appearance[:, :2]), fmt)
+        if args.local_crops:
+            common.apply_appearance(view_major(locals_), view_major(appearance[:, 2:]), fmt)
+
     full(), bare()  # warm-up
-    parts = dict(full=full, bare=bare, predictor=predictor, loss=loss_terms, ema=ema)
+    parts = dict(full=full, bare=bare, predictor=predictor, loss=loss_terms, ema=ema, appearance=appearance_ops)
     t = interleaved(parts, a.repeats, device)
     dense = [(t["predictor"][i] + t["loss"][i] + t["ema"][i]) / t["bare"][i] for i in range(a.repeats)]
     out = dict(benchmark="clove", device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
@@ -344,6 +349,7 @@ def bench_clove(a):
                step_over_network=spread([fu / b for fu, b in zip(t["full"], t["bare"])]),
                **dense_parts_report(t, ["predictor", "loss", "ema"]),
                predictor_loss_ema_over_network=spread(dense, 4),
+               appearance_over_step=spread([x / fu for x, fu in zip(t["appearance"], t["full"])], 4),
                train_images_per_s=round(a.batch_size / statistics.median(t["full"]), 2))
     return finish_report(out, a.profile and dict(full=full, predictor=predictor, loss=loss_terms, ema=ema), device,
                          load_before)
@@ -685,15 +691,22 @@ def checkpoint_digest(path):
     return digest.hexdigest()[:16]
 
 
+TINY_FLAGS = {"vader.py": ["--batch-size", "4", "--queue-size", "256", "--synthetic-images", "8"],
+              "clove.py": ["--batch-size", "4", "--image-size", "64", "--local-size", "32", "--local-crops", "2",
+                           "--synthetic-images", "8"]}
+
+
 def bench_fingerprint(a):
     import subprocess
     import tempfile
     out = {}
+    runs = {name: FINGERPRINT_RUNS[name] for name in ("vader", "clove")} if a.tiny else FINGERPRINT_RUNS
     for code in a.code:
-        for name, (script, flags) in FINGERPRINT_RUNS.items():
+        for name, (script, flags) in runs.items():
+            flags = [*flags, *TINY_FLAGS[script], "--max-steps", "1"] if a.tiny else [*flags, "--max-steps", "3"]
             with tempfile.TemporaryDirectory() as tmp:
-                r = subprocess.run([sys.executable, os.path.join(code, script), "--output-dir", tmp, "--max-steps", "3",
-                                    "--workers", "0", *flags], capture_output=True, text=True, cwd=code)
+                r = subprocess.run([sys.executable, os.path.join(code, script), "--output-dir", tmp, "--workers", "0",
+                                    *flags], capture_output=True, text=True, cwd=code)
                 digest = checkpoint_digest(os.path.join(tmp, "checkpoint.pth")) if r.returncode == 0 else "failed"
             out.setdefault(name, {})[code] = digest
             print(f"{name:22s} {code}: {digest}", file=sys.stderr, flush=True)
@@ -701,10 +714,180 @@ def bench_fingerprint(a):
     return dict(benchmark="fingerprint", identical=identical, digests=out)
 
 
-def main():
+SYNCING = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy")  # host reads
+
+
+@contextlib.contextmanager
+def sync_spy():
+    """Record every call that would make the host wait for a GPU: a tensor read on the host (SYNCING) and a tensor
+    built from Python data with a `device` (a copy from pageable memory). On a CPU nothing waits, but the same code
+    runs, so the count is the GPU's. Yields the list of call names."""
+    calls, originals, tensor = [], {name: getattr(torch.Tensor, name) for name in SYNCING}, torch.tensor
+
+    def spy(name, method):
+        def counted(self, *args, **kwargs):
+            calls.append(name)
+            return method(self, *args, **kwargs)
+        return counted
+
+    def device_tensor(*args, **kwargs):
+        if kwargs.get("device") is not None:
+            calls.append("torch.tensor(device=...)")
+        return tensor(*args, **kwargs)
+
+    for name, method in originals.items():
+        setattr(torch.Tensor, name, spy(name, method))
+    torch.tensor = device_tensor
+    try:
+        yield calls
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+        torch.tensor = tensor
+
+
+def syncs_per_step(script, argv):
+    """Run `script.train` (vader or clove) in this process on `argv` and return, for every optimiser step after the
+    first, (step, whether it logged, the host-waiting calls it made): sync_spy's count on a CPU, the warnings of
+    torch.cuda.set_sync_debug_mode on a GPU. Data loading is left out (run it with --workers >= 1)."""
+    import warnings
+    args, marks, step_done = script.parse_args(argv), [], common.TrainingRun.step_done
+    cuda = torch.cuda.is_available()
+    with sync_spy() as calls, warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+
+        def mark(run, step, *rest, **kwargs):
+            marks.append((step, step % run.args.log_every == 0 or step == run.total_steps,
+                          sum("synchroniz" in str(w.message) for w in warned) if cuda else len(calls)))
+            return step_done(run, step, *rest, **kwargs)
+
+        common.TrainingRun.step_done = mark
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            script.train(args)
+        finally:
+            common.TrainingRun.step_done = step_done
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    return [(step, logged, count - previous) for (step, logged, count), (_, _, previous) in zip(marks[1:], marks)]
+
+
+def timed_training_step(method, arch, size, per_gpu, precision, device, repeats=3, micro=None):
+    """(seconds per optimiser step, micro-batch) of vader.py's or clove.py's step on synthetic uint8 views at a
+    per-GPU batch, with the micro-batch halved (accumulation) until it fits; the step ends with its one read."""
+    import clove
+    import vader
+    micro = micro or per_gpu
+    while True:
+        try:
+            torch.manual_seed(0)
+            if method == "vader":
+                f = vader.VADeRNet(arch).to(device)
+                g = copy.deepcopy(f).requires_grad_(False)
+                queue = vader.PixelQueue(65536, 128).to(device)
+                opt = torch.optim.SGD(f.parameters(), lr=1e-4, momentum=0.9)
+                views = [torch.randint(0, 256, (micro, 3, size, size), dtype=torch.uint8, device=device)] * 2
+                matches = torch.randint(0, (size // 4) ** 2, (micro, 32, 4), device=device)
+                appearance = torch.zeros(micro, 2, len(common.APPEARANCE), device=device)
+
+                def forward():
+                    loss, keys, top1 = vader.vader_step(f, f, g, queue, *views, matches, appearance, bn_splits=4)
+                    return loss, top1, lambda: queue.enqueue(keys.flatten(0, 1))
+            else:
+                args = clove.get_parser().parse_args(["--arch", arch, "--image-size", str(size), "--precision",
+                                                      precision])
+                f = clove.CLoVENet(arch).to(device)
+                teacher = clove.make_teacher(f)
+                opt = clove.build_optimizer(f, 1e-3)
+                batch = clove.probe_batch(micro, args, device)
+
+                def forward():
+                    loss, _ = clove.clove_step(f, teacher, *batch)
+                    return loss, loss, lambda: clove.update_teacher(teacher, f, 0.99)
+
+            def step():
+                for _ in range(per_gpu // micro):
+                    with common.autocast(device, precision):
+                        loss, watched, after = forward()
+                    (loss / (per_gpu // micro)).backward()
+                torch.stack([loss.detach().float(), watched.float()]).tolist()  # the step's one read
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                after()
+
+            step()  # warm-up (cuDNN picks its algorithms)
+            return statistics.median(timed(step, device) for _ in range(repeats)), micro
+        except torch.cuda.OutOfMemoryError:
+            if micro == 1:
+                raise
+            micro //= 2
+            torch.cuda.empty_cache()
+
+
+def bench_gpu(a):
+    """Everything the GPU path promises, in one command for the day a GPU is lent (under 8 minutes on one GPU;
+    --tiny: seconds on a CPU, as the test suite runs it)."""
+    import tempfile
+    import clove
+    import vader
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if a.tiny:
+        arch, vader_size, clove_size, vader_batch, clove_batch = "resnet18", 64, 64, 4, 4
+    else:
+        arch, vader_size, clove_size, vader_batch, clove_batch = "resnet50", 224, 224, 128 // 4, 2048 // 4
+    out = dict(benchmark="gpu", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               arch=arch, steps={}, load_average_before=load_average())
+    precisions = ("bf16", "fp32")
+    for method, size, batch in (("vader", vader_size, vader_batch), ("clove", clove_size, clove_batch)):
+        for precision in precisions:
+            seconds, micro = timed_training_step(method, arch, size, batch, precision, device, 1 if a.tiny else 3)
+            out["steps"][f"{method} {precision}"] = dict(per_gpu_batch=batch, micro_batch=micro,
+                                                         images_per_s=round(batch / seconds, 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        files = common.list_images(write_photo_folder(tmp, 4 if a.tiny else 64))
+        torch.set_num_threads(1)  # as a loader worker
+        views = dict(vader=vader.PairedViews(224, 32), clove=clove.CLoVEViews(224, 6, 96),
+                     reference=moco_two_crop(224))
+        per_item = {name: [] for name in views}
+        for r in range(1 if a.tiny else 5):
+            for name, view in (views.items() if r % 2 == 0 else list(views.items())[::-1]):
+                t = time.perf_counter()
+                for i, path in enumerate(files):
+                    view(common.load_image(path), random.Random(i)) if name != "reference" else \
+                        view(common.load_image(path))
+                per_item[name].append((time.perf_counter() - t) / len(files))
+        torch.set_num_threads(os.cpu_count() or 1)
+        out["loader_images_per_s_per_worker"] = {name: round(1 / statistics.median(v), 1)
+                                                 for name, v in per_item.items()}
+        out["loader_cost_over_moco_v2_two_crop"] = {name: round(statistics.median(v) /
+                                                                statistics.median(per_item["reference"]), 2)
+                                                    for name, v in per_item.items() if name != "reference"}
+        tiny = ["--arch", "resnet18", "--batch-size", "4", "--workers", "1", "--log-every", "2", "--max-steps", "5",
+                "--save-minutes", "1000", "--synthetic-images", "32"]
+        syncs = {}
+        for script, extra in ((vader, ["--image-size", "64", "--queue-size", "256", "--num-matches", "8"]),
+                              (clove, ["--image-size", "64", "--local-size", "32", "--local-crops", "2",
+                                       "--accum-steps", "2"])):
+            rows = syncs_per_step(script, [*tiny, *extra, "--output-dir", os.path.join(tmp, script.__name__)])
+            syncs[script.__name__] = dict(per_step=max(n for _, logged, n in rows if not logged),
+                                          per_log_step=max(n for _, logged, n in rows if logged))
+        out["syncs"] = syncs
+    if device.type == "cuda":
+        args = clove.get_parser().parse_args(["--arch", arch, "--image-size", str(clove_size), "--precision", "bf16"])
+        f = clove.CLoVENet(arch).to(device)
+        per_image, fixed = clove.step_memory(f, clove.make_teacher(f), clove.clove_loss, args, device,
+                                             torch.contiguous_format)
+        out["clove_step_memory"] = dict(per_image_mib=round(per_image / 2**20, 1), besides_gib=round(fixed / 2**30, 2),
+                                        per_gpu_batch_gib=round((fixed + per_image * clove_batch) / 2**30, 1))
+    out["load_average_after"] = load_average()
+    return out
+
+
+def main_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", choices=["vader", "clove", "data", "clove-position", "probe-ceiling", "warmup-memory",
-                                      "stop-flag", "fingerprint"],
+    p.add_argument("method", choices=["gpu", "vader", "clove", "data", "clove-position", "probe-ceiling",
+                                      "warmup-memory", "stop-flag", "fingerprint"],
                    help="what to measure (see above)")
     p.add_argument("--weights", nargs="+", default=["random"], help="clove-position, probe-ceiling: 'random' and/or checkpoints")
     p.add_argument("--arch", default="resnet50", help="ResNet depth")
@@ -728,8 +911,15 @@ def main():
     p.add_argument("--images", type=int, default=32, help="data: JPEGs (500 x 375) each round goes through")
     p.add_argument("--profile", action="store_true", help="vader, clove: add torch.profiler's top ops of one step "
                    "and the ops where the step spends more than the bare network")
-    a = p.parse_args()
-    if a.method == "stop-flag":
+    p.add_argument("--tiny", action="store_true", help="gpu, fingerprint: CPU-sized settings (the test suite's)")
+    return p
+
+
+def main():
+    a = main_parser().parse_args()
+    if a.method == "gpu":
+        print(json.dumps(bench_gpu(a)))
+    elif a.method == "stop-flag":
         print(json.dumps(bench_stop_flag(a)))
     elif a.method == "warmup-memory":
         print(json.dumps(bench_warmup_memory(a)))
