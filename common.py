@@ -495,15 +495,16 @@ def apply_appearance(images, params, memory_format=torch.contiguous_format):
     Each image gets its own parameters, in torchvision's order and arithmetic (float in [0, 1], as its tensor ops):
     colour jitter, grayscale, Gaussian blur, solarisation. Batched, with no read of the parameters on the host, so
     the step never waits for the device here."""
-    x = images.float().div_(255)  # N x 3 x H x W in [0, 1]
-    p = params.float()
-    on = lambda column: p[:, column].bool()[:, None, None, None]  # noqa: E731  N x 1 x 1 x 1
-    x = colour_jitter(x, p[:, 1:5], p[:, 5:9].long(), on(0))
-    x = torch.where(on(9), grey(x).expand_as(x), x)
-    x = torch.where(on(10), gaussian_blur(x, p[:, 10]), x)
-    x = torch.where(on(11) & (x >= 128 / 255), 1 - x, x)  # PIL's solarize(img, 128): invert the values >= 128
-    mean, std = imagenet_constants(x.device)
-    return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)
+    with torch.autocast(images.device.type, enabled=False):  # fp32, as torchvision: no bf16 blur in a bf16 step
+        x = images.float().div_(255)  # N x 3 x H x W in [0, 1]
+        p = params.float()
+        on = lambda column: p[:, column].bool()[:, None, None, None]  # noqa: E731  N x 1 x 1 x 1
+        x = colour_jitter(x, p[:, 1:5], p[:, 5:9].long(), on(0))
+        x = torch.where(on(9), grey(x).expand_as(x), x)
+        x = torch.where(on(10), gaussian_blur(x, p[:, 10]), x)
+        x = torch.where(on(11) & (x >= 128 / 255), 1 - x, x)  # PIL's solarize(img, 128): invert the values >= 128
+        mean, std = imagenet_constants(x.device)
+        return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)
 
 
 def grey(x):

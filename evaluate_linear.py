@@ -1086,8 +1086,9 @@ CORRESPONDENCE_MATCHES = 32  # matched view-1 cells per pair: vader.py's --num-m
 
 
 class CorrespondencePairs(torch.utils.data.Dataset):
-    """Item i: (view1, view2, matches) of image i as vader.py trains on them: `views` (a vader.PairedViews) cuts
-    the two crops with flips and colour ops and gives the matches, M x 4 = view-1 cell, view-2 cell, x, y on the
+    """Item i: (view1, view2, matches, appearance) of image i as vader.py trains on them: `views` (a
+    vader.PairedViews) cuts the two crops with flips, draws their colour ops (applied on the device by
+    correspondence_scores) and gives the matches, M x 4 = view-1 cell, view-2 cell, x, y on the
     (S/4)^2 grids. Each pair is drawn from (seed, i), so every --weights sees the same pairs. The images are `files`,
     or embedded dead leaves (`leaves`, from index `first`); an unreadable file is skipped by name (None)."""
 
@@ -1110,9 +1111,10 @@ class CorrespondencePairs(torch.utils.data.Dataset):
 
 
 def collate_pairs(batch):
-    """(view1s, view2s, matches, number skipped) of the readable items of a batch (None when there is none)."""
+    """(view1s, view2s, matches, appearance, number skipped) of the readable items of a batch (None when there is
+    none)."""
     items = [b for b in batch if b is not None]
-    stacked = [torch.stack(parts) for parts in zip(*items)] if items else [None] * 3
+    stacked = [torch.stack(parts) for parts in zip(*items)] if items else [None] * 4
     return (*stacked, len(batch) - len(items))
 
 
@@ -1156,12 +1158,15 @@ def correspondence_scores(model, loader, grid, d, precision):
     """top1 and within_one (fractions of the matched view-1 cells) with their chance levels, summed over ranks;
     `model` maps normalised N x 3 x S x S views to N x C x G x G features, G = `grid`."""
     sums = torch.zeros(5, dtype=torch.float64)  # top1 hits, within-one hits, queries, within-one chance, skipped
-    for view1, view2, matches, skipped in common.throughput_bar(loader, len(loader), d.is_main, desc="pairs"):
+    for view1, view2, matches, appearance, skipped in common.throughput_bar(loader, len(loader), d.is_main,
+                                                                           desc="pairs"):
         sums[4] += skipped
         if view1 is None:
             continue
+        views = torch.cat([view1, view2]).to(d.device)  # uint8, coloured on the device as in training
         with common.autocast(d.device, precision):
-            f1, f2 = model(common.normalize(torch.cat([view1, view2]), d.device)).chunk(2)  # N x C x G x G each
+            x = common.apply_appearance(views, torch.cat([appearance[:, 0], appearance[:, 1]]).to(d.device))
+            f1, f2 = model(x).chunk(2)  # N x C x G x G each
         top1, within = match_scores(f1, f2, matches.to(d.device))
         sums[:4] += torch.tensor([top1.sum().item(), within.sum().item(), top1.numel(),
                                   within_one_chance(matches[:, :, 1], grid).sum().item()], dtype=torch.float64)

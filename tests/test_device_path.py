@@ -76,7 +76,8 @@ def test_the_whole_appearance_pipeline_equals_torchvision_in_each_images_own_ord
     images, rng = sample_images(48, seed=2), random.Random(3)
     params = torch.stack([common.draw_appearance(rng, (0.4, 0.4, 0.4, 0.1), 1.0, 0.3, 0.6, 0.3) for _ in images])
     assert len({tuple(p[5:9].tolist()) for p in params}) > 15  # many of the 24 orders in one batch
-    out = common.apply_appearance(images, params, torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the training step calls it: in fp32 all the same
+        out = common.apply_appearance(images, params, torch.channels_last)
     assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == torch.float32
     for i in range(len(images)):
         expected = (torchvision_appearance(images[i], params[i]) - MEAN) / STD  # then ImageNet's normalisation

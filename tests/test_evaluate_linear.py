@@ -866,6 +866,13 @@ def coordinate_image(path, size):
     return str(path)
 
 
+class PlainViews(E.PairedViews):
+    """vader.py's views without colour ops: the pixels keep the coordinates they encode."""
+
+    def appearance(self, rng):
+        return common.draw_appearance(rng, p_jitter=0, p_gray=0, p_blur=0)
+
+
 def score_pairs(model, pairs):
     loader = torch.utils.data.DataLoader(pairs, batch_size=4, collate_fn=E.collate_pairs)
     return E.correspondence_scores(model, loader, 16, common.Dist(), "fp32")
@@ -876,7 +883,7 @@ def test_a_feature_map_of_its_own_coordinates_scores_100_percent_and_a_constant_
     same position is the true match. Constant features tie everywhere; argmax takes view 2's first cell, so top1 is
     the share of matches that are cell 0 (about 1 / 256), and within_one the share within one cell of it."""
     files = [coordinate_image(tmp_path / "xy.png", 64)] * 12
-    views = E.PairedViews(64, 32, scale=(1.0, 1.0), color=False)
+    views = PlainViews(64, 32, scale=(1.0, 1.0))
     pairs = E.CorrespondencePairs(views, seed=0, files=files)
     scores = score_pairs(CoordinateFeatures(), pairs)
     assert scores["top1"] == 1.0 and scores["within_one"] == 1.0 and scores["queries"] == 12 * 32
@@ -894,7 +901,7 @@ def test_a_feature_map_of_its_own_coordinates_scores_100_percent_and_a_constant_
 def test_coordinate_features_find_their_match_within_one_cell_under_random_crops(tmp_path):
     """Training's crops (20-100% of the area, any aspect in 3/4..4/3): a view-2 cell whose centre is nearest the
     view-1 cell's centre is its match or a neighbour (ties at cell borders and uint8 rounding decide which)."""
-    pairs = E.CorrespondencePairs(E.PairedViews(64, 32, color=False), seed=0,
+    pairs = E.CorrespondencePairs(PlainViews(64, 32), seed=0,
                                   files=[coordinate_image(tmp_path / "xy.png", 160)] * 12)
     scores = score_pairs(CoordinateFeatures(), pairs)
     assert scores["within_one"] == 1.0 and scores["top1"] > 0.9  # 0.95 at seeds 0-2 on 50 pairs
