@@ -129,7 +129,8 @@ def match_cells(box_s, flip_s, grid_s, box_t, flip_t, grid_t, t_pos, scale=(1.0,
     units of the larger of the two views' cell diagonals, so T_pos = 0.7 means "closer than 0.7 of a cell". The views
     need not overlap: cells on both sides of a shared border are still neighbours. `scale` multiplies x and y before
     measuring ((1/(W-1), 1/(H-1)) is the official code's normalised frame). The squared distance is the sum of a
-    row term and a column term, computed on the grids' axes. Needs common.cell_axes.
+    row term and a column term, computed on the grids' axes (no matrix product, which rounds some exact ties at
+    T_pos below it). Needs common.cell_axes.
     """
     sx, sy = scale
     (xs, ys), (xt, yt) = common.cell_axes(box_s, flip_s, grid_s), common.cell_axes(box_t, flip_t, grid_t)

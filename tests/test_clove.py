@@ -62,6 +62,30 @@ def test_matching_agrees_with_brute_force_distances(case, t_pos):
     assert torch.equal(got, brute_force_mask(box_s, flip_s, grid_s, box_t, flip_t, grid_t, t_pos, sx, sy))
 
 
+TIES = [  # views of equal cells offset by whole or half cells: some centres lie exactly T_pos diagonals apart
+    (Box(0, 0, 64, 64), False, 2, Box(64, 64, 128, 128), False, 2, 2.0),  # (16, 16) and (80, 80): 2 diagonals
+    (Box(0, 0, 64, 64), True, 2, Box(16, 16, 80, 80), False, 2, 0.5),  # half a cell along each axis
+    (Box(10, 20, 106, 116), False, 3, Box(42, 52, 138, 148), True, 3, 2.0),
+]
+
+
+def test_matching_agrees_with_brute_force_on_random_views_and_exact_ties():
+    """Random crops of random images, both frames, three thresholds; and views built so that some distances equal
+    T_pos x the diagonal exactly, where d < T_pos must be false (a distance computed another way, e.g. torch.cdist's
+    matrix product, rounds some of them below)."""
+    rng = random.Random(0)
+    cases = [(*[x for _ in range(2) for x in (common.sample_crop_box(rng, 300, 200, (0.08, 1.0)), rng.random() < 0.5,
+                                               rng.choice([2, 3, 7]))], rng.choice([0.5, 0.7, 2.0])) for _ in range(150)]
+    for box_s, flip_s, grid_s, box_t, flip_t, grid_t, t_pos in cases + TIES:
+        for sx, sy in ((1.0, 1.0), (1 / 299, 1 / 199)):
+            expected = brute_force_mask(box_s, flip_s, grid_s, box_t, flip_t, grid_t, t_pos, sx, sy)
+            got = clove.match_cells(box_s, flip_s, grid_s, box_t, flip_t, grid_t, t_pos, (sx, sy))
+            assert torch.equal(got, expected), (box_s, box_t, t_pos)
+    for box_s, flip_s, grid_s, box_t, flip_t, grid_t, t_pos in TIES:  # the ties are there, and are not matches
+        near = brute_force_mask(box_s, flip_s, grid_s, box_t, flip_t, grid_t, t_pos * (1 + 1e-9))
+        assert (near & ~brute_force_mask(box_s, flip_s, grid_s, box_t, flip_t, grid_t, t_pos)).any()
+
+
 def test_brute_force_cases_are_not_trivial():
     masks = [brute_force_mask(*c, 0.7) for c in CASES]
     assert any(0 < int(m.sum()) < m.numel() for m in masks)  # some positives and some negatives
