@@ -507,9 +507,12 @@ def apply_appearance(images, params, memory_format=torch.contiguous_format):
         return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)
 
 
+GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
 def grey(x):
     """torchvision's rgb_to_grayscale: N x 3 x H x W -> N x 1 x H x W."""
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    return (GREY[0] * x[:, 0] + GREY[1] * x[:, 1] + GREY[2] * x[:, 2]).unsqueeze(1)
 
 
 def colour_jitter(x, factors, order, on):
@@ -517,18 +520,22 @@ def colour_jitter(x, factors, order, on):
     saturation, hue shift) and order (N x 4: the op applied at each position, 0..3 in that list); `on`: N x 1 x 1 x 1.
 
     Brightness, contrast and saturation are torchvision's blends clamp(f x + (1 - f) r, 0, 1), with r = 0, the
-    image's mean grey level and its grey image; a blend with f = 1 leaves an image exactly as it is. The costly hue
-    shift runs once per image: the blends placed before it, the shift, then the blends placed after it."""
-    hue_at = (order == 3).int().argmax(1)  # N: the position of the hue shift
-    for before in (True, False):
-        for position in range(4):
+    image's mean grey level and its grey image. Each is linear in the pixel's colour, so a position of the order is
+    one colour matrix and offset per image (f I, or f I + (1 - f) 1 w^T for saturation, w the grey weights) applied
+    in one pass; f = 1 (the op is elsewhere, or off) is the identity, exactly. The costly hue shift runs once per
+    image: the blends placed before it (positions 0-2 can be), the shift, then those after it (positions 1-3)."""
+    n, _, h, w = x.shape
+    weights = torch.stack([torch.full((), v, device=x.device) for v in GREY])  # 3, built on the device
+    eye, hue_at = torch.eye(3, device=x.device), (order == 3).int().argmax(1)  # hue_at: N, the shift's position
+    for before, positions in ((True, range(3)), (False, range(1, 4))):
+        for position in positions:
             op = order[:, position]  # N
             applies = on.flatten() & (op != 3) & ((position < hue_at) if before else (position > hue_at))
-            f = torch.where(applies, factors.gather(1, op.clamp(max=2)[:, None]).flatten(), 1.0)[:, None, None, None]
-            op = op[:, None, None, None]
-            g = grey(x)
-            reference = torch.where(op == 1, g.mean((1, 2, 3), keepdim=True), 0.0) + torch.where(op == 2, g, 0.0)
-            x = (f * x + (1 - f) * reference).clamp_(0, 1)
+            f = torch.where(applies, factors.gather(1, op.clamp(max=2)[:, None]).flatten(), 1.0)[:, None, None]
+            matrix = f * eye + (1 - f) * (op == 2)[:, None, None] * weights  # N x 3 x 3: rows mix the channels
+            mean_grey = x.mean((2, 3)) @ weights  # N: the contrast blend's reference
+            offset = ((1 - f) * ((op == 1) * mean_grey)[:, None, None]).expand(n, 3, 1)  # N x 3 x 1
+            x = torch.baddbmm(offset, matrix, x.reshape(n, 3, h * w)).view(n, 3, h, w).clamp_(0, 1)
         if before:
             x = torch.where(on, shift_hue(x, factors[:, 3]), x)
     return x
