@@ -20,7 +20,7 @@ Usage
 command resumes from <output-dir>/checkpoint.pth.
 
 The paper, and the name that computes it
-    views: BYOL's two global crops + 6 local crops, boxes and flips kept        -> CLoVEViews
+    views: BYOL's 2 global + 6 local crops (loader), colours on the device     -> CLoVEViews, common.apply_appearance
     Eq. 1: positives = cell centres closer than T_pos x the larger cell diagonal -> match_cells
     f_s, f_t: ResNet C5 -> projector (1x1 conv 4096, BN, ReLU, 1x1 conv 256)    -> CLoVENet
     q_s: normalised multi-head self-attention, softmax(cos(Q, K) / tau) V (§3.4) -> NMHSA
@@ -833,6 +833,8 @@ if __name__ == "__main__":
 #   accumulation group, so the first micro-batch of a step sees the old teacher; we update once, after the optimiser
 #   step (BYOL), so every micro-batch sees the same teacher. Without accumulation the two give the same teachers,
 #   shifted by one step. The code also steps on a partial group at an epoch's end; we drop it (epoch_micro_batches).
+# - Appearance: BYOL's colour ops run batched on the training device (common.apply_appearance) in torchvision's fp32
+#   tensor arithmetic, with the parameters drawn in the loader; the code applies them with PIL in its workers.
 # Choices neither source makes:
 # - A student cell with no non-positive teacher cell left gets cos(C_i, F_neg) = 0, and an image with no positive
 #   pair a positive term of 0 (as the code's 1e-6 guard): finite.

@@ -18,7 +18,7 @@ Usage
 --batch-size is global. Re-running the same command resumes from <output-dir>/checkpoint.pth.
 
 The paper, and the name that computes it
-    views: MoCo v2 crops + flips with their boxes kept, colour ops            -> PairedViews
+    views: MoCo v2 crops + flips with boxes kept; colour ops on the device     -> PairedViews, common.apply_appearance
     correspondence: a view-1 cell centre -> the view-2 cell covering it       -> PairedViews.match
     f, g: ResNet-50 + FPN + Panoptic FPN's semantic merge -> 128 x S/4 x S/4  -> VADeRNet, SemanticFPNDecoder
     dictionary of 65,536 pixel embeddings of g                                -> PixelQueue
@@ -754,6 +754,10 @@ if __name__ == "__main__":
     common.run_main(main)
 
 # ---- notes: choices the paper leaves open ----
+# - Appearance: MoCo v2's colour jitter, grayscale and blur run batched on the training device
+#   (common.apply_appearance) in torchvision's fp32 tensor arithmetic; MoCo's code runs them with PIL in the loader
+#   (uint8 rounding after each op, PIL's box approximation of the Gaussian). The parameters are drawn in the loader
+#   from each item's random stream, after the geometry, so the views' correspondences do not depend on them.
 # - Correspondence at the output resolution: cell (i, j) of view 1's (S/4)^2 grid is matched to the view-2 cell that
 #   covers its centre in the original image. The paper matches "pixels"; the loss only sees output cells.
 # - A pair of views is redrawn (view 2, up to 10 times) until >= --num-matches cells match; then view 2 takes view
