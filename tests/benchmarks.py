@@ -384,7 +384,7 @@ def write_photo_folder(root, count, width=500, height=375):
 def worker_view_sets(data_dir):
     """(name, method, flags, per-GPU batch): the views each script's workers make at the papers' settings."""
     return [("vader", "vader", ["--data", data_dir, "--image-size", "224", "--num-matches", "32"], 128 // 4),
-            ("clove 2x224", "clove", ["--data", data_dir, "--image-size", "224"], 2048 // 4),
+            ("clove 2x224", "clove", ["--data", data_dir, "--image-size", "224", "--local-crops", "0"], 2048 // 4),
             ("clove 2x224+6x96", "clove", ["--data", data_dir, "--image-size", "224", "--local-crops", "6"], 2048 // 4)]
 
 
