@@ -259,7 +259,7 @@ def broadcast_object(obj):
 
 # ---- stop signals: preemption ----
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # a scheduler's notice: SLURM's --signal, scancel, preemption
-_stop = dict(signal=None, deferred=False, marker=None)
+_stop = dict(signal=None, deferred=False, marker=None, pid=None)
 
 
 def catch_stop_signals():
@@ -267,11 +267,14 @@ def catch_stop_signals():
     (run_main calls it first). Until a training run takes over (defer_stop_signals) the handler raises Preempted
     wherever start-up is: nothing has been written yet that a re-run would miss. After that it only records the
     signal (stop_signal), and the ranks stop together: before step 1 (TrainingRun.start) or after the current step."""
+    _stop["pid"] = os.getpid()
     for s in STOP_SIGNALS:
         signal.signal(s, on_stop_signal)
 
 
 def on_stop_signal(signum, frame):
+    if os.getpid() != _stop["pid"]:  # a forked loader worker: the process that forked it stops the run
+        return
     _stop["signal"] = signum
     if not _stop["deferred"]:
         raise Preempted(f"stopped by {signal.Signals(signum).name}, with nothing saved yet", agreed=False)
@@ -383,14 +386,14 @@ class ImageList:
 
     def __init__(self, paths):
         encoded = [os.fsencode(p) for p in paths]
-        self.bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         self.starts = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
 
     def __len__(self):
         return len(self.starts) - 1
 
     def __getitem__(self, i):
-        return os.fsdecode(self.bytes[self.starts[i]:self.starts[i + 1]].tobytes())
+        return os.fsdecode(self.blob[self.starts[i]:self.starts[i + 1]].tobytes())
 
 
 class ViewDataset(torch.utils.data.Dataset):
@@ -823,7 +826,7 @@ class TrainingRun:
         if all_reduce_mean(float(stop_signal() is not None)) > 0:
             self.log.write(event="preempted", step=step)
             raise Preempted(f"stopped by a signal before step {step + 1}, " + (
-                f"checkpoint {self.path} (step {step}) as it was" if step else "nothing written"))
+                f"checkpoint {self.path} (step {step}) unchanged" if step else "no checkpoint written"))
         if self.d.is_main:
             print(f"{banner}; {self.facts['images']} images, {total_steps} steps in all", flush=True)
         self.total_steps, self.t_start, self.marks = total_steps, time.time(), collections.deque(maxlen=21)
