@@ -4,6 +4,7 @@ working directory, as two nodes with node-local disks would be."""
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -28,10 +29,22 @@ CLOVE = ["--arch", "resnet18", "--image-size", "64", "--local-crops", "1", "--lo
          "--synthetic-images", "40", "--epochs", "2", "--save-every", "1", "--log-every", "1", "--workers", "0"]
 
 
+def free_slurm_job_id():
+    """A SLURM job id whose rendezvous port (common.slurm_port, below the ephemeral ports that other tests' sockets
+    take) is free now."""
+    while True:
+        job_id = str(random.SystemRandom().randrange(10**6))  # not the global RNG, which tests seed
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", common.slurm_port(job_id)))
+                return job_id
+            except OSError:
+                continue
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range, where no other test's outgoing socket can take it meanwhile."""
+    return common.slurm_port(free_slurm_job_id())
 
 
 def launch_two_nodes(tmp_path, script, args):
@@ -478,14 +491,16 @@ def test_sigterm_stops_a_single_process_run_with_the_preempted_status(tmp_path):
     assert checkpoint(tmp_path / "checkpoint.pth")["step"] >= 1
 
 
-def srun_tasks(out, *args, port):
-    """Two tasks started as srun starts them (SLURM_PROCID, SLURM_LOCALID, SLURM_STEP_NUM_TASKS, the node list),
-    without torchrun's variables."""
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+def srun_tasks(out, *args):
+    """Two tasks started as srun starts them (SLURM_PROCID, SLURM_LOCALID, SLURM_STEP_NUM_TASKS, the node list,
+    the job id from which they take their port), without torchrun's variables."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    job_id = free_slurm_job_id()
     return [subprocess.Popen([sys.executable, os.path.join(ROOT, "vader.py"), *PREEMPT, *args, "--output-dir", out],
                              env=dict(base, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2",
-                                      SLURM_STEP_NUM_TASKS="2", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="7",
-                                      MASTER_PORT=str(port), OMP_NUM_THREADS="1"),
+                                      SLURM_STEP_NUM_TASKS="2", SLURM_JOB_NODELIST="localhost",
+                                      SLURM_JOB_ID=job_id, OMP_NUM_THREADS="1"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
 
 
@@ -496,14 +511,14 @@ def test_srun_without_torchrun_forms_the_same_job_as_torchrun_and_exits_75_when_
     steps = ["--max-steps", "2"]
     out, err = torchrun(tmp_path, *steps).communicate(timeout=600)
     reference = checkpoint(tmp_path / "out" / "checkpoint.pth")
-    for task in srun_tasks(tmp_path / "srun", *steps, port=free_port()):
+    for task in srun_tasks(tmp_path / "srun", *steps):
         out, err = task.communicate(timeout=600)
         assert task.returncode == 0, err[-3000:]
     start = json.loads(open(tmp_path / "srun" / "log.jsonl").readline())
     assert start["event"] == "start" and start["world_size"] == 2
     assert_same_state(checkpoint(tmp_path / "srun" / "checkpoint.pth"), reference, ("model", "momentum_encoder"))
 
-    tasks = srun_tasks(tmp_path / "srun", "--max-steps", "12", port=free_port())  # resumes at step 2
+    tasks = srun_tasks(tmp_path / "srun", "--max-steps", "12")  # resumes at step 2
     wait_for_steps(tasks[0], tmp_path / "srun" / "log.jsonl")
     for task in tasks:
         task.send_signal(signal.SIGUSR1)
@@ -622,9 +637,10 @@ def test_evaluate_linear_under_srun_checks_the_batch_against_slurm_s_task_count_
     """srun's variables only (4 tasks; this one is task 0) and a batch of 18: a one-line error naming the flag,
     at once. Read from WORLD_SIZE before SLURM's variables were mapped, the check saw 1 rank, and the task then
     waited for the 3 others to form the process group."""
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
     env = dict(base, SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="4", SLURM_STEP_NUM_TASKS="4",
-               SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="9", MASTER_PORT=str(free_port()))
+               SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="9")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate_linear.py"), "--batch-size", "18",
                         "--output-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
@@ -752,6 +768,7 @@ def kib_copied_by_a_forked_reader(files):
     pid = os.fork()
     if pid == 0:
         gc.disable()  # a collection would touch every tracked object, list or not
+        sum(len(files[i]) for i in range(1000))  # the allocator settles on the temporaries of one read
         before = private_dirty_kib()
         sum(len(files[i]) for i in range(len(files)))
         os.write(write, str(private_dirty_kib() - before).encode())
