@@ -41,19 +41,38 @@ class UserError(Exception):
     """A bad flag, file or folder: main() prints it as one line and exits non-zero, with no traceback."""
 
 
-class Preempted(Exception):
-    """Every rank stopped after the same optimiser step on SIGTERM or SIGUSR1, and the checkpoint is written."""
+class Preempted(BaseException):
+    """A stop signal ended the run. `agreed`: every rank stopped at the same point (after the same optimiser step,
+    with rank 0's checkpoint written, or before step 1); otherwise this process stopped alone during start-up, where
+    waiting on the other ranks could hang. A BaseException, as KeyboardInterrupt: raised by the signal handler
+    wherever start-up is, it must not be swallowed by an `except Exception` on the way."""
+
+    def __init__(self, message, agreed=True):
+        super().__init__(message)
+        self.agreed = agreed
 
 
 def run_main(main):
-    """Call main(): a UserError is one line on stderr and exit status 2; a preempted run exits with PREEMPTED."""
+    """Call a script's main() with SLURM's variables mapped and the stop signals caught first (job_place,
+    catch_stop_signals): a UserError is one line on stderr and exit status 2; a preempted run exits with PREEMPTED,
+    and rank 0 of a training run leaves <output-dir>/PREEMPTED (torchrun's own status cannot carry 75)."""
     try:
+        job_place()
+        catch_stop_signals()
         main()
     except Preempted as e:
-        finish_distributed()
-        if int(os.environ.get("RANK", 0)) == 0:
+        _stop["deferred"] = True  # a second signal while closing must not interrupt the close
+        if job_place().rank == 0:
+            if _stop["marker"]:
+                with open(_stop["marker"], "w") as f:
+                    f.write(f"{e}; re-run the same command to resume\n")
             print(f"preempted: {e}; re-run the same command to resume", flush=True)
-        sys.exit(PREEMPTED)
+        if e.agreed:
+            finish_distributed()
+        # no interpreter shutdown: it resets the handlers, and a peer's exit under `srun --kill-on-bad-exit` sends
+        # SIGTERM, which would then turn this 75 into 143
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(PREEMPTED)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if dist.is_available() and dist.is_initialized():  # a live gloo/NCCL group aborts the interpreter at exit
@@ -77,7 +96,7 @@ def apply_preset(parser, args, preset, argv=None, announce=None):
     changed = {k: v for k, v in preset.items() if k not in given}
     for k, v in changed.items():
         setattr(args, k, v)
-    if announce and int(os.environ.get("RANK", 0)) == 0:
+    if announce and job_place().rank == 0:
         print(f"no --data: {announce} and the CPU demo preset "
               + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()), flush=True)
     return changed
@@ -100,20 +119,15 @@ class Dist:
 
 
 def init_distributed(deterministic=False):
-    """torchrun's RANK/LOCAL_RANK/WORLD_SIZE, or srun's SLURM_* (master: the node list's first host), or one plain
-    process; NCCL on GPU, gloo on CPU. `deterministic`: no cuDNN benchmarking, deterministic algorithms."""
-    env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # srun, without torchrun
-        env.update(RANK=env["SLURM_PROCID"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
-                   WORLD_SIZE=env["SLURM_STEP_NUM_TASKS"])
-        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-        env.setdefault("MASTER_PORT", "29500")
-    rank, world, local_rank = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+    """This process's place (job_place: torchrun's variables, srun's, or one plain process) and its device; the
+    process group when there are several ranks: NCCL on GPU, gloo on CPU. `deterministic`: no cuDNN benchmarking,
+    deterministic algorithms."""
+    rank, local_rank, world = job_place()
     # a launcher may show each process only its own GPU (srun --gpus-per-task=1): then LOCAL_RANK exceeds the count
     device = torch.device("cuda", local_rank % torch.cuda.device_count()) if torch.cuda.is_available() else \
         torch.device("cpu")
     if deterministic:
-        env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode needs it
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode needs it
         torch.use_deterministic_algorithms(True, warn_only=True)  # warns where an op has no deterministic version
         torch.backends.cudnn.deterministic = True
     if device.type == "cuda":
@@ -125,10 +139,63 @@ def init_distributed(deterministic=False):
     return Dist(rank, local_rank, world, device)
 
 
-def first_host(nodelist):
-    """The first host of a SLURM node list: "gpu[003-005,9],cpu1" -> "gpu003"."""
-    name, ranges = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist).groups()
-    return name + (re.split(r"[-,]", ranges)[0] if ranges else "")
+Place = collections.namedtuple("Place", "rank local_rank world_size")
+SLURM_PORTS = (15000, 10000)  # MASTER_PORT under srun: 15000 + SLURM_JOB_ID mod 10000, below Linux's ephemeral ports
+
+
+def job_place():
+    """(rank, local rank, world size) of this process: torchrun's RANK/LOCAL_RANK/WORLD_SIZE; or, under srun
+    without torchrun, SLURM's, written into torchrun's variables (with MASTER_ADDR, the step's first host, and
+    MASTER_PORT, slurm_port, unless the job sets them); or one plain process. The one place that reads a
+    launcher's variables: every script calls it (run_main, init_distributed) before it reads a rank or a size."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # srun, without torchrun
+        env.update(RANK=env["SLURM_PROCID"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
+                   WORLD_SIZE=env["SLURM_STEP_NUM_TASKS"])
+        if "MASTER_ADDR" not in env:
+            name = "SLURM_STEP_NODELIST" if env.get("SLURM_STEP_NODELIST") else "SLURM_JOB_NODELIST"
+            env["MASTER_ADDR"] = first_host(env.get(name, "127.0.0.1"), name)
+        env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID"))))
+    return Place(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+
+
+def slurm_port(job_id):
+    """The rendezvous port of a SLURM job: two jobs that share a node get different ones (unless their ids are
+    10,000 apart), and no outgoing connection holds it (Linux's ephemeral range starts at 32768). Two steps of one
+    job on one node at once need a MASTER_PORT each."""
+    start, count = SLURM_PORTS
+    return start + int(job_id) % count if job_id and job_id.isdigit() else 29500
+
+
+def hostnames(nodelist, name="node list"):
+    """Every host of a SLURM node list, in order, as `scontrol show hostnames` prints them (SLURM's hostlist.c):
+    entries separated by commas (or blanks), each a name with any number of bracket groups of numbers and ranges
+    separated by commas, where a range keeps the zero padding of its lower bound and the leftmost group varies
+    slowest: "rack[1-2]-n[08-09]-ib" -> rack1-n08-ib, rack1-n09-ib, rack2-n08-ib, rack2-n09-ib."""
+    entry = r"(?:[^\s,\[\]]|\[[\d,\-]+\])+"
+    if not re.fullmatch(rf"[\s,]*{entry}(?:[\s,]+{entry})*[\s,]*", nodelist):
+        raise UserError(f"{name} {nodelist!r}: not a SLURM node list; set MASTER_ADDR to its first host")
+    hosts = []
+    for pattern in re.findall(entry, nodelist):
+        parts = re.split(r"\[([\d,\-]+)\]", pattern)  # text, group, text, ..., text
+        choices = [[text] if i % 2 == 0 else [n for item in text.split(",") for n in hostlist_range(item, name)]
+                   for i, text in enumerate(parts)]
+        hosts += ["".join(p) for p in itertools.product(*choices)]
+    return hosts
+
+
+def hostlist_range(item, name="node list"):
+    """One item of a node list's bracket group: "7" -> ["7"]; "08-10" -> ["08", "09", "10"] (lo's width)."""
+    lo, dash, hi = item.partition("-")
+    hi = hi if dash else lo
+    if not (lo.isdigit() and hi.isdigit() and int(lo) <= int(hi)):
+        raise UserError(f"{name}: range {item!r}: expected a number or lo-hi with lo <= hi")
+    return [f"{n:0{len(lo)}d}" for n in range(int(lo), int(hi) + 1)]
+
+
+def first_host(nodelist, name="node list"):
+    """The first host of a SLURM node list, the usual master: "dgx-[01,05]-ib" -> "dgx-01-ib"."""
+    return hostnames(nodelist, name)[0]
 
 
 def distributed():
@@ -189,6 +256,41 @@ def broadcast_object(obj):
     box = [obj if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# ---- stop signals: preemption ----
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # a scheduler's notice: SLURM's --signal, scancel, preemption
+_stop = dict(signal=None, deferred=False, marker=None, pid=None)
+
+
+def catch_stop_signals():
+    """From now on SIGTERM and SIGUSR1 stop the run with the PREEMPTED status instead of killing the process
+    (run_main calls it first). Until a training run takes over (defer_stop_signals) the handler raises Preempted
+    wherever start-up is: nothing has been written yet that a re-run would miss. After that it only records the
+    signal (stop_signal), and the ranks stop together: before step 1 (TrainingRun.start) or after the current step."""
+    _stop["pid"] = os.getpid()
+    for s in STOP_SIGNALS:
+        signal.signal(s, on_stop_signal)
+
+
+def on_stop_signal(signum, frame):
+    if os.getpid() != _stop["pid"]:  # a forked loader worker: the process that forked it stops the run
+        return
+    _stop["signal"] = signum
+    if not _stop["deferred"]:
+        raise Preempted(f"stopped by {signal.Signals(signum).name}, with nothing saved yet", agreed=False)
+
+
+def defer_stop_signals(marker):
+    """A training run takes over the stop signals; `marker` is the file rank 0 writes if the run is preempted
+    (run_main): what an sbatch script tests under torchrun, whose own exit status is 1 whatever its workers
+    return."""
+    _stop.update(deferred=True, marker=marker)
+
+
+def stop_signal():
+    """The number of the stop signal this process received, or None."""
+    return _stop["signal"]
 
 
 # ---- seeding and rng ----
@@ -262,14 +364,48 @@ def list_images(root, name="--data"):
     return sorted(files)
 
 
+def shared_image_list(root, name="--data"):
+    """list_images(root) as an ImageList, walked by rank 0 alone and sent to every rank: one walk of the tree a
+    job, not one a rank (ImageNet's 1.28M files on each of 64 ranks is a metadata storm on Lustre or NFS)."""
+    listing = None
+    if not distributed() or dist.get_rank() == 0:
+        try:
+            listing = ImageList(list_images(root, name))
+        except UserError as e:
+            listing = e  # every rank stops with rank 0's one-line error
+    listing = broadcast_object(listing)
+    if isinstance(listing, UserError):
+        raise listing
+    return listing
+
+
+class ImageList:
+    """File paths held in two numpy arrays (all their bytes end to end, and where each starts) instead of a list of
+    str: a forked loader worker that reads a path touches no Python object of the list, so its memory stays shared
+    with the training process. Each str of a list gets its reference count written as it is read, which copies its
+    page into the worker: for ImageNet, a copy of a 1.28M-path list in every worker."""
+
+    def __init__(self, paths):
+        encoded = [os.fsencode(p) for p in paths]
+        self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self.starts = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
+
+    def __len__(self):
+        return len(self.starts) - 1
+
+    def __getitem__(self, i):
+        return os.fsdecode(self.blob[self.starts[i]:self.starts[i + 1]].tobytes())
+
+
 class ViewDataset(torch.utils.data.Dataset):
     """A training set: item i of epoch e is `transform(image_i, rng(seed, e, i))`, followed by the number of
     unreadable files skipped to produce it (counted in the workers, logged by the loop). The images are the files
-    below a folder (`root`: any tree of images, or root/train), or `length` embedded dead leaves (root None)."""
+    below a folder (`root`: any tree of images, or root/train; rank 0 lists them for all), or `length` embedded
+    dead leaves (root None)."""
 
     def __init__(self, root, transform, seed=0, length=2048, size=160):
         self.transform, self.seed, self.epoch = transform, seed, 0
-        self.files = list_images(root) if root is not None else None
+        self.files = shared_image_list(root) if root is not None else None
         self.leaves, self.length = DeadLeaves(size=size, seed=seed), len(self.files) if self.files else length
 
     def set_epoch(self, epoch):
@@ -704,12 +840,18 @@ class TrainingRun:
         self.log = JsonLog(os.path.join(args.output_dir, "log.jsonl"), d.is_main)
         self.facts = dict(world_size=d.world_size, images=len(dataset))
         self.pictures = dataset.pictures(args.image_size)
-        self.first_loss = self.last_loss = self.signal = None
+        self.first_loss = self.last_loss = None
         self.skipped, self.stopping, self.saving = 0, False, False
 
     def resume(self):
         """Restore `state` and the RNGs from the checkpoint this run continues from; returns its step (0: afresh).
-        Rank 0 decides; ranks that can read the same file load it, otherwise (node-local disks) rank 0 sends it."""
+        Rank 0 decides; ranks that can read the same file load it, otherwise (node-local disks) rank 0 sends it.
+        From here on a stop signal stops the run where every rank agrees, and rank 0 writes <output-dir>/PREEMPTED
+        when it does; a re-run removes the marker first."""
+        marker = os.path.join(self.args.output_dir, "PREEMPTED")
+        defer_stop_signals(marker)
+        if self.d.is_main and os.path.exists(marker):
+            os.remove(marker)
         decision, ckpt = self.decide() if self.d.is_main else (None, None)
         decision = broadcast_object(decision)
         if "error" in decision:
@@ -778,9 +920,12 @@ class TrainingRun:
 
     def start(self, step, total_steps, banner, **facts):
         """Print `banner` (rank 0), open the bar at `step` of `total_steps`, log the start with `facts`, and from
-        now on take SIGTERM and SIGUSR1 as a request to stop after the current step."""
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(s, lambda signum, frame: setattr(self, "signal", signum))
+        now on take SIGTERM and SIGUSR1 as a request to stop after the current step. A signal that came during
+        start-up, on any rank, stops every rank here, before step `step` + 1."""
+        if all_reduce_mean(float(stop_signal() is not None)) > 0:
+            self.log.write(event="preempted", step=step)
+            raise Preempted(f"stopped by a signal before step {step + 1}, " + (
+                f"checkpoint {self.path} (step {step}) unchanged" if step else "no checkpoint written"))
         if self.d.is_main:
             print(f"{banner}; {self.facts['images']} images, {total_steps} steps in all", flush=True)
         self.total_steps, self.t_start, self.marks = total_steps, time.time(), collections.deque(maxlen=21)
@@ -796,7 +941,7 @@ class TrainingRun:
         as floats; a non-finite loss stops the run before the update, so the checkpoint on disk still holds the last
         good state. Everything is built on the device: a tensor made from Python numbers would be a second wait."""
         flags = loss.new_zeros(2, dtype=torch.float64)
-        if self.signal is not None:
+        if stop_signal() is not None:
             flags[0] = 1.0
         if self.d.is_main and time.monotonic() >= self.next_save:
             flags[1] = 1.0

@@ -1103,7 +1103,7 @@ def main(argv=None):
     if args.data is not None:
         return run(args, settings, args.data)
     built = build_model(args, torch.device("cpu"))  # a bad weights file fails before the videos are written
-    if int(os.environ.get("RANK", 0)) == 0:
+    if common.job_place().rank == 0:
         print(f"no --data: {args.synthetic_sequences} embedded synthetic videos of {args.synthetic_frames} frames "
               f"({args.synthetic_size[0]}x{args.synthetic_size[1]}); demo preset "
               + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in DEMO_PRESET), flush=True)

@@ -1462,7 +1462,7 @@ def main(argv=None):
     if args.export_detectron2 or args.export_torchvision:
         return
     preset = fill_defaults(parser, args, argv)
-    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
+    check_args(args, common.job_place().world_size)  # under srun too, before any process group
     if not args.feature_picture:
         try:
             os.makedirs(args.output_dir, exist_ok=True)

@@ -4,6 +4,8 @@ working directory, as two nodes with node-local disks would be."""
 import argparse
 import json
 import os
+import random
+import re
 import shutil
 import signal
 import socket
@@ -27,10 +29,22 @@ CLOVE = ["--arch", "resnet18", "--image-size", "64", "--local-crops", "1", "--lo
          "--synthetic-images", "40", "--epochs", "2", "--save-every", "1", "--log-every", "1", "--workers", "0"]
 
 
+def free_slurm_job_id():
+    """A SLURM job id whose rendezvous port (common.slurm_port, below the ephemeral ports that other tests' sockets
+    take) is free now."""
+    while True:
+        job_id = str(random.SystemRandom().randrange(10**6))  # not the global RNG, which tests seed
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", common.slurm_port(job_id)))
+                return job_id
+            except OSError:
+                continue
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range, where no other test's outgoing socket can take it meanwhile."""
+    return common.slurm_port(free_slurm_job_id())
 
 
 def launch_two_nodes(tmp_path, script, args):
@@ -371,42 +385,96 @@ PREEMPT = ["--arch", "resnet18", "--image-size", "64", "--batch-size", "4", "--n
            "32", "--synthetic-images", "48", "--epochs", "1", "--save-every", "0", "--log-every", "1", "--workers", "0"]
 
 
-def torchrun(cwd, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+def torchrun(cwd, *args, launcher=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher,
            os.path.join(ROOT, "vader.py"), *PREEMPT, *args, "--output-dir", "out"]
     return subprocess.Popen(cmd, cwd=cwd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_and_the_rerun_is_exact(tmp_path):
-    """SIGUSR1 (a scheduler's notice) to rank 1 alone, mid-run: both ranks finish that optimiser step, rank 0 writes
-    the checkpoint, the job exits with PREEMPTED; the same command then resumes and ends with the weights of an
-    uninterrupted run, bit for bit (12 steps of 2 x 2 images)."""
+def wait_for_steps(job, log, count=1):
+    """Until this job has logged `count` optimiser steps (log.jsonl lines written since it was launched)."""
+    start, deadline = log.stat().st_size if log.exists() else 0, time.time() + 600
+    while time.time() < deadline and job.poll() is None and not (
+            log.exists() and log.read_text()[start:].count('"loss"') >= count):
+        time.sleep(0.05)
+    assert job.poll() is None, job.communicate()[1][-3000:]
+
+
+def preempted_at(out, job_output, previous):
+    """The step a preemption stopped at, after checking what it left: rank 0's checkpoint and PREEMPTED marker,
+    one `preempted` event at that step, and no rank a step further (their losses are logged after the all-reduce)."""
+    stopped = checkpoint(out / "checkpoint.pth")["step"]
+    events = [json.loads(line) for line in open(out / "log.jsonl")]
+    events = events[max(i for i, e in enumerate(events) if e.get("event") == "start"):]  # this run's
+    assert previous < stopped < 12, (previous, stopped, job_output[1][-3000:])
+    assert (out / "PREEMPTED").exists() and f"after step {stopped}" in (out / "PREEMPTED").read_text()
+    assert [e["step"] for e in events if e.get("event") == "preempted"][-1] == stopped
+    assert max(e["step"] for e in events if "loss" in e) == stopped
+    return stopped
+
+
+def test_a_preempted_torchrun_job_leaves_its_checkpoint_and_marker_and_the_rerun_is_exact(tmp_path):
+    """torchrun --standalone --nproc_per_node=2, 12 steps of 2 x 2 images, preempted four ways, each re-run resuming
+    where the last stopped; the last one ends with the weights of an uninterrupted run, bit for bit. torchrun exits
+    1 whatever its workers return, so PREEMPTED (written by rank 0, removed by a re-run) is what a script tests.
+    1. SIGUSR1 to rank 1 alone: every rank finishes the same step, then stops.
+    2. SIGUSR1 to torchrun, as SLURM's --signal sends it to a step's task (with proctrack/cgroup, only to the task,
+       not to the processes it starts): torchrun forwards only SIGTERM, SIGINT, SIGHUP and SIGQUIT by default, so
+       SIGUSR1 kills it (-10, status 138) and its workers, in sessions of their own, train on unsupervised until
+       slurmstepd kills whatever is left of the step, as here: no checkpoint, no marker.
+    3. SIGTERM to torchrun: forwarded to each worker's process group; the checkpoint and the marker are written
+       before torchrun's shutdown timeout (30 s) would send SIGKILL.
+    4. Where torchrun has --signals-to-handle, SIGUSR1 to torchrun with SIGUSR1 in that list: as SIGTERM."""
     whole, split = tmp_path / "whole", tmp_path / "split"
     whole.mkdir(), split.mkdir()
     out, err = torchrun(whole).communicate(timeout=600)
     assert "preempted" not in out, err[-2000:]
     reference = checkpoint(whole / "out" / "checkpoint.pth")
-    assert reference["step"] == 12
+    assert reference["step"] == 12 and not (whole / "out" / "PREEMPTED").exists()
+    log, stopped = split / "out" / "log.jsonl", 0
 
-    job, log = torchrun(split), split / "out" / "log.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and job.poll() is None and not (
-            log.exists() and sum('"loss"' in line for line in open(log)) >= 3):
-        time.sleep(0.05)
+    job = torchrun(split)  # 1. a notice to one worker
+    wait_for_steps(job, log, count=2)
     victims = processes(split, rank=1)
     assert len(victims) == 1, victims
     os.kill(victims[0], signal.SIGUSR1)
-    out, err = job.communicate(timeout=600)
-    assert "preempted: stopped by a signal after step" in out, (out[-2000:], err[-3000:])
-    stopped = checkpoint(split / "out" / "checkpoint.pth")
-    assert 3 <= stopped["step"] < 12
-    events = [json.loads(line) for line in open(log)]
-    assert [e["step"] for e in events if e.get("event") == "preempted"] == [stopped["step"]]
-    assert max(e["step"] for e in events if "loss" in e) == stopped["step"]  # no rank went a step further
+    output = job.communicate(timeout=600)
+    assert job.returncode == 1 and "preempted: stopped by a signal after step" in output[0], output[1][-3000:]
+    stopped = preempted_at(split / "out", output, stopped)
+
+    job = torchrun(split)  # 2. SIGUSR1 to torchrun, without --signals-to-handle
+    wait_for_steps(job, log)
+    assert not (split / "out" / "PREEMPTED").exists()  # the re-run removed it
+    os.kill(job.pid, signal.SIGUSR1)
+    assert job.wait(timeout=60) == -signal.SIGUSR1
+    time.sleep(1)
+    assert len(processes(split)) >= 2  # its two workers (and nothing stops them): orphans
+    kill([job], split)  # what slurmstepd does to a step's remaining processes once its task has exited
+    assert checkpoint(split / "out" / "checkpoint.pth")["step"] == stopped
+    assert not (split / "out" / "PREEMPTED").exists()
+
+    job = torchrun(split)  # 3. SIGTERM to torchrun
+    wait_for_steps(job, log)
+    sent = time.time()
+    os.kill(job.pid, signal.SIGTERM)
+    output = job.communicate(timeout=600)
+    assert time.time() - sent < 30 and "SIGKILL" not in output[1], output[1][-3000:]  # within the shutdown timeout
+    assert job.returncode == 1
+    stopped = preempted_at(split / "out", output, stopped)
+
+    import torch.distributed.run
+    if "--signals-to-handle" in torch.distributed.run.get_args_parser()._option_string_actions:
+        job = torchrun(split, launcher=["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"])  # 4.
+        wait_for_steps(job, log)
+        os.kill(job.pid, signal.SIGUSR1)
+        output = job.communicate(timeout=600)
+        assert job.returncode == 1 and "SIGKILL" not in output[1], output[1][-3000:]
+        stopped = preempted_at(split / "out", output, stopped)
 
     out, err = torchrun(split).communicate(timeout=600)
-    assert f"resumed from out/checkpoint.pth at step {stopped['step']}" in out, err[-3000:]
+    assert f"resumed from out/checkpoint.pth at step {stopped}" in out, err[-3000:]
+    assert not (split / "out" / "PREEMPTED").exists()
     assert_same_state(checkpoint(split / "out" / "checkpoint.pth"), reference, ("model", "momentum_encoder", "queue"))
 
 
@@ -424,27 +492,214 @@ def test_sigterm_stops_a_single_process_run_with_the_preempted_status(tmp_path):
     assert checkpoint(tmp_path / "checkpoint.pth")["step"] >= 1
 
 
-def test_srun_without_torchrun_forms_the_same_job_as_torchrun(tmp_path):
-    """Two tasks started as srun starts them (SLURM_PROCID, SLURM_LOCALID, SLURM_STEP_NUM_TASKS, the node list),
-    without torchrun's variables: they find each other and train exactly as `torchrun --nproc_per_node=2` does."""
+def srun_tasks(out, *args):
+    """Two tasks started as srun starts them (SLURM_PROCID, SLURM_LOCALID, SLURM_STEP_NUM_TASKS, the node list,
+    the job id from which they take their port), without torchrun's variables."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    job_id = free_slurm_job_id()
+    return [subprocess.Popen([sys.executable, os.path.join(ROOT, "vader.py"), *PREEMPT, *args, "--output-dir", out],
+                             env=dict(base, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2",
+                                      SLURM_STEP_NUM_TASKS="2", SLURM_JOB_NODELIST="localhost",
+                                      SLURM_JOB_ID=job_id, OMP_NUM_THREADS="1"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+
+
+def test_srun_without_torchrun_forms_the_same_job_as_torchrun_and_exits_75_when_preempted(tmp_path):
+    """srun-style tasks find each other and train exactly as `torchrun --nproc_per_node=2` does. Preempted as SLURM
+    does it (--signal=USR1 to every task of the step), each exits 75, srun's status, even though `srun
+    --kill-on-bad-exit=1` answers the first task's exit by sending SIGTERM to the others (emulated here)."""
     steps = ["--max-steps", "2"]
     out, err = torchrun(tmp_path, *steps).communicate(timeout=600)
     reference = checkpoint(tmp_path / "out" / "checkpoint.pth")
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    port, tasks = free_port(), []
-    for rank in (0, 1):
-        env = dict(base, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2",
-                   SLURM_STEP_NUM_TASKS="2", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1")
-        tasks.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "vader.py"), *PREEMPT, *steps,
-                                       "--output-dir", tmp_path / "srun"], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    for task in tasks:
+    for task in srun_tasks(tmp_path / "srun", *steps):
         out, err = task.communicate(timeout=600)
         assert task.returncode == 0, err[-3000:]
     start = json.loads(open(tmp_path / "srun" / "log.jsonl").readline())
     assert start["event"] == "start" and start["world_size"] == 2
     assert_same_state(checkpoint(tmp_path / "srun" / "checkpoint.pth"), reference, ("model", "momentum_encoder"))
+
+    tasks = srun_tasks(tmp_path / "srun", "--max-steps", "12")  # resumes at step 2
+    wait_for_steps(tasks[0], tmp_path / "srun" / "log.jsonl")
+    for task in tasks:
+        task.send_signal(signal.SIGUSR1)
+    while all(task.poll() is None for task in tasks):
+        time.sleep(0.01)
+    for task in tasks:
+        if task.poll() is None:
+            task.send_signal(signal.SIGTERM)
+    outputs = [task.communicate(timeout=600) for task in tasks]
+    assert [task.returncode for task in tasks] == [common.PREEMPTED] * 2, outputs[1][1][-3000:]
+    assert (tmp_path / "srun" / "PREEMPTED").exists() and checkpoint(tmp_path / "srun" / "checkpoint.pth")["step"] > 2
+
+
+def image_folder(root, count=6):
+    """`count` small PNGs in two class folders, and a file that is not an image."""
+    rng = torch.Generator().manual_seed(0)
+    for i in range(count):
+        path = root / f"class{i % 2}" / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(torch.randint(0, 256, (80, 96, 3), generator=rng, dtype=torch.uint8).numpy()).save(path)
+    (root / "class0" / "notes.txt").write_text("not an image")
+    return root
+
+
+TWO_RANKS = """
+import argparse, json, os, signal, sys
+import torch
+import common
+walked, walk = [], os.walk
+os.walk = lambda top, *a, **k: walked.append(top) or walk(top, *a, **k)
+
+def main():
+    d = common.init_distributed()
+    data = common.ViewDataset(sys.argv[1], None)
+    print(json.dumps(dict(walked=len(walked), type=type(data.files).__name__, files=list(data.files))), flush=True)
+    args = argparse.Namespace(output_dir=sys.argv[2], image_size=32, resume="auto", log_every=1, save_every=1)
+    run = common.TrainingRun("vader", args, d, data, dict(model=torch.nn.Linear(2, 2)))
+    step = run.resume()
+    if d.rank == 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # a notice to one rank, during start-up
+    run.start(step, 10, "two ranks")
+    print("started", flush=True)
+
+common.run_main(main)
+"""
+
+
+def test_two_ranks_list_the_images_once_and_a_signal_to_one_of_them_before_step_1_stops_both(tmp_path):
+    """2 gloo ranks on one data folder: only rank 0 walks the tree, every rank gets the same list (compact: an
+    ImageList). SIGTERM to rank 1 after the run took over the signals, before step 1: both ranks stop at
+    TrainingRun.start with the PREEMPTED status, rank 0 leaves the marker, and no checkpoint is written."""
+    data, out, port = image_folder(tmp_path / "data"), tmp_path / "out", free_port()
+    (tmp_path / "two_ranks.py").write_text(TWO_RANKS)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    ranks = [subprocess.Popen([sys.executable, str(tmp_path / "two_ranks.py"), str(data), str(out)], cwd=ROOT,
+                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port), PYTHONPATH=ROOT, OMP_NUM_THREADS="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outputs = [p.communicate(timeout=300) for p in ranks]
+    assert [p.returncode for p in ranks] == [common.PREEMPTED] * 2, [e[-2000:] for _, e in outputs]
+    seen = [json.loads(out.splitlines()[0]) for out, _ in outputs]
+    expected = sorted(str(p) for p in data.rglob("*.png"))
+    assert [s["walked"] for s in seen] == [1, 0]
+    assert seen[0]["files"] == seen[1]["files"] == expected and seen[1]["type"] == "ImageList"
+    assert not any("started" in out for out, _ in outputs)
+    assert "before step 1" in (out / "PREEMPTED").read_text() and not (out / "checkpoint.pth").exists()
+    assert [json.loads(line).get("event") for line in open(out / "log.jsonl")][-1] == "preempted"
+
+
+SIGNAL_AT = """
+import os, signal, sys
+import common, vader
+owner, name = {"os": os, "vader": vader, "common": common, "TrainingRun": common.TrainingRun}[sys.argv[1]], sys.argv[2]
+original = getattr(owner, name)
+
+def signalled(*args, **kwargs):  # SIGTERM to this process on the first call, then the original
+    setattr(owner, name, original)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+setattr(owner, name, signalled)
+sys.argv = ["vader.py", *sys.argv[3:]]
+common.run_main(vader.main)
+"""
+
+
+def test_a_signal_at_any_moment_before_step_1_ends_the_run_with_the_preempted_status(tmp_path):
+    """One process (srun's tasks and plain python alike), SIGTERM at four moments: parsing the flags, listing the
+    images, loading the checkpoint of a resumed run, and the first batch. Each run exits 75 with nothing written or
+    a valid checkpoint; once the run has its output folder, with the marker too."""
+    data, out = image_folder(tmp_path / "data"), tmp_path / "out"
+    (tmp_path / "signal_at.py").write_text(SIGNAL_AT)
+    flags = ["--data", str(data), "--arch", "resnet18", "--image-size", "64", "--batch-size", "2", "--num-matches", "4",
+             "--queue-size", "32", "--lr-encoder", "0.03", "--lr-decoder", "0.03", "--loss-weight", "1",
+             "--workers", "0", "--max-steps", "3", "--output-dir", str(out)]
+
+    def run_signalled_at(owner, name, *extra):
+        r = subprocess.run([sys.executable, str(tmp_path / "signal_at.py"), owner, name, *flags, *extra], cwd=ROOT,
+                           env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+        assert r.returncode == common.PREEMPTED and "Traceback" not in r.stderr, (owner, name, r.stderr[-2000:])
+        assert "re-run the same command to resume" in r.stdout
+        return r
+
+    for owner, name in (("vader", "parse_args"), ("os", "walk")):  # before the run has an output folder
+        run_signalled_at(owner, name)
+        assert not out.exists()
+    run_signalled_at("common", "normalize")  # the first batch: step 1 finishes, then the stop
+    first = checkpoint(out / "checkpoint.pth")
+    assert first["step"] == 1 and "after step 1" in (out / "PREEMPTED").read_text()
+    run_signalled_at("TrainingRun", "decide")  # while the resumed run reads its checkpoint
+    assert checkpoint(out / "checkpoint.pth")["id"] == first["id"]  # untouched
+    assert "before step 2" in (out / "PREEMPTED").read_text()
+
+
+def test_evaluate_linear_under_srun_checks_the_batch_against_slurm_s_task_count_before_forming_a_group(tmp_path):
+    """srun's variables only (4 tasks; this one is task 0) and a batch of 18: a one-line error naming the flag,
+    at once. Read from WORLD_SIZE before SLURM's variables were mapped, the check saw 1 rank, and the task then
+    waited for the 3 others to form the process group."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env = dict(base, SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="4", SLURM_STEP_NUM_TASKS="4",
+               SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="9")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate_linear.py"), "--batch-size", "18",
+                        "--output-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+    assert "--batch-size 18" in r.stderr and "4 rank" in r.stderr
+
+
+FAKE_SRUN = """#!/bin/bash
+# srun as the tests measured it: `srun python` returns its tasks' status, 75 when preempted; `srun torchrun` returns
+# torchrun's, 1 whether the workers were preempted or crashed. Rank 0 of a preempted run leaves the marker.
+echo "$@" >> "$CALLS"
+for a in "$@"; do [ "$a" = --kill-on-bad-exit=1 ] && bad_exit=1; [ -n "$next" ] && out=$a; next=; \
+    [ "$a" = --output-dir ] && next=1; done
+[ -n "$bad_exit" ] || { echo "srun without --kill-on-bad-exit=1" >&2; exit 3; }
+case $OUTCOME in
+    preempted) echo "stopped by a signal after step 7" > "$out/PREEMPTED"; status=75 ;;
+    crashed) status=1 ;;
+    finished) status=0 ;;
+esac
+case " $* " in *" torchrun "*) [ $status = 0 ] || status=1 ;; esac
+exit $status
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case $1 in show) echo node7; echo node8 ;; requeue) echo "requeue $2" >> "$CALLS" ;; esac
+"""
+
+
+def sbatch_scripts():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    return re.findall(r"```bash\n(#!/bin/bash\n.*?)```", text, re.S)
+
+
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_the_readme_s_sbatch_script_requeues_exactly_when_the_run_was_preempted(tmp_path, launcher):
+    """The README's sbatch script for `srun python` and for `srun torchrun`, run by bash with srun and scontrol
+    standing in: each srun has --kill-on-bad-exit=1, and the job is requeued after a preemption, not after a
+    crash or the end, nor for a marker that an earlier run left behind."""
+    (script,) = [s for s in sbatch_scripts() if f"srun --kill-on-bad-exit=1 {launcher} " in s]
+    (tmp_path / "bin").mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (tmp_path / "bin" / name).write_text(text)
+        (tmp_path / "bin" / name).chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "job.sh").write_text(script.replace("/shared/runs/vader", str(out)))
+    for outcome, stale, requeued in (("preempted", False, True), ("finished", True, False),
+                                      ("crashed", True, False), ("preempted", True, True)):
+        calls = tmp_path / f"calls-{outcome}-{stale}"
+        if stale:
+            (out / "PREEMPTED").write_text("an earlier run's")
+        env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", CALLS=str(calls), OUTCOME=outcome,
+                   SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[7-8]")
+        r = subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, capture_output=True, text=True, timeout=60)
+        lines = calls.read_text().splitlines()
+        assert r.returncode == 0 and "srun without" not in r.stderr, r.stderr
+        assert ("requeue 4242" in lines) == requeued, (outcome, stale, lines)
+        if launcher == "torchrun":
+            assert "--rdzv_endpoint=node7:19242" in lines[0]  # the first host, the job's own port
+        (out / "PREEMPTED").unlink(missing_ok=True)
 
 
 def test_a_process_that_sees_only_its_own_gpu_uses_it(monkeypatch):
@@ -460,10 +715,80 @@ def test_a_process_that_sees_only_its_own_gpu_uses_it(monkeypatch):
     assert d.device == torch.device("cuda", 0) and chosen == [torch.device("cuda", 0)] and d.local_rank == 3
 
 
-@pytest.mark.parametrize("nodelist, host", [("gpu[003-005,9],cpu1", "gpu003"), ("node1,node2", "node1"),
-                                            ("a-b[12,14]", "a-b12"), ("localhost", "localhost")])
-def test_the_master_is_the_first_host_of_slurms_node_list(nodelist, host):
-    assert common.first_host(nodelist) == host
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("localhost", ["localhost"]),
+    ("node1,node2", ["node1", "node2"]),
+    ("gpu[003-005,9],cpu1", ["gpu003", "gpu004", "gpu005", "gpu9", "cpu1"]),
+    ("a-b[12,14]", ["a-b12", "a-b14"]),
+    ("dgx-[01,05]-ib", ["dgx-01-ib", "dgx-05-ib"]),  # a suffix after the brackets
+    ("rack[1-2]-node[01-02]", ["rack1-node01", "rack1-node02", "rack2-node01", "rack2-node02"]),  # two groups
+    ("a[09-11]b,c[1]", ["a09b", "a10b", "a11b", "c1"]),
+    ("n[8-10],n[098-100]", ["n8", "n9", "n10", "n098", "n099", "n100"]),  # padding: the lower bound's width
+    ("x[1,3-4]y.ib z2", ["x1y.ib", "x3y.ib", "x4y.ib", "z2"]),
+])
+def test_a_slurm_node_list_expands_as_scontrol_show_hostnames_and_its_first_host_is_the_master(nodelist, hosts):
+    assert common.hostnames(nodelist) == hosts
+    assert common.first_host(nodelist) == hosts[0]
+    if shutil.which("scontrol"):  # on a SLURM machine, SLURM's own expansion too
+        assert subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                              text=True).stdout.split() == hosts
+
+
+@pytest.mark.parametrize("nodelist", ["a[1-", "a[3-1]", "a[]", "a[x]", ""])
+def test_a_node_list_slurm_would_refuse_is_a_one_line_error(nodelist):
+    with pytest.raises(common.UserError, match="SLURM_JOB_NODELIST"):
+        common.first_host(nodelist, "SLURM_JOB_NODELIST")
+
+
+def test_under_srun_the_master_is_the_step_s_first_host_and_the_port_comes_from_the_job_id(monkeypatch):
+    """Two jobs that share a node rendezvous on different ports: 15000 + SLURM_JOB_ID mod 10000, unless the job
+    sets MASTER_PORT (or MASTER_ADDR)."""
+    slurm = dict(SLURM_PROCID="5", SLURM_LOCALID="1", SLURM_NTASKS="8", SLURM_STEP_NUM_TASKS="8",
+                 SLURM_STEP_NODELIST="dgx-[05,07]-ib", SLURM_JOB_NODELIST="dgx-[01,05,07]-ib")
+    places = {}
+    for job, extra in (("41", {}), ("42", {}), ("1234567", {}), ("43", dict(MASTER_PORT="29400", MASTER_ADDR="h"))):
+        monkeypatch.setattr(os, "environ", dict(slurm, SLURM_JOB_ID=job, **extra))
+        places[job] = (common.job_place(), os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    assert places["41"] == ((5, 1, 8), "dgx-05-ib", 15041)  # the step's nodes, not the job's
+    assert places["42"][2] == 15042 and places["1234567"][2] == 15000 + 4567
+    assert places["43"][1:] == ("h", 29400)
+    monkeypatch.setattr(os, "environ", dict(slurm, RANK="0", WORLD_SIZE="2"))  # torchrun's variables win
+    assert common.job_place() == (0, 0, 2) and "MASTER_PORT" not in os.environ
+
+
+def private_dirty_kib():
+    for line in open("/proc/self/smaps_rollup"):
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1])
+
+
+def kib_copied_by_a_forked_reader(files):
+    """KiB of memory a forked child (a loader worker) copies while it reads every path of `files` once."""
+    import gc
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        gc.disable()  # a collection would touch every tracked object, list or not
+        sum(len(files[i]) for i in range(1000))  # the allocator settles on the temporaries of one read
+        before = private_dirty_kib()
+        sum(len(files[i]) for i in range(len(files)))
+        os.write(write, str(private_dirty_kib() - before).encode())
+        os._exit(0)
+    os.close(write)
+    copied = int(os.read(read, 64))
+    os.waitpid(pid, 0)
+    return copied
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux's /proc/<pid>/smaps_rollup")
+def test_a_forked_loader_worker_reads_the_image_list_without_copying_it():
+    """200k ImageNet-like paths: read from a list of str, a worker copies the pages of every str (their reference
+    counts change); read from an ImageList, almost nothing."""
+    paths = [f"/imagenet/train/n{i // 1300:08d}/n{i // 1300:08d}_{i}.JPEG" for i in range(200_000)]
+    files = common.ImageList(paths)
+    assert len(files) == len(paths) and [files[i] for i in (0, 1299, 199_999)] == [paths[i] for i in (0, 1299, 199_999)]
+    assert kib_copied_by_a_forked_reader(paths) > 8 * 1024  # the measurement sees the list's copy-on-read
+    assert kib_copied_by_a_forked_reader(files) < 1024
 
 
 def test_curves_png_draws_the_loss_against_its_chance_level(tmp_path):
