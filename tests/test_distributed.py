@@ -626,7 +626,7 @@ def test_a_signal_at_any_moment_before_step_1_ends_the_run_with_the_preempted_st
     for owner, name in (("vader", "parse_args"), ("os", "walk")):  # before the run has an output folder
         run_signalled_at(owner, name)
         assert not out.exists()
-    run_signalled_at("common", "normalize")  # the first batch: step 1 finishes, then the stop
+    run_signalled_at("common", "apply_appearance")  # the first batch: step 1 finishes, then the stop
     first = checkpoint(out / "checkpoint.pth")
     assert first["step"] == 1 and "after step 1" in (out / "PREEMPTED").read_text()
     run_signalled_at("TrainingRun", "decide")  # while the resumed run reads its checkpoint
