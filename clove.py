@@ -32,6 +32,22 @@ Ablations (Table 8's --loss l2, Table 9's --attention mhsa, Table 10's --negativ
 official code's --official-loss and the printed --loss-reduction pair) are at the bottom of the file, each a class or
 function of its own, chosen by the table in ablation_parts. The notes at the very end say, with their evidence, which
 defaults come from the paper and which from the official code.
+
+To copy (piece -> the pieces of this file it calls; then, after "common:", what it needs from common.py)
+    CLoVEViews       -> match_cells; common: Box, sample_crop_box, crop_resize, cell_axes, draw_appearance
+    CLoVENet         -> NMHSA; common: RESNETS, resnet, resnet_channels, resnet_stages
+    make_teacher     -> (torch only)
+    update_teacher   -> common: ema_update
+    teacher_momentum -> common: cosine
+    clove_loss       -> negative_cosine, hard_negatives
+    clove_step       -> clove_loss, negative_cosine, hard_negatives; common: apply_appearance, APPEARANCE,
+        colour_jitter, shift_hue, grey, GREY, gaussian_blur, BLUR_TAPS, imagenet_constants, IMAGENET_MEAN,
+        IMAGENET_STD
+    LARS             -> (torch only; LARS.exclude_bias_and_norm(model, weight_decay) gives the papers' groups)
+    learning_rate    -> common: cosine
+The views take a PIL image and hand over uint8 pixels with their appearance parameters; clove_step colours and
+normalises them on the device. The common.py names are plain functions and constants: copy them with its imports
+(numpy, torch, torchvision, PIL).
 """
 import argparse
 import contextlib
@@ -48,6 +64,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.transforms.functional import pil_to_tensor
 
 import common
 
@@ -65,7 +82,7 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None, help="folder of images (any tree); omit it for the embedded demo")
     p.add_argument("--output-dir", default="runs/clove", help="checkpoint.pth, log.jsonl, result.json, features.png")
-    p.add_argument("--arch", default="resnet50", help="torchvision ResNet: resnet18/34/50/101/152")
+    p.add_argument("--arch", default="resnet50", choices=common.RESNETS, help="torchvision ResNet")
     p.add_argument("--image-size", type=int, default=224, help="global view size, a multiple of 32 (C5: S/32)")
     p.add_argument("--batch-size", type=int, default=2048, help="global batch (images), over ranks and accumulation")
     p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimiser step (BN sees one)")
@@ -143,7 +160,8 @@ def match_cells(box_s, flip_s, grid_s, box_t, flip_t, grid_t, t_pos, scale=(1.0,
 
 
 class CLoVEViews:
-    """PIL RGB image -> (globals, locals, pos_global, pos_local, appearance): BYOL's views and their Eq. 1 masks.
+    """A PIL image (any mode; converted to RGB) -> (globals, locals, pos_global, pos_local, appearance), all
+    tensors: BYOL's views as uint8 pixels, their Eq. 1 masks and their appearance parameters.
 
     Two global views (size S): RandomResizedCrop (bicubic) + flip, colour jitter 0.4/0.4/0.2/0.1 with p 0.8, grayscale
     p 0.2, Gaussian blur p 1.0 / 0.1, solarisation p 0 / 0.2 (BYOL's asymmetry). `local_crops` extra views (size s,
@@ -159,11 +177,15 @@ class CLoVEViews:
     Eq. 1 runs here, in the data-loading workers, so it costs the training step nothing. `match_coords`
     "normalized" is the official code's frame (PixPro's RandomResizedCropCoord: a crop of pixels j..j+w-1 is the box
     [j, j+w-1] / (W-1), y by H-1), where T_pos was tuned; "pixels" is the paper's "pixel space" (notes: Eq. 1).
-    Needs common's crop geometry (Box, sample_crop_box, cell_centres, crop_resize, to_uint8) and draw_appearance.
+    The training step takes them as the loader stacks them: clove_step colours and normalises on the device.
+    Needs common.sample_crop_box, Box, crop_resize, draw_appearance and cell_axes (through match_cells).
     """
 
     def __init__(self, image_size=224, local_crops=6, local_size=96, global_scale=(0.2, 1.0),
                  local_scale=(0.08, 0.3), t_pos=0.7, match_coords="normalized", stride=32):
+        for name, size in (("image_size", image_size), ("local_size", local_size if local_crops else stride)):
+            if size < stride or size % stride:  # C5 cells: a view smaller than one would have an empty grid
+                raise ValueError(f"{name} {size} must be a positive multiple of the C5 stride {stride}")
         self.size, self.local_crops, self.local_size = image_size, local_crops, local_size
         self.global_scale, self.local_scale, self.t_pos = tuple(global_scale), tuple(local_scale), t_pos
         self.match_coords = match_coords
@@ -199,7 +221,7 @@ class CLoVEViews:
                      for _ in range(self.local_crops)]
         pos_global, pos_local = self.match(geometry, w, h)
         sizes = [self.size] * 2 + [self.local_size] * self.local_crops
-        views = [common.to_uint8(common.crop_resize(img, box, size, flip, resample=Image.BICUBIC))
+        views = [pil_to_tensor(common.crop_resize(img, box, size, flip, resample=Image.BICUBIC))
                  for (box, flip), size in zip(geometry, sizes)]
         blur, solarize = [1.0, 0.1] + [0.5] * self.local_crops, [0.0, 0.2] + [0.0] * self.local_crops  # BYOL's
         appearance = torch.stack([common.draw_appearance(rng, (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, b, s)
@@ -247,7 +269,7 @@ class CLoVENet(nn.Module):
     teacher is a deep copy with `predictor = None`: it returns the projected local features F^t. `predictor` is the
     class of q_s (NMHSA; Table 9's MHSA). `final_bn` and `zero_init_residual` are the official code's choices (the
     notes). `encoder` keeps torchvision's ResNet names, for the evaluation scripts and the exports.
-    Needs common.resnet, resnet_channels and resnet_stages.
+    Needs common.resnet (with RESNETS), resnet_channels and resnet_stages.
     """
 
     def __init__(self, arch="resnet50", hidden=4096, dim=256, heads=8, temperature=0.2, final_bn=True,
@@ -290,7 +312,8 @@ def make_teacher(student):
 
 
 def teacher_momentum(step, total, start=0.99):
-    """EMA momentum m at optimiser step `step` of `total`: cosine from `start` (step 0) to 1 (the end) (§3.1)."""
+    """EMA momentum m at optimiser step `step` of `total`: cosine from `start` (step 0) to 1 (the end) (§3.1).
+    Needs common.cosine."""
     return common.cosine(step, total, start, 1.0)
 
 
@@ -331,7 +354,14 @@ def clove_loss(pred, target, positive, lamb=2.0, margin=100.0, topk=10):
     where F_neg,i averages the top-k most similar non-positive teacher cells of the same image, the most similar
     dropped (negative_cosine). The mean over i runs over every student cell; an image with no positive pair keeps
     its negative term. In fp32, outside autocast: bf16 cannot tell cos 0.901 from 0.904, so top-k would tie.
+    Imports only torch.
     """
+    n, ls, lt = pred.shape[0], pred.shape[1], target.shape[1]
+    if target.shape[0] != n or target.shape[2] != pred.shape[2] or tuple(positive.shape) != (n, ls, lt):
+        raise ValueError(f"clove_loss: pred N x Ls x D, target N x Lt x D and positive N x Ls x Lt; got "
+                         f"{tuple(pred.shape)}, {tuple(target.shape)} and {tuple(positive.shape)}")
+    if positive.dtype != torch.bool:
+        raise TypeError(f"clove_loss: positive must be a bool mask (Eq. 1), not {positive.dtype}")
     with torch.autocast(pred.device.type, enabled=False):
         pred, target = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1).detach()
         sim = pred @ target.transpose(1, 2)  # N x Ls x Lt: cos(C_i, F_j)
@@ -347,10 +377,13 @@ def clove_step(model, teacher, globals_, locals_, pos_global, pos_local, appeara
                memory_format=torch.contiguous_format):
     """The loss of one (micro-)batch: Eq. 2 averaged over every (teacher global view, other student view) pair.
 
-    model: the student, or it in DDP; on the device, CLoVEViews' batch: globals_ uint8 N x 2 x 3 x S x S, locals_
-    uint8 N x L x 3 x s x s, pos_global N x 2 x G^2 x G^2, pos_local N x 2 x L x g^2 x G^2 and `appearance`
-    N x (2 + L) x 12 (common.apply_appearance normalises the views here); `loss`: clove_loss with its
-    hyperparameters (or an ablation's). Returns (loss, teacher features 2 x N x G^2 x D).
+    model: the student (CLoVENet), or it in DDP; teacher: make_teacher's copy. On the device, CLoVEViews' batch as
+    the loader stacks it: globals_ uint8 N x 2 x 3 x S x S and locals_ uint8 N x L x 3 x s x s (raw pixels: they are
+    coloured and ImageNet-normalised here, by common.apply_appearance), pos_global bool N x 2 x G^2 x G^2,
+    pos_local bool N x 2 x L x g^2 x G^2 and `appearance` float32 N x (2 + L) x 12; `loss`: clove_loss with its
+    hyperparameters (or an ablation's). Returns (loss, teacher features 2 x N x G^2 x D). Needs
+    common.apply_appearance (with APPEARANCE, colour_jitter, shift_hue, grey, GREY, gaussian_blur, BLUR_TAPS,
+    imagenet_constants, IMAGENET_MEAN, IMAGENET_STD).
     """
     n, n_local = globals_.shape[0], locals_.shape[1]
     view_major = lambda x: x.transpose(0, 1).flatten(0, 1)  # noqa: E731  N x V x ... -> VN x ...
@@ -376,15 +409,32 @@ class LARS(torch.optim.Optimizer):
     For a parameter p with gradient g: g <- g + wd p; g <- g x trust x ||p|| / ||g|| (when both norms are > 0);
     then heavy-ball momentum. Parameter groups with `lars_exclude=True` (biases and normalisation weights: 1-D
     tensors) get neither weight decay nor the trust ratio, so they move by the raw lr x gradient: the loss's scale
-    matters for them, and weight decay makes it matter for the others too (notes: Eq. 2's scale).
+    matters for them, and weight decay makes it matter for the others too (notes: Eq. 2's scale). A plain
+    LARS(model.parameters(), lr) treats every parameter alike; the papers' groups are
+        LARS(LARS.exclude_bias_and_norm(model, weight_decay), lr, weight_decay=weight_decay)
+    Imports only torch.
     """
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       trust_coefficient=trust_coefficient, eps=eps, lars_exclude=False))
 
+    @staticmethod
+    def exclude_bias_and_norm(model, weight_decay):
+        """The papers' two parameter groups: weights (ndim > 1) get weight decay and the trust ratio; 1-D parameters
+        (biases, BN and other norm weights) get neither (BYOL, PixPro, CLoVE)."""
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+        exclude = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+        return [dict(params=decay, weight_decay=weight_decay, lars_exclude=False),
+                dict(params=exclude, weight_decay=0.0, lars_exclude=True)]
+
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
+        """One update; `closure` (re-evaluates the loss, as torch.optim's) is called first, with gradients on."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -403,16 +453,13 @@ class LARS(torch.optim.Optimizer):
                 else:
                     state["momentum_buffer"].mul_(group["momentum"]).add_(g)
                 p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
 
 
 def build_optimizer(model, lr, weight_decay=2e-5, momentum=0.9):
-    """LARS (trust 0.001) over two groups: weights get weight decay and the trust ratio; 1-D parameters (biases,
-    BN weights) get neither, as BYOL/PixPro/CLoVE."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    exclude = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [dict(params=decay, weight_decay=weight_decay, lars_exclude=False),
-              dict(params=exclude, weight_decay=0.0, lars_exclude=True)]
-    return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=0.001)
+    """LARS (trust 0.001) over LARS.exclude_bias_and_norm's two groups, as BYOL/PixPro/CLoVE."""
+    return LARS(LARS.exclude_bias_and_norm(model, weight_decay), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                trust_coefficient=0.001)
 
 
 def learning_rate(step, total, warmup, peak, start_ratio, final_ratio):

@@ -576,7 +576,7 @@ def sample_crop_box(rng, width, height, scale, ratio=(3 / 4, 4 / 3)):
 
 def crop_resize(img, box, size, flip=False, resample=Image.BILINEAR):
     """`box` of `img` resized to size x size, then mirrored when `flip`: output pixel j covers
-    [x0 + j w / size, x0 + (j + 1) w / size) of the original, as cell_centres assumes."""
+    [x0 + j w / size, x0 + (j + 1) w / size) of the original, as cell_axes assumes."""
     view = img.resize((size, size), resample=resample, box=(box.x0, box.y0, box.x1, box.y1))
     return view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view
 
@@ -588,13 +588,6 @@ def cell_axes(box, flip, grid):
     j = np.arange(grid, dtype=np.float64) + 0.5
     xs = box.x0 + j * box.width / grid
     return (xs[::-1] if flip else xs), box.y0 + j * box.height / grid
-
-
-def cell_centres(box, flip, grid):
-    """Original-image (x, y) of the centres of a view's grid x grid cells, row-major: grid^2 x 2 (float64)."""
-    xs, ys = cell_axes(box, flip, grid)
-    xx, yy = np.meshgrid(xs, ys)  # grid x grid: rows of the view, then columns
-    return torch.from_numpy(np.stack([xx.reshape(-1), yy.reshape(-1)], 1))
 
 
 # ---- appearance augmentations: drawn in the loader, applied on the training device (they never move pixels) ----
@@ -630,7 +623,13 @@ def apply_appearance(images, params, memory_format=torch.contiguous_format):
 
     Each image gets its own parameters, in torchvision's order and arithmetic (float in [0, 1], as its tensor ops):
     colour jitter, grayscale, Gaussian blur, solarisation. Batched, with no read of the parameters on the host, so
-    the step never waits for the device here."""
+    the step never waits for the device here. Needs APPEARANCE, colour_jitter, shift_hue, grey, GREY,
+    gaussian_blur, BLUR_TAPS, imagenet_constants, IMAGENET_MEAN and IMAGENET_STD."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"apply_appearance takes the views' raw uint8 pixels (it normalises them), not {images.dtype}")
+    if images.dim() != 4 or images.shape[1] != 3 or tuple(params.shape) != (len(images), len(APPEARANCE)):
+        raise ValueError(f"apply_appearance takes N x 3 x H x W views and N x {len(APPEARANCE)} parameters "
+                         f"(draw_appearance); got {tuple(images.shape)} and {tuple(params.shape)}")
     with torch.autocast(images.device.type, enabled=False):  # fp32, as torchvision: no bf16 blur in a bf16 step
         x = images.float().div_(255)  # N x 3 x H x W in [0, 1]
         p = params.float()
@@ -1041,10 +1040,13 @@ class JsonLog:
 
 
 # ---- ResNet weights, and the frozen features the evaluations read ----
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")  # the scripts' --arch choices
+
+
 def resnet(arch):
-    """A torchvision ResNet without weights; the classifier is dropped (dense methods never use it)."""
-    if arch not in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
-        raise UserError(f"--arch {arch}: expected one of resnet18, resnet34, resnet50, resnet101, resnet152")
+    """A torchvision ResNet without weights; the classifier is dropped (dense methods never use it). Needs RESNETS."""
+    if arch not in RESNETS:
+        raise ValueError(f"arch {arch!r}: expected one of {', '.join(RESNETS)}")
     net = getattr(torchvision.models, arch)(weights=None)
     net.fc = nn.Identity()
     return net

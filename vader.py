@@ -28,6 +28,19 @@ The paper, and the name that computes it
 Ablations (Table 3's --matching; the reviewers' --in-image-negatives, --key-encoder shared, --objective global |
 crops, --keys-per-image; --lr-schedule cosine) are at the bottom of the file, each a class or function of its own,
 chosen by the table in ablation_parts. The notes at the very end give the choices the paper leaves open.
+
+To copy (piece -> the pieces of this file it calls; then, after "common:", what it needs from common.py)
+    PairedViews  -> cell_centres, locate_in_view; common: Box, sample_crop_box, crop_resize, cell_axes,
+        draw_appearance
+    VADeRNet     -> SemanticFPNDecoder; common: RESNETS, resnet, resnet_channels, resnet_stages
+    PixelQueue   -> (torch only)
+    vader_loss   -> (torch only)
+    vader_step   -> vader_loss, gather_cells, key_embeddings, shard_keys, exchange, host_index, match_top1;
+        common: apply_appearance, APPEARANCE, colour_jitter, shift_hue, grey, GREY, gaussian_blur, BLUR_TAPS,
+        imagenet_constants, IMAGENET_MEAN, IMAGENET_STD, ema_update, distributed, all_gather_cat
+The views take a PIL image and hand over uint8 pixels with their appearance parameters; vader_step colours and
+normalises them on the device. The common.py names are plain functions and constants: copy them with its imports
+(numpy, torch, torchvision, PIL).
 """
 import argparse
 import copy
@@ -37,12 +50,14 @@ import os
 import random
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import FeaturePyramidNetwork
+from torchvision.transforms.functional import pil_to_tensor
 
 import common
 
@@ -60,7 +75,7 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None, help="folder of images (any tree); omit it for the embedded demo")
     p.add_argument("--output-dir", default="runs/vader", help="checkpoint.pth, log.jsonl, result.json, features.png")
-    p.add_argument("--arch", default="resnet50", help="torchvision ResNet: resnet18/34/50/101/152")
+    p.add_argument("--arch", default="resnet50", choices=common.RESNETS, help="torchvision ResNet")
     p.add_argument("--image-size", type=int, default=224, help="view size S, a multiple of 32; the output is S/4")
     p.add_argument("--batch-size", type=int, default=128, help="global batch (images), split over the ranks")
     p.add_argument("--epochs", type=int, default=600, help="passes over the data (600 x 10k steps: the paper's 6M)")
@@ -103,6 +118,14 @@ def get_parser():
 
 
 # ---- views ----
+def cell_centres(box, flip, grid):
+    """Original-image (x, y) of the centres of a view's grid x grid cells, row-major: grid^2 x 2 (float64).
+    Needs common.cell_axes."""
+    xs, ys = common.cell_axes(box, flip, grid)
+    xx, yy = np.meshgrid(xs, ys)  # grid x grid: rows of the view, then columns
+    return torch.from_numpy(np.stack([xx.reshape(-1), yy.reshape(-1)], 1))
+
+
 def locate_in_view(points, box, flip, grid):
     """Row-major index of the cell of a view's grid that covers each original-image point, and whether it is inside."""
     u = (points[:, 0] - box.x0) / box.width * grid
@@ -115,8 +138,8 @@ def locate_in_view(points, box, flip, grid):
 
 
 class PairedViews:
-    """PIL RGB image -> (view1, view2, matches, appearance): two views' pixels and the cells of their output grids
-    that see the same point of the original image (§3.2).
+    """A PIL image (any mode; converted to RGB) -> (view1, view2, matches, appearance), all tensors: two uint8 views
+    and the cells of their output grids that see the same point of the original image (§3.2).
 
     The geometry (RandomResizedCrop box + horizontal flip) is drawn first and applied here, in the loader's workers;
     view1 and view2 are uint8 3 x S x S. MoCo v2's appearance ops (colour jitter 0.4/0.4/0.4/0.1 with p 0.8,
@@ -124,19 +147,22 @@ class PairedViews:
     from the same `rng`, as `appearance` (2 x 12, one row per view), and common.apply_appearance applies them on the
     training device, batched. `matches` is a LongTensor M x 4: row-major cell indices into the (S/4) x (S/4) grids of
     view 1 and view 2, then the original-image pixel (x, y), rounded, that the pair sees.
-    Needs common's crop geometry (Box, sample_crop_box, cell_centres, crop_resize, to_uint8) and draw_appearance.
+    The training step takes them as they are: vader_step normalises on the device.
+    Needs common.sample_crop_box, Box, crop_resize, cell_axes (through cell_centres) and draw_appearance.
     """
 
     def __init__(self, image_size=224, num_matches=32, scale=(0.2, 1.0), stride=4, max_tries=10):
+        if image_size < stride or image_size % stride:
+            raise ValueError(f"image_size {image_size} must be a positive multiple of the output stride {stride}")
         self.size, self.num_matches, self.scale, self.grid = image_size, num_matches, scale, image_size // stride
         self.max_tries = max_tries
-        if num_matches > self.grid**2:
-            raise ValueError(f"num_matches {num_matches} > {self.grid}x{self.grid} cells")
+        if not 1 <= num_matches <= self.grid**2:
+            raise ValueError(f"num_matches {num_matches}: expected 1 to the {self.grid}x{self.grid} cells of a view")
 
     def match(self, rng, width, height):
         """Draw both views' geometry; returns (box1, flip1, box2, flip2, matches M x 4)."""
         box1, flip1 = common.sample_crop_box(rng, width, height, self.scale), rng.random() < 0.5
-        centres = common.cell_centres(box1, flip1, self.grid)  # G*G x 2: original-image (x, y) of view-1 cells
+        centres = cell_centres(box1, flip1, self.grid)  # G*G x 2: original-image (x, y) of view-1 cells
         box2, flip2, cells2, inside = self.second_view(rng, width, height, box1, flip1, centres)
         cells1 = torch.tensor(rng.sample(inside.nonzero().flatten().tolist(), self.num_matches))  # M
         pairs = self.pair(rng, cells1, cells2)  # M x 2
@@ -166,7 +192,7 @@ class PairedViews:
         rng = rng or random.Random()
         box1, flip1, box2, flip2, matches = self.match(rng, *img.size)
         img = img if img.mode == "RGB" else img.convert("RGB")
-        view1, view2 = (common.to_uint8(common.crop_resize(img, box, self.size, flip))
+        view1, view2 = (pil_to_tensor(common.crop_resize(img, box, self.size, flip))
                         for box, flip in ((box1, flip1), (box2, flip2)))
         return view1, view2, matches, torch.stack([self.appearance(rng), self.appearance(rng)])
 
@@ -202,7 +228,7 @@ class VADeRNet(nn.Module):
 
     `encoder` keeps torchvision's ResNet names, so MoCo and torchvision weights load into it directly. `fpn_norm`
     (e.g. nn.BatchNorm2d) adds normalisation to the FPN layers, as the fine-tuning protocol of §4.2 does. Needs
-    common.resnet, resnet_channels and resnet_stages (a torchvision ResNet and its C2..C5).
+    common.resnet (with RESNETS), resnet_channels and resnet_stages (a torchvision ResNet and its C2..C5).
     """
 
     def __init__(self, arch="resnet50", dim=128, fpn_norm=None):
@@ -259,10 +285,23 @@ class PixelQueue(nn.Module):
 def vader_loss(q, k, queue, temperature):
     """Eq. 2, averaged over the positives: -log exp(c(q, k)) / (exp(c(q, k)) + sum_{u in queue} exp(c(q, u))).
 
-    q: P x d, f's embeddings at the matched cells of view 1; k: P x d, g's embeddings at their matches in view 2
-    (both L2-normalised, so q.k is the cosine); queue: K x d. In fp32, outside autocast.
+    q: P x d, f's embeddings at the matched cells of view 1; k: P x d, g's embeddings at their matches in view 2;
+    queue: K x d. The caller's side of the contract:
+      - q, k and the queue's rows are unit vectors, so that q.k is the cosine (gather_cells and PixelQueue make them
+        so; an unnormalised q scales every logit: norm 5 turns a loss of 8.4 into 33.7). Not checked: reading a norm
+        would make the step wait for the device;
+      - k carries no gradient: g is moved by EMA (ema_update), never by this loss. Checked;
+      - the shapes agree. Checked.
+    Computed in fp32 whatever the inputs' dtype (a bf16 step's q, a bf16 queue), outside autocast; fp32 inputs are
+    used as they are. Imports only torch.
     """
+    if q.dim() != 2 or q.shape != k.shape or queue.dim() != 2 or queue.shape[1] != q.shape[1]:
+        raise ValueError(f"vader_loss: q and k must be P x d and the queue K x d; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, queue {tuple(queue.shape)}")
+    if k.requires_grad:
+        raise ValueError("vader_loss: k must carry no gradient (compute g's keys under torch.no_grad())")
     with torch.autocast(q.device.type, enabled=False):
+        q, k, queue = q.float(), k.float(), queue.float()  # no copy for fp32 inputs: the same bits as before
         q = q / temperature  # c(q, .) = cos / tau: dividing the P x d queries saves two passes over P x (1 + K)
         l_pos = (q * k).sum(1, keepdim=True)  # P x 1
         l_neg = q @ queue.t()  # P x K
@@ -279,7 +318,7 @@ def gather_cells(z, cells):
 
 
 @torch.no_grad()
-def key_embeddings(g, view2, appearance2, cells2, splits=1, seed="", memory_format=torch.contiguous_format):
+def key_embeddings(g, view2, appearance2, cells2, splits=4, seed="", memory_format=torch.contiguous_format):
     """g's normalised embeddings at `cells2` (N x M) of view 2, with MoCo's shuffle BN: (this rank's keys N x M x d,
     the global batch's keys N_global x M x d in rank order, gathered once: what the queue takes).
 
@@ -288,7 +327,10 @@ def key_embeddings(g, view2, appearance2, cells2, splits=1, seed="", memory_form
     shards, and g runs each shard as one batch, so BN statistics never pair a key with its own query's batch. Under
     DDP, shard r runs on rank r: only the uint8 views that change rank travel (one all_to_all, with their
     appearance parameters and cells), the appearance ops run after the exchange, and only the keys come back. In one
-    process, `splits` shards emulate it, as MoCo's single-GPU SplitBatchNorm does (sizes differ by at most one).
+    process, `splits` shards emulate it, as MoCo's single-GPU SplitBatchNorm does (sizes differ by at most one;
+    1: plain BN over the batch; the default 4 is the paper's 4 GPUs, as vader_step's and --shuffle-bn-splits').
+    Needs common.distributed, all_gather_cat and apply_appearance (through shard_keys, with APPEARANCE, colour_jitter,
+    shift_hue, grey, GREY, gaussian_blur, BLUR_TAPS, imagenet_constants, IMAGENET_MEAN, IMAGENET_STD).
     """
     world, rank = (dist.get_world_size(), dist.get_rank()) if common.distributed() else (1, 0)
     if world == 1 and splits <= 1:  # plain BN over the batch
@@ -316,7 +358,9 @@ def key_embeddings(g, view2, appearance2, cells2, splits=1, seed="", memory_form
 
 
 def shard_keys(g, images, appearance, cells, memory_format=torch.contiguous_format):
-    """g's normalised embeddings at `cells` of a shard of uint8 views, its BN statistics the shard's own."""
+    """g's normalised embeddings at `cells` of a shard of uint8 views, its BN statistics the shard's own.
+    Needs common.apply_appearance (with APPEARANCE, colour_jitter, shift_hue, grey, GREY, gaussian_blur, BLUR_TAPS,
+    imagenet_constants, IMAGENET_MEAN, IMAGENET_STD)."""
     return gather_cells(g(common.apply_appearance(images, appearance, memory_format)), cells)
 
 
@@ -343,21 +387,26 @@ def host_index(values, device):
     return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
 
 
-def vader_step(model, f, g, queue, view1, view2, matches, appearance, tau=0.07, momentum=0.999, bn_splits=4,
+def vader_step(model, g, queue, view1, view2, matches, appearance, temperature=0.07, momentum=0.999, bn_splits=4,
                shuffle_seed="", memory_format=torch.contiguous_format):
     """The forward half of a training step (§3.2): Eq. 2 on a batch, the global batch's keys, to enqueue after the
     update, and match_top1 (what Eq. 2 trains, watched as training goes; a device scalar).
 
-    model: f, or f in DDP; view1, view2: uint8 N x 3 x S x S on the device and `appearance` N x 2 x 12, their
-    appearance parameters (PairedViews; common.apply_appearance normalises them here); matches: N x M x 4.
-    `shuffle_seed`: the same on every rank, new every step (shuffle BN's permutation). Returns (loss, N_global x M
-    x d keys, top-1).
+    model: f (VADeRNet), or f in DDP; g: its momentum copy; queue: a PixelQueue. On the device, PairedViews'
+    batch as the loader stacks it: view1, view2 uint8 N x 3 x S x S (raw pixels: they are coloured and
+    ImageNet-normalised here, by common.apply_appearance), matches int64 N x M x 4 and `appearance` float32
+    N x 2 x 12. `shuffle_seed`: the same on every rank, new every step (shuffle BN's permutation). Returns (loss,
+    N_global x M x d keys, top-1). Needs common.apply_appearance (with APPEARANCE, colour_jitter, shift_hue, grey,
+    GREY, gaussian_blur, BLUR_TAPS, imagenet_constants, IMAGENET_MEAN, IMAGENET_STD), ema_update, and through
+    key_embeddings distributed and all_gather_cat.
     """
+    f = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     x1 = common.apply_appearance(view1, appearance[:, 0], memory_format)  # N x 3 x S x S, normalised
     q = gather_cells(model(x1), matches[:, :, 0])  # N x M x d: f's embeddings of the matched view-1 cells
     common.ema_update(g, f, momentum, copy_buffers=False)  # MoCo: g moves towards f, then computes the keys
     k, keys = key_embeddings(g, view2, appearance[:, 1], matches[:, :, 1], bn_splits, shuffle_seed, memory_format)
-    return vader_loss(q.flatten(0, 1), k.flatten(0, 1), queue.keys, tau), keys, match_top1(q, k, matches[:, :, 1])
+    loss = vader_loss(q.flatten(0, 1), k.flatten(0, 1), queue.keys, temperature)
+    return loss, keys, match_top1(q, k, matches[:, :, 1])
 
 
 @torch.no_grad()
@@ -377,7 +426,7 @@ def train(args):
 
     # the paper's views, networks and step; an ablation switch replaces some of them (ablation_parts, at the bottom)
     memory_format = common.memory_format(d.device, args.channels_last)
-    eq2_step = functools.partial(vader_step, tau=args.temperature, momentum=args.momentum,
+    eq2_step = functools.partial(vader_step, temperature=args.temperature, momentum=args.momentum,
                                  bn_splits=args.shuffle_bn_splits, memory_format=memory_format)
     parts = dict(views=PairedViews(args.image_size, args.num_matches), network=VADeRNet, key_encoder=momentum_copy,
                  queue=PixelQueue, step=eq2_step, negatives=args.queue_size)
@@ -422,7 +471,7 @@ def train(args):
         for batch in loader:  # uint8 views and their appearance parameters (PairedViews), pinned on a GPU
             view1, view2, matches, appearance, skipped = (x.to(d.device, non_blocking=True) for x in batch)
             with common.autocast(d.device, args.precision):
-                loss, keys, top1 = parts["step"](model, f, g, queue, view1, view2, matches, appearance,
+                loss, keys, top1 = parts["step"](model, g, queue, view1, view2, matches, appearance,
                                                  shuffle_seed=f"{args.seed}/{step}")  # vader_step: Eq. 2
             loss = args.loss_weight * loss  # the paper multiplies Eq. 2 by 10
             lr_encoder, lr_decoder = set_learning_rates(optimizer, args, step, steps_per_epoch)
@@ -529,13 +578,13 @@ def ablation_parts(args, memory_format=torch.contiguous_format):
         parts.update(views=TwoCrops(args.image_size) if args.objective == "global" else
                      RegionCrops(args.image_size, regions=args.crop_regions), network=GlobalNet)
     if args.in_image_negatives and args.key_encoder == "momentum":
-        parts["step"] = functools.partial(in_image_step, tau=args.temperature, momentum=args.momentum,
+        parts["step"] = functools.partial(in_image_step, temperature=args.temperature, momentum=args.momentum,
                                           bn_splits=args.shuffle_bn_splits, radius=args.negative_radius,
                                           memory_format=memory_format)
         parts["negatives"] = args.queue_size + args.num_matches - 1
     if args.key_encoder == "shared":
         parts.update(key_encoder=lambda f: nn.Module(), queue=lambda *_: NoQueue(),
-                     step=functools.partial(shared_step, tau=args.temperature, in_image=args.in_image_negatives,
+                     step=functools.partial(shared_step, temperature=args.temperature, in_image=args.in_image_negatives,
                                             radius=args.negative_radius, memory_format=memory_format),
                      negatives=2 * args.batch_size * args.num_matches - 2)
     return parts
@@ -665,15 +714,17 @@ def in_image_loss(q, k, queue, temperature, in_image):
         return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
-def in_image_step(model, f, g, queue, view1, view2, matches, appearance, tau=0.07, momentum=0.999, bn_splits=4,
-                  radius=0.0, shuffle_seed="", memory_format=torch.contiguous_format):
+def in_image_step(model, g, queue, view1, view2, matches, appearance, temperature=0.07, momentum=0.999,
+                  bn_splits=4, radius=0.0, shuffle_seed="", memory_format=torch.contiguous_format):
     """vader_step with --in-image-negatives: the image's other matched pixels are negatives too (the reviewers'
     question; the paper reports that it did not work)."""
+    f = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     x1 = common.apply_appearance(view1, appearance[:, 0], memory_format)
     q = gather_cells(model(x1), matches[:, :, 0])  # N x M x d
     common.ema_update(g, f, momentum, copy_buffers=False)
     k, keys = key_embeddings(g, view2, appearance[:, 1], matches[:, :, 1], bn_splits, shuffle_seed, memory_format)
-    loss = in_image_loss(q.flatten(0, 1), k.flatten(0, 1), queue.keys, tau, in_image_negatives(matches, radius))
+    loss = in_image_loss(q.flatten(0, 1), k.flatten(0, 1), queue.keys, temperature,
+                         in_image_negatives(matches, radius))
     return loss, keys, match_top1(q, k, matches[:, :, 1])
 
 
@@ -737,7 +788,7 @@ def shared_loss(z1, z2, matches, temperature, in_image=False, radius=0.0):
         return (losses[0] + losses[1]) / 2
 
 
-def shared_step(model, f, g, queue, view1, view2, matches, appearance, tau=0.07, in_image=False, radius=0.0,
+def shared_step(model, g, queue, view1, view2, matches, appearance, temperature=0.07, in_image=False, radius=0.0,
                 shuffle_seed=None, memory_format=torch.contiguous_format):
     """--key-encoder shared (Reviewer 1: "is momentum contrast even needed"): both views through f in one batch
     (BN sees both), with gradients; shared_loss. There are no keys to enqueue, and no shuffle BN (`shuffle_seed` is
@@ -746,7 +797,7 @@ def shared_step(model, f, g, queue, view1, view2, matches, appearance, tau=0.07,
     x = common.apply_appearance(torch.cat([view1, view2]), appearance.transpose(0, 1).flatten(0, 1), memory_format)
     z = model(x)  # 2N x d x S/4 x S/4
     z1, z2 = gather_cells(z[:n], matches[:, :, 0]), gather_cells(z[n:], matches[:, :, 1])  # N x M x d
-    return shared_loss(z1.flatten(0, 1), z2.flatten(0, 1), matches, tau, in_image, radius), z2.detach(), \
+    return shared_loss(z1.flatten(0, 1), z2.flatten(0, 1), matches, temperature, in_image, radius), z2.detach(), \
         match_top1(z1, z2, matches[:, :, 1])
 
 

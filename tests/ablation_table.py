@@ -17,7 +17,6 @@ is the table as JSON; the markdown table and the seconds spent are printed befor
 import argparse
 import concurrent.futures
 import json
-import math
 import os
 import statistics
 import subprocess

@@ -165,7 +165,7 @@ def bench_vader(a):
 
     def full():  # the training loop's step (vader.train), minus data loading and logging
         with common.autocast(device, args.precision):
-            loss, k, top1 = vader.vader_step(f, f, g, queue, u1, u2, matches, appearance, args.temperature,
+            loss, k, top1 = vader.vader_step(f, g, queue, u1, u2, matches, appearance, args.temperature,
                                              args.momentum, args.shuffle_bn_splits, "0/0", fmt)
         loss = args.loss_weight * loss
         opt.zero_grad(set_to_none=True)
@@ -792,7 +792,7 @@ def timed_training_step(method, arch, size, per_gpu, precision, device, repeats=
                 appearance = torch.zeros(micro, 2, len(common.APPEARANCE), device=device)
 
                 def forward():
-                    loss, keys, top1 = vader.vader_step(f, f, g, queue, *views, matches, appearance, bn_splits=4)
+                    loss, keys, top1 = vader.vader_step(f, g, queue, *views, matches, appearance, bn_splits=4)
                     return loss, top1, lambda: queue.enqueue(keys.flatten(0, 1))
             else:
                 args = clove.get_parser().parse_args(["--arch", arch, "--image-size", str(size), "--precision",

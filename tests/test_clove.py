@@ -393,7 +393,8 @@ def realistic_views(t_pos=0.7, images=8, dim=256, seed=0, scale=500):
         mix = torch.randn(64, dim, generator=g)
 
         def field(box, flip, grid, noise):
-            xy = common.cell_centres(box, flip, grid).float()  # L x 2, original-image pixels
+            xs, ys = common.cell_axes(box, flip, grid)
+            xy = torch.tensor([(x, y) for y in ys for x in xs]).float()  # L x 2, original-image pixels, row-major
             f = torch.cos(2 * math.pi * xy @ freq.t() + phase) @ mix  # L x D
             f = F.normalize(f, dim=-1)
             return F.normalize(f + noise * torch.randn(f.shape, generator=g) / math.sqrt(dim), dim=-1)

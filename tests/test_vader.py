@@ -509,7 +509,7 @@ def test_global_objective_is_infonce_over_the_image_queue():
     assert args.temperature == 0.2  # MoCo v2's
     matches = vader.TwoCrops(64)(Image.new("RGB", (80, 80)), random.Random(0))[2]
     assert matches.shape == (1, 4) and not matches.any()  # one "cell" per image: the 1 x 1 map's
-    loss, keys, _ = vader.vader_step(f, f, g, queue, view1, view2, matches.expand(3, 1, 4), appearance, tau=0.2,
+    loss, keys, _ = vader.vader_step(f, g, queue, view1, view2, matches.expand(3, 1, 4), appearance, temperature=0.2,
                                      momentum=1.0, bn_splits=1)
     with torch.no_grad():
         q = torch.nn.functional.normalize(f(common.apply_appearance(view1, appearance[:, 0])).flatten(1), dim=1)
@@ -693,7 +693,7 @@ def test_global_objective_from_scratch_takes_moco_v2s_sgd_step(tmp_path, run_scr
     p0 = {k: v.detach().clone() for k, v in f.named_parameters()}
     view1, view2, matches, appearance = step_one_batch(data, vader.TwoCrops(64), 4)
     f.train(), g.train()
-    loss, _, _ = vader.vader_step(f, f, g, queue, view1, view2, matches, appearance, tau=0.2, momentum=0.999,
+    loss, _, _ = vader.vader_step(f, g, queue, view1, view2, matches, appearance, temperature=0.2, momentum=0.999,
                                   bn_splits=1)
     loss.backward()  # the plain InfoNCE of MoCo v2, weight 1
     for name, p in f.named_parameters():
