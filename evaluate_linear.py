@@ -93,7 +93,7 @@ def get_parser():
                                 "(§4.2), correspondence accuracy, Detectron2 and torchvision export.",
                                 allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", default="random",
-                   help="vader.py/clove.py checkpoint, MoCo checkpoint, torchvision ResNet state dict, or 'random'")
+                   help="'random', a vader.py/clove.py checkpoint or a format in common.WEIGHT_FORMATS")
     p.add_argument("--arch", default="resnet50", help="ResNet depth for 'random' (checkpoints carry or reveal theirs)")
     p.add_argument("--layer", default="res5", choices=list(common.BASELINE_LAYERS),
                    help="where ResNet weights are read: res5 = C5 dilated to 1/4 (§4.1), res4 = C4 at 1/8 (CRW's)")
@@ -1347,7 +1347,8 @@ def build_result(args, val_set, model, shape, train_images, per_trial, feature_p
     mean, std = summarise(per_trial)
     differ = trials_differ_in(args.finetune, args.label_fraction, feature_path)
     result = dict(mode="finetune" if args.finetune else "probe", dataset=data_name(args), task=task,
-                  weights=args.weights, model=model, label_fraction=args.label_fraction, trials=args.trials,
+                  weights=args.weights, weights_format=common.weights_format(args.weights), model=model,
+                  label_fraction=args.label_fraction, trials=args.trials,
                   trials_differ_in=differ, epochs=args.epochs,
                   lr=args.lr, batch_size=args.batch_size, image_size=list(shape), train_images=train_images,
                   val_images=len(val_set), mean=mean, std=std,
