@@ -1245,6 +1245,7 @@ def correspondence(args):
 # scores are the probe's (bilinear upsampling to each label's native size, segmentation_scores), where the
 # reference resizes the labels to the input square and matches the predicted to the true classes by Hungarian
 # assignment (the identity unless a class is never predicted).
+RETRIEVAL_QUERIES = 4096  # queries a memory pass serves: on a GPU the matrix product stays compute-bound
 RETRIEVAL_CHUNK = 2 ** 26  # query x memory similarities held at once: 256 MB in fp32
 
 
@@ -1306,15 +1307,31 @@ def build_memory(backbone, train_set, shape, memory_size, args, d):
     return gather_rows(torch.cat(features)), gather_rows(torch.cat(labels))
 
 
+def nearest_entries(queries, memory, k):
+    """The k largest cosines of unit `queries` (q x C) with the unit `memory` (M x C), and their rows: exact, one
+    tile of the memory at a time (at most RETRIEVAL_CHUNK similarities), a running top-k across the tiles."""
+    k, tile = min(k, len(memory)), max(k, RETRIEVAL_CHUNK // len(queries))
+    best = None
+    for start in range(0, len(memory), tile):
+        cos, rows = (queries.to(memory.dtype) @ memory[start:start + tile].t()).float().topk(
+            min(k, len(memory) - start, tile), dim=1)  # q x k
+        rows = rows + start
+        if best is not None:  # merge with the tiles before
+            cos, pick = torch.cat([best[0], cos], 1).topk(k, dim=1)
+            rows = torch.cat([best[1], rows], 1).gather(1, pick)
+        best = cos, rows
+    return best
+
+
 def retrieve_labels(features, memory, memory_labels, k, temperature):
-    """Hummingbird's label for every position of `features` (N x C x h x w): its k nearest memory entries by cosine,
-    exact, a chunk of queries at a time, weighted by softmax(cos / temperature), mix their soft labels: N x K x h x w.
-    """
+    """Hummingbird's label for every position of `features` (N x C x h x w): its k nearest memory entries by cosine
+    (nearest_entries, RETRIEVAL_QUERIES at a time) weighted by softmax(cos / temperature) mix their soft labels:
+    N x K x h x w."""
     n, c, h, w = features.shape
     queries = F.normalize(features.float().flatten(2).transpose(1, 2).reshape(-1, c), dim=1)  # Q x C
     mixed = []
-    for chunk in queries.split(max(1, RETRIEVAL_CHUNK // len(memory))):
-        cos, nearest = (chunk.to(memory.dtype) @ memory.t()).float().topk(min(k, len(memory)), dim=1)  # q x k
+    for chunk in queries.split(RETRIEVAL_QUERIES):
+        cos, nearest = nearest_entries(chunk, memory, k)  # q x k
         weights = F.softmax(cos / temperature, dim=1)  # q x k
         mixed.append(torch.einsum("qk,qkc->qc", weights, memory_labels[nearest]))  # q x K
     return torch.cat(mixed).view(n, h, w, -1).permute(0, 3, 1, 2)

@@ -56,7 +56,8 @@ def test_retrieved_labels_match_a_brute_force_loop(monkeypatch):
     memory = F.normalize(torch.randn(40, 5), dim=1)
     labels = torch.rand(40, 3)
     labels /= labels.sum(1, keepdim=True)
-    monkeypatch.setattr(E, "RETRIEVAL_CHUNK", 40 * 7)  # 7 queries a chunk: the 24 queries take four chunks
+    monkeypatch.setattr(E, "RETRIEVAL_QUERIES", 10)  # the 24 queries in three chunks
+    monkeypatch.setattr(E, "RETRIEVAL_CHUNK", 10 * 7)  # memory tiles of 7 entries: the k = 6 merge across 6 tiles
     out = E.retrieve_labels(features, memory, labels, k=6, temperature=0.1)
     assert out.shape == (2, 3, 3, 4)
     for n in range(2):
