@@ -152,8 +152,8 @@ def get_parser():
 def check_paths(args):
     """The files and folders the run needs, before anything is printed or read."""
     if args.weights != "random" and not os.path.isfile(args.weights):
-        raise common.UserError(f"--weights {args.weights}: no such file; pass a vader.py/clove.py checkpoint, an "
-                               "official MoCo checkpoint, a torchvision ResNet state dict, or 'random'")
+        raise common.UserError(f"--weights {args.weights}: no such file; pass a vader.py/clove.py checkpoint, a "
+                               "checkpoint in a format of common.WEIGHT_FORMATS, or 'random'")
     if args.data is not None and args.dataset is None:
         raise common.UserError("--data given without --dataset; pass --dataset voc, cityscapes, nyu, imagefolder or "
                                "correspondence")
