@@ -1290,6 +1290,9 @@ def build_memory(backbone, train_set, shape, memory_size, args, d):
     Each image gives memory_size // images patches (balanced_patches), or every labelled patch with memory_size 0.
     Features are stored in fp16 on a GPU (half the memory; ranking by cosine barely changes), fp32 on a CPU."""
     per_image = memory_size // len(train_set) if memory_size else None
+    if per_image == 0:
+        raise common.UserError(f"--memory-size {memory_size}: fewer patches than the {len(train_set)} training "
+                               "images (one patch an image at least); raise it, or 0 for every patch")
     samples = Samples(train_set, list(range(len(train_set)))[d.rank::d.world_size], shape)
     batches = loader(samples, max(1, args.batch_size // d.world_size), args.workers, d.device)
     generator = torch.Generator().manual_seed(args.seed + d.rank)

@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -126,6 +127,11 @@ def test_constant_features_predict_one_class_everywhere():
     frequency = np.bincount(labels, minlength=3) / labels.size
     # one class c everywhere: IoU_c = its pixel share, 0 for the others
     assert any(math.isclose(scores["miou"], f / 3) and math.isclose(scores["pixel_acc"], f) for f in frequency)
+
+
+def test_a_memory_smaller_than_the_training_set_is_refused():
+    with pytest.raises(common.UserError, match="--memory-size 7: fewer patches than the 8 training images"):
+        E.build_memory(ColourFeatures(), Blocks(8, seed=0), (32, 32), 7, None, common.init_distributed())
 
 
 def test_retrieval_runs_on_the_embedded_set(tmp_path, capsys):
