@@ -1065,27 +1065,88 @@ def resnet_stages(net, x, stages=4):
     return outputs
 
 
+# --weights: the checkpoint formats read, each unwrapped to the ResNet its authors transfer. A row: the top-level key
+# (None: the file is the state dict), the encoder's prefix once `module.` is dropped, the prefixes that tell it apart
+# from the rows below it, and where the layout comes from. The first row that fits wins, so a specific layout stands
+# above a general one (MoCo's encoder_q.* + encoder_k.* under `state_dict`, SlotCon's under `model`, where the
+# teacher is the one transferred). A generic "first key ending in conv1.weight" would take SlotCon's student.
+WEIGHT_FORMATS = {
+    "densecl": ("state_dict", "backbone.", ("encoder_k.0.",), "OpenSelfSup: backbone is an alias of encoder_q.0"),
+    "moco": ("state_dict", "encoder_q.", (), "MoCo v1/v2 main_moco.py: the query encoder (fc: its MLP head)"),
+    "mocov3": ("state_dict", "base_encoder.", ("momentum_encoder.",), "moco-v3 convert_to_deit / lincls: "
+               "base_encoder (fc: the projector)"),
+    "solo-learn": ("state_dict", "backbone.", ("classifier.",), "solo-learn BaseMethod: backbone (momentum_backbone "
+                   "and the online classifier dropped)"),
+    "solo-learn-old": ("state_dict", "encoder.", ("classifier.",), "solo-learn before it renamed encoder to backbone"),
+    "lightly": ("state_dict", "backbone.", (), "lightly: backbone, torchvision names or nn.Sequential(*children)"),
+    "slotcon": ("model", "encoder_k.", ("encoder_q.",), "SlotCon transfer: the teacher, encoder_k"),
+    "pixpro": ("model", "encoder.", ("encoder_k.",), "PixPro and the official CLoVE (one layout): the online encoder"),
+    "vicregl": ("model", "backbone.", (), "VICRegL full checkpoint: backbone"),
+    "dino": ("teacher", "backbone.", (), "DINO main_dino.py: the teacher, as its released backbones"),
+    "torchvision": (None, "", ("layer1.0.conv1.",), "a ResNet state dict (also under state_dict), fc dropped"),
+}
+SEQUENTIAL_NAMES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}  # children()
+
+
+def known_formats():
+    """One line for the errors: every format read, with its top-level key and encoder prefix."""
+    rows = [f"{name} ({top or 'flat'}: {prefix or ''}*)" for name, (top, prefix, _, _) in WEIGHT_FORMATS.items()]
+    return "vader.py/clove.py checkpoints, " + ", ".join(rows)
+
+
+def unwrap(ckpt, top, prefix, marks):
+    """The ResNet state dict of `ckpt` under one WEIGHT_FORMATS row, or None if the row does not fit. In order: the
+    top-level key, `module.`, the method's prefix, a Sequential's indices to torchvision names, heads (fc) dropped."""
+    state = ckpt.get(top) if top else ckpt.get("state_dict", ckpt)
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        return None
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if not any(k.startswith(prefix) for k in state) or not all(any(k.startswith(m) for k in state) for m in marks):
+        return None
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    split = [k.split(".", 1) for k in state]
+    if all(h.isdigit() for h, _ in split):  # lightly's nn.Sequential(*list(resnet.children())[:-1])
+        state = {f"{SEQUENTIAL_NAMES.get(h, h)}.{rest}": v for (h, rest), v in zip(split, state.values())}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return state if "conv1.weight" in state else None
+
+
 def read_weights(path):
-    """(kind, state dict, meta) of a weights file: 'vader' / 'clove' (our checkpoints: the online model), 'moco'
-    (official MoCo, module.encoder_q.*: its ResNet) or 'torchvision' (a ResNet state dict)."""
+    """(format, state dict, meta) of a weights file: 'vader' / 'clove' (our checkpoints: the whole online model, its
+    args in meta), or a WEIGHT_FORMATS name and the ResNet state dict its authors transfer (torchvision's names)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such weights file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise UserError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}); expected a vader.py/clove.py "
-                        "checkpoint, an official MoCo checkpoint or a torchvision ResNet state dict")
+        raise UserError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}); expected one of: {known_formats()}")
     if isinstance(ckpt, dict) and ckpt.get("method") in ("vader", "clove"):
         return ckpt["method"], ckpt["model"], dict(arch=ckpt["args"]["arch"], args=ckpt["args"])
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if isinstance(state, dict) and any(k.startswith("module.encoder_q.") for k in state):
-        resnet_state = {k[len("module.encoder_q."):]: v for k, v in state.items()
-                        if k.startswith("module.encoder_q.") and not k.startswith("module.encoder_q.fc.")}
-        return "moco", resnet_state, {}
-    if isinstance(state, dict) and "conv1.weight" in state and "layer1.0.conv1.weight" in state:
-        return "torchvision", {k: v for k, v in state.items() if not k.startswith("fc.")}, {}
-    raise UserError(f"{path}: not a known weights file; expected a vader.py/clove.py checkpoint, an official MoCo "
-                    "checkpoint (state_dict with module.encoder_q.*) or a torchvision ResNet state dict")
+    for name, (top, prefix, marks, _) in WEIGHT_FORMATS.items():
+        state = unwrap(ckpt, top, prefix, marks) if isinstance(ckpt, dict) else None
+        if state is not None:
+            return name, state, {}
+    raise UserError(f"{path}: not a known weights file (found {key_prefixes(ckpt)}); known formats: "
+                    f"{known_formats()}")
+
+
+def key_prefixes(ckpt):
+    """What a checkpoint holds, for the error: its top-level keys and, in each dict among them, the key prefixes."""
+    if not isinstance(ckpt, dict):
+        return f"a {type(ckpt).__name__}"
+    parts = []
+    for top, value in list(ckpt.items())[:8]:
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            prefixes = sorted({".".join(k.split(".")[:2 if k.startswith("module.") else 1]) for k in value})
+            parts.append(f"{top}: {', '.join(p + '.*' for p in prefixes[:6])}{', ...' if len(prefixes) > 6 else ''}")
+        else:
+            parts.append(str(top))
+    return "; ".join(parts)
+
+
+def weights_format(weights):
+    """The format name of --weights ('random' for none), as metrics.json records it."""
+    return "random" if weights == "random" else read_weights(weights)[0]
 
 
 def encoder_state(state):

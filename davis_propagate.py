@@ -105,7 +105,7 @@ def get_parser():
     p.add_argument("--sequences", nargs="*", default=None, help="only these sequences of the split")
     p.add_argument("--output-dir", default="runs/davis", help="<seq>/<frame>.png, metrics.json and overlays go here")
     p.add_argument("--weights", default="random",
-                   help="'random', a vader.py / clove.py or MoCo checkpoint, or a torchvision ResNet state dict")
+                   help="'random', a vader.py/clove.py checkpoint or a format in common.WEIGHT_FORMATS")
     p.add_argument("--arch", default="resnet50", help="ResNet depth for 'random' and for files that do not say it")
     p.add_argument("--protocol", default="timecycle", choices=sorted(PROTOCOLS),
                    help="preset of the knobs whose default is None (timecycle: the VADeR paper's); typed flags win")
@@ -1066,7 +1066,7 @@ def run(args, settings, root, built=None):
     speed = {}
     if args.eval_only is None:
         model, description, args.stride, args.radius = built or build_model(args, d.device)
-        settings.update(stride=args.stride, radius=args.radius)
+        settings.update(stride=args.stride, radius=args.radius, weights_format=common.weights_format(args.weights))
         model = model.to(d.device)
         os.makedirs(args.output_dir, exist_ok=True)
         if d.is_main:

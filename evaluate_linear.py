@@ -21,6 +21,7 @@ Usage
     python evaluate_linear.py --weights vader.pth --dataset imagefolder --data /data/imagenet   # pooled top-1/top-5
     python evaluate_linear.py --dataset correspondence --weights runs/vader-demo/checkpoint.pth    # 64 px views
     python evaluate_linear.py --dataset correspondence --data /data/imagenet --weights vader.pth  # 224 px views
+    python evaluate_linear.py --retrieval --weights vader.pth --dataset voc --data ...   # Hummingbird, no training
     python evaluate_linear.py --weights vader.pth --export-detectron2 vader_r50.pkl      # see export_detectron2
     python evaluate_linear.py --weights vader.pth --export-torchvision vader_r50.pth   # torchvision's ResNet keys
 --batch-size is global (split over ranks). Results: a table, then one JSON line on stdout and <output-dir>/metrics.json.
@@ -46,6 +47,7 @@ Protocol step -> the name that computes it
     mIoU, depth errors, top-1/top-5               segmentation_scores, depth_image_errors, topk_correct, evaluate
     mean and std over the trials                  summarise
     correspondence accuracy (top1, within_one)    CorrespondencePairs, match_scores, correspondence_scores
+    Hummingbird retrieval (--retrieval)           patch_histograms, balanced_patches, build_memory, retrieve_labels
     Detectron2 and torchvision export             to_detectron2, export_detectron2, export_torchvision
 Each choice the paper leaves open is in the docstring of the code it concerns; the NYU-depth v2 preparation is
 in the notes at the end of this file.
@@ -93,7 +95,7 @@ def get_parser():
                                 "(§4.2), correspondence accuracy, Detectron2 and torchvision export.",
                                 allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", default="random",
-                   help="vader.py/clove.py checkpoint, MoCo checkpoint, torchvision ResNet state dict, or 'random'")
+                   help="'random', a vader.py/clove.py checkpoint or a format in common.WEIGHT_FORMATS")
     p.add_argument("--arch", default="resnet50", help="ResNet depth for 'random' (checkpoints carry or reveal theirs)")
     p.add_argument("--layer", default="res5", choices=list(common.BASELINE_LAYERS),
                    help="where ResNet weights are read: res5 = C5 dilated to 1/4 (§4.1), res4 = C4 at 1/8 (CRW's)")
@@ -134,6 +136,14 @@ def get_parser():
                    help="write the ResNet of --weights as a Detectron2 checkpoint and exit")
     p.add_argument("--export-torchvision", default=None, metavar="OUT.pth",
                    help="write the ResNet of --weights as a torchvision ResNet state dict and exit")
+    p.add_argument("--retrieval", action="store_true",
+                   help="Hummingbird dense nearest-neighbour retrieval (no training) instead of a probe")
+    p.add_argument("--memory-size", type=int, default=1024 * 10**2,
+                   help="--retrieval: training patches in the memory (open-hummingbird-eval: 1024 x 10^2, 10^3, "
+                   "10^4); 0: every labelled patch")
+    p.add_argument("--neighbours", type=int, default=30, help="--retrieval: k nearest by cosine (the reference's 30)")
+    p.add_argument("--retrieval-temperature", type=float, default=0.02,
+                   help="--retrieval: the neighbours' weights are softmax(cos / this) (the reference's 0.02)")
     p.add_argument("--feature-picture", default=None, metavar="OUT.png",
                    help="write VADeR's Figures 2 and 5 for --weights on 4 validation images and exit")
     return p
@@ -142,8 +152,8 @@ def get_parser():
 def check_paths(args):
     """The files and folders the run needs, before anything is printed or read."""
     if args.weights != "random" and not os.path.isfile(args.weights):
-        raise common.UserError(f"--weights {args.weights}: no such file; pass a vader.py/clove.py checkpoint, an "
-                               "official MoCo checkpoint, a torchvision ResNet state dict, or 'random'")
+        raise common.UserError(f"--weights {args.weights}: no such file; pass a vader.py/clove.py checkpoint, a "
+                               "checkpoint in a format of common.WEIGHT_FORMATS, or 'random'")
     if args.data is not None and args.dataset is None:
         raise common.UserError("--data given without --dataset; pass --dataset voc, cityscapes, nyu, imagefolder or "
                                "correspondence")
@@ -170,6 +180,8 @@ def fill_defaults(parser, args, argv):
                 dict(epochs=100 if classification else 20, lr=0.01 if depth else 0.1))
     defaults.update(batch_size=256 if classification else 16,
                     image_size=CityscapesSegmentation.default_size if args.dataset == "cityscapes" else 224)
+    if args.retrieval and args.image_size is None:
+        args.image_size = 512  # open-hummingbird-eval's README: 512 x 512 inputs
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -193,6 +205,12 @@ def check_args(args, world_size):
         raise common.UserError(f"--label-fraction {args.label_fraction}: must be in (0, 1]")
     if args.train_split not in ("auto", "train_aug", "train"):
         raise common.UserError(f"--train-split {args.train_split}: expected auto, train_aug or train")
+    if args.retrieval and (args.finetune or args.dataset not in (None, "voc", "cityscapes")):
+        raise common.UserError("--retrieval scores semantic segmentation (--dataset voc, cityscapes or the embedded "
+                               "set) from frozen features; drop --finetune")
+    if args.memory_size < 0 or args.neighbours < 1 or not args.retrieval_temperature > 0:
+        raise common.UserError("--memory-size must be at least 0, --neighbours at least 1, --retrieval-temperature "
+                               "positive")
     if args.finetune and args.layer != "res5":
         raise common.UserError(f"--layer {args.layer}: fine-tuning trains the whole VADeRNet (§4.2); --layer "
                                "chooses the frozen features of a probe")
@@ -1212,6 +1230,150 @@ def correspondence(args):
     return result
 
 
+# ---- dense nearest-neighbour retrieval (Hummingbird) ----
+# Balazevic et al., "Towards In-context Scene Understanding", NeurIPS 2023, as its open implementation
+# (vpariza/open-hummingbird-eval, hbird_eval.py) runs it: no training, a memory of labelled training patches and a
+# k-NN vote. --retrieval; the reference's settings and their flags:
+#   input size   512 x 512 for ViT-S/16 and B/16 (its README's table)  --image-size, default 512 with --retrieval
+#   patch grid   its ViT's 1/16                                       here the probe's --layer: 1/4 (res5), 1/8 (res4)
+#   memory       1024 x 10^2, 10^3 or 10^4 patches (its table)        --memory-size, default 1024 x 10^2 (0: all)
+#   neighbours   k = 30, exact here (its ScaNN / faiss are approximate) --neighbours
+#   temperature  softmax(cos / 0.02) over the k                       --retrieval-temperature
+# Differences, each for a reason: the memory is built from one unaugmented pass over the training images at the
+# probe's input size (the reference draws RandomResizedCrop(0.5-2) and colour-jitter copies); void pixels are left
+# out of a patch's histogram (the reference counts them as class 0, background on VOC but road on Cityscapes); the
+# scores are the probe's (bilinear upsampling to each label's native size, segmentation_scores), where the
+# reference resizes the labels to the input square and matches the predicted to the true classes by Hungarian
+# assignment (the identity unless a class is never predicted).
+RETRIEVAL_QUERIES = 4096  # queries a memory pass serves: on a GPU the matrix product stays compute-bound
+RETRIEVAL_CHUNK = 2 ** 26  # query x memory similarities held at once: 256 MB in fp32
+
+
+def patch_histograms(labels, stride, num_classes):
+    """Each patch's soft label, the class histogram of its labelled pixels, and whether it has one: labels N x h x w
+    (class ids, void 255) on the input grid -> N x P x K fractions and N x P bools, P = (h / stride)(w / stride)."""
+    n, h, w = labels.shape
+    ids = labels.long().clamp(max=num_classes)  # void (and any id >= K) -> K, dropped below
+    rows, cols = torch.arange(h) // stride, torch.arange(w) // stride
+    patch = rows[:, None] * (w // stride) + cols[None, :]  # h x w: the patch each pixel is in
+    patches = (h // stride) * (w // stride)
+    index = (torch.arange(n)[:, None, None] * patches + patch) * (num_classes + 1) + ids  # N x h x w
+    counts = torch.bincount(index.flatten(), minlength=n * patches * (num_classes + 1)).view(n, patches, -1)
+    counts = counts[..., :num_classes].float()  # N x P x K
+    total = counts.sum(-1, keepdim=True)
+    return counts / total.clamp(min=1), total[..., 0] > 0
+
+
+def balanced_patches(present, valid, count, generator):
+    """`count` patches of one image, balanced as the reference samples them (sample_features): a patch scores the
+    number of the image's patches that hold each of its classes, summed, times a uniform draw, and the lowest scores
+    are kept, so that patches of the image's rare classes come first. present: P x K bools, valid: P bools."""
+    frequency = present.float().sum(0)  # K: how many patches hold each class
+    score = (present.float() @ frequency) * torch.rand(len(present), generator=generator).to(present.device)
+    score[~valid] = math.inf  # a patch with no labelled pixel is never kept
+    return score.topk(min(count, int(valid.sum())), largest=False).indices
+
+
+def gather_rows(tensor):
+    """The rows of `tensor` from every rank (their counts may differ), in rank order."""
+    if not common.distributed():
+        return tensor
+    counts = common.all_gather_cat(torch.tensor([len(tensor)], device=tensor.device)).tolist()
+    padded = tensor.new_zeros(max(counts), *tensor.shape[1:])
+    padded[:len(tensor)] = tensor
+    return torch.cat([part[:c] for part, c in zip(common.all_gather_cat(padded).split(max(counts)), counts)])
+
+
+@torch.no_grad()
+def build_memory(backbone, train_set, shape, memory_size, args, d):
+    """The memory: L2-normalised features of training patches (M x C) and their soft labels (M x K), on the device.
+    Each image gives memory_size // images patches (balanced_patches), or every labelled patch with memory_size 0.
+    Features are stored in fp16 on a GPU (half the memory; ranking by cosine barely changes), fp32 on a CPU."""
+    per_image = memory_size // len(train_set) if memory_size else None
+    if per_image == 0:
+        raise common.UserError(f"--memory-size {memory_size}: fewer patches than the {len(train_set)} training "
+                               "images (one patch an image at least); raise it, or 0 for every patch")
+    samples = Samples(train_set, list(range(len(train_set)))[d.rank::d.world_size], shape)
+    batches = loader(samples, max(1, args.batch_size // d.world_size), args.workers, d.device)
+    generator = torch.Generator().manual_seed(args.seed + d.rank)
+    dtype = torch.float16 if d.device.type == "cuda" else torch.float32
+    features, labels = [], []
+    for images, label, _ in common.throughput_bar(batches, len(batches), d.is_main, desc="memory"):
+        f = frozen_features(backbone, images, d, args.precision).float()  # N x C x h/s x w/s
+        hist, valid = patch_histograms(label, shape[0] // f.shape[-2], train_set.num_classes)  # N x P x K, N x P
+        f = F.normalize(f.flatten(2).transpose(1, 2), dim=2)  # N x P x C
+        for j in range(len(f)):
+            keep = valid[j].nonzero()[:, 0] if per_image is None else \
+                balanced_patches(hist[j] > 0, valid[j], per_image, generator)
+            features.append(f[j, keep.to(f.device)].to(dtype))
+            labels.append(hist[j, keep].to(d.device))
+    return gather_rows(torch.cat(features)), gather_rows(torch.cat(labels))
+
+
+def nearest_entries(queries, memory, k):
+    """The k largest cosines of unit `queries` (q x C) with the unit `memory` (M x C), and their rows: exact, one
+    tile of the memory at a time (at most RETRIEVAL_CHUNK similarities), a running top-k across the tiles."""
+    k, tile = min(k, len(memory)), max(k, RETRIEVAL_CHUNK // len(queries))
+    best = None
+    for start in range(0, len(memory), tile):
+        cos, rows = (queries.to(memory.dtype) @ memory[start:start + tile].t()).float().topk(
+            min(k, len(memory) - start, tile), dim=1)  # q x k
+        rows = rows + start
+        if best is not None:  # merge with the tiles before
+            cos, pick = torch.cat([best[0], cos], 1).topk(k, dim=1)
+            rows = torch.cat([best[1], rows], 1).gather(1, pick)
+        best = cos, rows
+    return best
+
+
+def retrieve_labels(features, memory, memory_labels, k, temperature):
+    """Hummingbird's label for every position of `features` (N x C x h x w): its k nearest memory entries by cosine
+    (nearest_entries, RETRIEVAL_QUERIES at a time) weighted by softmax(cos / temperature) mix their soft labels:
+    N x K x h x w."""
+    n, c, h, w = features.shape
+    queries = F.normalize(features.float().flatten(2).transpose(1, 2).reshape(-1, c), dim=1)  # Q x C
+    mixed = []
+    for chunk in queries.split(RETRIEVAL_QUERIES):
+        cos, nearest = nearest_entries(chunk, memory, k)  # q x k
+        weights = F.softmax(cos / temperature, dim=1)  # q x k
+        mixed.append(torch.einsum("qk,qkc->qc", weights, memory_labels[nearest]))  # q x K
+    return torch.cat(mixed).view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def retrieval(args):
+    """--retrieval: build the memory from the training set, label every validation patch by retrieve_labels, then
+    upsample, argmax and score as the probe does (evaluate). One JSON line and metrics.json."""
+    d = common.init_distributed()
+    t_start = time.time()
+    common.seed_all(args.seed)
+    backbone, description = common.dense_feature_model(args.weights, args.arch, {"vader": VADeRNet}, args.layer)
+    backbone = backbone.to(d.device).eval().requires_grad_(False)
+    train_set, val_set = build_datasets(args)
+    shape = input_shape(train_set, args.image_size)
+    if d.is_main:
+        print(f"retrieval on {data_name(args)}: memory of up to {args.memory_size or 'every'} patches from "
+              f"{len(train_set)} training images, {len(val_set)} validation images, {shape[0]}x{shape[1]} inputs, "
+              f"k {args.neighbours}, temperature {args.retrieval_temperature}, features: {description}")
+    memory, memory_labels = build_memory(backbone, train_set, shape, args.memory_size, args, d)
+    memory_seconds = time.time() - t_start
+    vote = lambda f: retrieve_labels(f, memory, memory_labels, args.neighbours, args.retrieval_temperature)  # noqa
+    scores = evaluate(lambda images: backbone(common.normalize(images, d.device)), [vote],
+                      validation_loader(val_set, shape, args.batch_size, args.workers, d), val_set.task,
+                      val_set.num_classes, d, args.precision, desc="retrieve")[0]
+    result = dict(mode="retrieval", dataset=data_name(args), weights=args.weights,
+                  weights_format=common.weights_format(args.weights), model=description, image_size=list(shape),
+                  memory_size=args.memory_size, memory_entries=len(memory),
+                  memory_mb=round((memory.numel() * memory.element_size() + memory_labels.numel() * 4) / 2**20, 1),
+                  neighbours=args.neighbours, temperature=args.retrieval_temperature, train_images=len(train_set),
+                  val_images=len(val_set), **scores, memory_seconds=round(memory_seconds, 2),
+                  seconds=round(time.time() - t_start, 1))
+    if d.is_main:
+        print(f"retrieval mIoU {result['miou']:.4f}, pixel accuracy {result['pixel_acc']:.4f}")
+        common.print_result(finite_or_none(result), os.path.join(args.output_dir, "metrics.json"))
+    common.finish_distributed()
+    return result
+
+
 # ---- export ----
 def to_detectron2(resnet_state):
     """Rename torchvision ResNet keys to Detectron2's (as MoCo's and CLoVE's converters do), as numpy arrays:
@@ -1347,7 +1509,8 @@ def build_result(args, val_set, model, shape, train_images, per_trial, feature_p
     mean, std = summarise(per_trial)
     differ = trials_differ_in(args.finetune, args.label_fraction, feature_path)
     result = dict(mode="finetune" if args.finetune else "probe", dataset=data_name(args), task=task,
-                  weights=args.weights, model=model, label_fraction=args.label_fraction, trials=args.trials,
+                  weights=args.weights, weights_format=common.weights_format(args.weights), model=model,
+                  label_fraction=args.label_fraction, trials=args.trials,
                   trials_differ_in=differ, epochs=args.epochs,
                   lr=args.lr, batch_size=args.batch_size, image_size=list(shape), train_images=train_images,
                   val_images=len(val_set), mean=mean, std=std,
@@ -1474,6 +1637,8 @@ def main(argv=None):
               + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items()), flush=True)
     if args.feature_picture:
         return write_feature_picture(args)
+    if args.retrieval:
+        return retrieval(args)
     if args.dataset == "correspondence":
         return correspondence(args)
     run(args)

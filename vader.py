@@ -86,7 +86,7 @@ def get_parser():
     p.add_argument("--log-every", type=int, default=50, help="one log.jsonl line every N steps")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per rank")
     p.add_argument("--seed", type=int, default=0, help="initialisation (the same on every rank) and views")
-    p.add_argument("--init", default=None, help="encoder weights: MoCo v2 checkpoint, torchvision or our checkpoint")
+    p.add_argument("--init", default=None, help="encoder weights: ours or a format in common.WEIGHT_FORMATS")
     p.add_argument("--resume", default="auto", help="auto (<output-dir>/checkpoint.pth), never, or a checkpoint path")
     p.add_argument("--queue-size", type=int, default=65536, help="negatives K in the queue")
     p.add_argument("--num-matches", type=int, default=32, help="matched cell pairs (positives) per image")
