@@ -190,7 +190,8 @@ def train_probes(backbone, train_set, subset, args, d, log):
             with common.autocast(d.device, args.precision):
                 losses = torch.stack([task_loss(out, labels, task) for out in model(x)])  # T
             sgd_step(optimizer, scaler, losses.sum())  # the heads share no parameter: each gets its own gradient
-            running += losses.detach().double().cpu()
+            losses = losses.detach().double().cpu()
+            running += losses
             bar.update(1)
             bar.set_postfix(loss=f"{float(losses.mean()):.3f}", lr=f"{lr:.1e}")
         log_epoch(log, "probe", range(trials), epoch, running / steps, lr, d)
@@ -534,7 +535,7 @@ def train_finetune(weights, train_set, subset, trial, args, d, log):
             with common.autocast(d.device, args.precision):
                 loss = task_loss(model(common.normalize(images, d.device)), labels.to(d.device), task)
             sgd_step(optimizer, scaler, loss)
-            running += loss.detach().double().cpu()
+            running += float(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.1e}")
         log_epoch(log, "finetune", [trial], epoch, running / steps, lr, d)
