@@ -18,7 +18,7 @@ Usage
     python evaluate_linear.py --weights vader.pth --dataset imagefolder --data /data/imagenet   # pooled top-1/top-5
     python evaluate_linear.py --dataset correspondence --weights runs/vader-demo/checkpoint.pth    # 64 px views
     python evaluate_linear.py --dataset correspondence --data /data/imagenet --weights vader.pth  # 224 px views
-    python evaluate_linear.py --weights vader.pth --export-detectron2 vader_r50.pkl      # see export_detectron2
+    python evaluate_linear.py --weights vader.pth --export-detectron2 vader_r50.pkl      # see export_resnet
     python evaluate_linear.py --weights vader.pth --export-torchvision vader_r50.pth   # torchvision's ResNet keys
 --batch-size is global (split over ranks). Results: a table, then one JSON line on stdout and <output-dir>/metrics.json.
 
@@ -822,45 +822,41 @@ DETECTRON2_CONFIG = {
 }
 
 
-def export_detectron2(weights, path):
-    """Write the ResNet encoder of `weights` (a vader.py / clove.py / MoCo / torchvision file) as a Detectron2 .pkl,
-    pickled as {"model": ..., "__author__": ..., "matching_heuristics": True}; the FPN and decoder are not exported.
-    Returns (kind, number of tensors). A Detectron2 config uses it with MODEL.WEIGHTS: "OUT.pkl", MODEL.RESNETS.DEPTH:
-    50 (18/34 also need MODEL.RESNETS.RES2_OUT_CHANNELS: 64) and the settings of DETECTRON2_CONFIG (main prints them).
-    """
-    if weights == "random":
-        raise common.UserError("--export-detectron2 needs --weights FILE "
-                               "(a vader.py/clove.py, MoCo or torchvision file)")
-    kind, state, _ = common.read_weights(weights)
-    if kind in ("vader", "clove"):
-        state = common.encoder_state(state)
-    exported = to_detectron2(state)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump(exported, f)
-    return kind, len(exported["model"])
+def export_resnet(args):
+    """--export-detectron2 / --export-torchvision: the ResNet encoder of --weights (a vader.py / clove.py / MoCo /
+    torchvision file; the FPN and decoder are not exported), printed as one JSON line.
 
-
-def export_torchvision(weights, arch, path):
-    """Write the ResNet encoder of `weights` as a torchvision ResNet state dict (torch.save), the form VICRegL ships
+    Detectron2: a .pkl of {"model": ..., "__author__": ..., "matching_heuristics": True}; a config uses it with
+    MODEL.WEIGHTS: "OUT.pkl", MODEL.RESNETS.DEPTH: 50 (18/34 also need MODEL.RESNETS.RES2_OUT_CHANNELS: 64) and the
+    settings of DETECTRON2_CONFIG (printed). torchvision: a ResNet state dict (torch.save), the form VICRegL ships
     its backbones in: `torchvision.models.resnet50().load_state_dict(torch.load(path))` loads it with strict=True,
-    and so does most downstream code. The FPN and decoder are not exported. fc is torchvision's 1000-way classifier,
-    freshly initialised (nn.Linear's default, as in torchvision's untrained ResNet, seed 0): the dense methods train
-    none, so replace it or ignore it. Returns (kind, arch, number of tensors)."""
-    if weights == "random":
-        raise common.UserError("--export-torchvision needs --weights FILE "
-                               "(a vader.py/clove.py, MoCo or torchvision file)")
-    kind, state, meta = common.read_weights(weights)
-    arch = meta.get("arch") or common.infer_arch(state) or arch
+    and so does most downstream code; fc is torchvision's 1000-way classifier, freshly initialised (nn.Linear's
+    default, as in torchvision's untrained ResNet, seed 0): the dense methods train none, so replace it or ignore it.
+    """
+    path = args.export_detectron2 or args.export_torchvision
+    kind, state, meta = common.read_weights(args.weights)
     if kind in ("vader", "clove"):
         state = common.encoder_state(state)
-    net = common.resnet(arch)
-    common.load_resnet_state(net, state, weights)
-    torch.manual_seed(0)
-    net.fc = nn.Linear(common.resnet_channels(arch)[-1], 1000)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(net.state_dict(), path)
-    return kind, arch, len(net.state_dict())
+    result = dict(export=path, kind=kind, weights=args.weights)
+    if args.export_detectron2:
+        exported = to_detectron2(state)
+        with open(path, "wb") as f:
+            pickle.dump(exported, f)
+        result["tensors"] = len(exported["model"])
+        print(f"wrote {result['tensors']} ResNet tensors of the {kind} weights {args.weights} to {path}; "
+              "Detectron2 config: " + ", ".join(f"{k} {v}" for k, v in DETECTRON2_CONFIG.items()))
+    else:
+        arch = meta.get("arch") or common.infer_arch(state) or args.arch
+        net = common.resnet(arch)
+        common.load_resnet_state(net, state, args.weights)
+        torch.manual_seed(0)
+        net.fc = nn.Linear(common.resnet_channels(arch)[-1], 1000)
+        torch.save(net.state_dict(), path)
+        result.update(arch=arch, tensors=len(net.state_dict()))
+        print(f"wrote the {arch} encoder of the {kind} weights {args.weights} to {path} ({result['tensors']} "
+              "tensors, torchvision's keys; fc freshly initialised)")
+    common.print_result(result)
 
 
 def write_feature_picture(args):
@@ -1106,7 +1102,9 @@ def build_datasets(args):
 
 def input_shape(source, image_size):
     """(rows, columns) of the network input: --image-size rows, columns at the data set's usual aspect ratio
-    (VOC and the embedded sets square, Cityscapes 1:2, NYU 3:4), multiples of 32."""
+    (VOC and the embedded sets square, Cityscapes 1:2, NYU 3:4), multiples of 32. Every image is resized to it,
+    whatever its own aspect (PROBE's geometry "stretch": open-hummingbird-eval resizes VOC images and masks to
+    squares so); nothing is cropped, so the whole labelled image is seen and scored."""
     return image_size, max(32, int(round(image_size * source.aspect / 32)) * 32)
 
 
@@ -1267,6 +1265,9 @@ def check_paths(args):
         raise common.UserError(f"--data {args.data}: no such folder")
     if args.export_detectron2 and args.export_torchvision:
         raise common.UserError("--export-detectron2 and --export-torchvision: pass one (one export a run)")
+    if (args.export_detectron2 or args.export_torchvision) and args.weights == "random":
+        raise common.UserError(f"--export-{'detectron2' if args.export_detectron2 else 'torchvision'} needs --weights "
+                               "FILE (a vader.py/clove.py, MoCo or torchvision file)")
     if args.data is None and args.dataset not in (None, "imagefolder", "correspondence"):
         raise common.UserError(f"--dataset {args.dataset} needs --data (the data set's root folder)")
 
@@ -1325,19 +1326,8 @@ def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     check_paths(args)
-    if args.export_detectron2:
-        kind, count = export_detectron2(args.weights, args.export_detectron2)
-        print(f"wrote {count} ResNet tensors of the {kind} weights {args.weights} to {args.export_detectron2}; "
-              "Detectron2 config: " + ", ".join(f"{k} {v}" for k, v in DETECTRON2_CONFIG.items()))
-        common.print_result(dict(export=args.export_detectron2, kind=kind, tensors=count, weights=args.weights))
-    if args.export_torchvision:
-        kind, arch, count = export_torchvision(args.weights, args.arch, args.export_torchvision)
-        print(f"wrote the {arch} encoder of the {kind} weights {args.weights} to {args.export_torchvision} "
-              f"({count} tensors, torchvision's keys; fc freshly initialised)")
-        common.print_result(dict(export=args.export_torchvision, kind=kind, arch=arch, tensors=count,
-                                 weights=args.weights))
     if args.export_detectron2 or args.export_torchvision:
-        return
+        return export_resnet(args)
     preset = fill_defaults(parser, args, argv)
     check_args(args, common.job_place().world_size)  # under srun too, before any process group
     if not args.feature_picture:
