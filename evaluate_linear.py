@@ -535,9 +535,10 @@ def train_finetune(weights, train_set, subset, trial, args, d, log):
             with common.autocast(d.device, args.precision):
                 loss = task_loss(model(common.normalize(images, d.device)), labels.to(d.device), task)
             sgd_step(optimizer, scaler, loss)
-            running += float(loss)
+            loss = float(loss.detach())
+            running += loss
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.1e}")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
         log_epoch(log, "finetune", [trial], epoch, running / steps, lr, d)
     bar.close()
     return net.eval(), description
