@@ -537,7 +537,8 @@ def test_workers_and_shared_copies_leave_the_features_and_labels_unchanged(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(streams[0, 1], streams[2, 1]))  # a batch of 3 rounds otherwise
     first = torch.softmax(torch.randn(3, 5, 7), 0)
     knobs = dict(topk=10, topk_mode="joint", temperature=0.05, radius=2, window="disc")
-    once = dp.propagate_frame(one_by_one[1], [(one_by_one[0], first, 4)], (5, 7), dp.Propagation(**knobs))
+    context = [(one_by_one[0], first, 1), (one_by_one[0], first, 3)]  # frame 0, then 3 copies in the window
+    once = dp.propagate_frame(one_by_one[1], context, (5, 7), dp.Propagation(**knobs))
     copies = propagate_frame(one_by_one[1], [one_by_one[0].clone() for _ in range(4)], [first] * 4, (5, 7), **knobs)
     assert torch.equal(once, copies)  # four copies scored once: what four separate frames give
 
