@@ -159,15 +159,15 @@ def train_probes(backbone, train_set, subset, args, d, log):
     cache look-up) gives the batch's features and every trial's probe takes its SGD step on them, so 5 trials cost
     one trial's backbone passes. The trials differ in one way: trial t's probe is initialised from --seed + t.
 
-    The features are the same whether they are cached or recomputed (probe_features): the same images in the same
+    The features are the same whether they are cached or recomputed (ProbeFeatures): the same images in the same
     order (epoch e's permutation is drawn from --seed and e), the standardisation over all training images
-    (feature_statistics), the backbone's output dtype. Returns (probes in eval mode, "cached" or "recomputed", the
+    (feature_statistics: one more backbone pass when recomputed), the backbone's output dtype. Returns (probes in eval mode, "cached" or "recomputed", the
     number of unreadable images skipped on this rank)."""
     task, trials = train_set.task, args.trials
     per_rank = max(1, args.batch_size // d.world_size)
     samples = Samples(train_set, shard(subset, d.rank, d.world_size), input_shape(train_set, args.image_size))
     features = ProbeFeatures(backbone, samples, per_rank, args, d)
-    steps = len(samples) // per_rank  # the last partial batch of an epoch is dropped (it is in the next one)
+    steps = len(samples) // per_rank  # an epoch's last partial batch is dropped: a different few images each epoch
     mean, std, mean_depth, skipped = feature_statistics(features, per_rank, task)
     outputs = 1 if task == "depth" else train_set.num_classes
     heads = []
@@ -262,6 +262,7 @@ class ProbeFeatures:
             return self.backbone(common.normalize(images, self.d.device))  # N x C x h x w
 
     def recompute(self, rows, desc=None):
+        """The backbone run on each row of `rows`: the images decoded by --workers loader processes."""
         batches = torch.utils.data.DataLoader(self.samples, batch_sampler=[r.tolist() for r in rows],
                                               num_workers=self.workers, pin_memory=self.d.device.type == "cuda")
         if desc:
@@ -270,6 +271,7 @@ class ProbeFeatures:
             yield self.compute(images), labels.to(self.d.device, non_blocking=True)
 
     def batches(self, rows):
+        """(features, labels) on the device for each row of `rows` (positions in `samples`), in order."""
         if self.path == "recomputed":
             yield from self.recompute(rows)
             return
