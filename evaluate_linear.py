@@ -161,8 +161,8 @@ def train_probes(backbone, train_set, subset, args, d, log):
 
     The features are the same whether they are cached or recomputed (ProbeFeatures): the same images in the same
     order (epoch e's permutation is drawn from --seed and e), the standardisation over all training images
-    (feature_statistics: one more backbone pass when recomputed), the backbone's output dtype. Returns (probes in eval mode, "cached" or "recomputed", the
-    number of unreadable images skipped on this rank)."""
+    (feature_statistics: one more backbone pass when recomputed), the backbone's output dtype. Returns (probes in
+    eval mode, "cached" or "recomputed", the number of unreadable images skipped on this rank)."""
     task, trials = train_set.task, args.trials
     per_rank = max(1, args.batch_size // d.world_size)
     samples = Samples(train_set, shard(subset, d.rank, d.world_size), input_shape(train_set, args.image_size))
