@@ -1206,6 +1206,8 @@ CLASSIFICATION_DEMO_PRESET = dict(  # --dataset imagefolder without --data: the 
 def get_parser():
     p = argparse.ArgumentParser(description="Frozen-feature linear probes (VADeR §4.1), low-label fine-tuning "
                                 "(§4.2), correspondence accuracy, Detectron2 and torchvision export.",
+                                epilog="the probe's protocol (PROBE; sources in the file): "
+                                + "; ".join(f"{k} {v}" for k, v in PROBE.items()) + f"; fine-tuning: {FINETUNE}",
                                 allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--weights", default="random",
                    help="vader.py/clove.py checkpoint, MoCo checkpoint, torchvision ResNet state dict, or 'random'")
