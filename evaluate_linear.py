@@ -1237,7 +1237,8 @@ def get_parser():
                    help="input rows, a multiple of 32 (default: 224, Cityscapes 256); columns follow the aspect; "
                    "correspondence: the view size")
     p.add_argument("--cache-gb", type=float, default=16.0,
-                   help="cache the frozen training features and labels (per rank) when they fit in this many GB")
+                   help="keep the frozen training features and labels (per rank) in memory when they fit in this "
+                   "many GB, else recompute them each epoch: a speed-up only, the probe is the same")
     p.add_argument("--depth-crop", default="eigen", choices=["eigen", "none"],
                    help="NYU-depth v2 scoring region: the Eigen crop or every pixel")
     p.add_argument("--workers", type=int, default=8, help="data-loading processes per rank (0: in the main process)")
