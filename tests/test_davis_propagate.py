@@ -19,6 +19,16 @@ from vader import VADeRNet
 torch.set_num_threads(1)  # the in-process tensors are tiny: starting threads costs more than it gains
 
 
+def propagate(features, first, **knobs):
+    """dp.propagate with the knobs as keywords: the Propagation row a run builds from its flags."""
+    return dp.propagate(features, first, dp.Propagation(**knobs))
+
+
+def propagate_frame(query, keys, labels, grid, **knobs):
+    """dp.propagate_frame with one context entry per key and the knobs as keywords."""
+    return dp.propagate_frame(query, [(k, y, 1) for k, y in zip(keys, labels)], grid, dp.Propagation(**knobs))
+
+
 # ---- helpers: a hand-made DAVIS folder ----
 def write_davis(root, sequences, split="val"):
     """sequences: {name: (list of H x W x 3 uint8 frames, list of H x W uint8 masks or None)} in DAVIS layout."""
@@ -93,7 +103,7 @@ def test_oracle_features_reproduce_a_translating_sequence(protocol):
     knobs.update(radius=2 if knobs["radius"] else 0, n_context=3)  # the motion is 1 cell per frame
     first = dp.label_grid(truth[0], 2, grid, "native")
     assert torch.equal(first.argmax(0), torch.from_numpy(truth_cells[0]).long())
-    predictions = list(dp.propagate(iter(oracle_features(num_frames, grid, cell_boxes)), first,
+    predictions = list(propagate(iter(oracle_features(num_frames, grid, cell_boxes)), first,
                                     n_context=knobs["n_context"], topk=knobs["topk"], topk_mode=knobs["topk_mode"],
                                     temperature=knobs["temperature"], radius=knobs["radius"],
                                     radius_first_frame=knobs["radius_first_frame"], minmax=knobs["minmax"],
@@ -123,8 +133,8 @@ def test_window_radius_hides_far_matches():
     labels0[0] = 1
     labels0[:, 0, 10] = torch.tensor([0.0, 1.0])
     args = dict(topk=1, topk_mode="joint", temperature=0.1)
-    free = dp.propagate_frame(feats1, [feats0], [labels0], grid, **args)
-    windowed = dp.propagate_frame(feats1, [feats0], [labels0], grid, radius=2, radius_first_frame=True, **args)
+    free = propagate_frame(feats1, [feats0], [labels0], grid, **args)
+    windowed = propagate_frame(feats1, [feats0], [labels0], grid, radius=2, radius_first_frame=True, **args)
     assert free.argmax(0)[0, 5] == 1
     assert windowed.argmax(0)[0, 5] == 0
 
@@ -137,7 +147,7 @@ def test_chunked_and_unchunked_propagation_agree(mode):
     first = torch.softmax(torch.randn(4, *grid, generator=g) * 3, dim=0)
     runs = []
     for chunk in (5, 10_000):
-        out = dp.propagate(iter(feats), first, n_context=2, topk=5, topk_mode=mode, temperature=0.07, radius=3,
+        out = propagate(iter(feats), first, n_context=2, topk=5, topk_mode=mode, temperature=0.07, radius=3,
                            radius_first_frame=False, minmax="carried" if mode == "per-frame" else "none",
                            chunk_size=chunk)
         runs.append(torch.stack(list(out)))
@@ -204,7 +214,7 @@ def test_local_window_gives_the_labels_of_the_full_affinity(window, topk_mode, r
     knobs = dict(n_context=2, topk=5, topk_mode=topk_mode, temperature=0.1, radius=3, window=window,
                  radius_first_frame=radius_first_frame, minmax="carried" if topk_mode == "per-frame" else "none",
                  fill_context=fill)
-    runs = {a: torch.stack(list(dp.propagate(iter(feats), first, chunk_size=40, affinity=a, **knobs)))
+    runs = {a: torch.stack(list(propagate(iter(feats), first, chunk_size=40, affinity=a, **knobs)))
             for a in ("local", "full")}
     naive = torch.stack(naive_propagate(feats, first, **knobs))
     for a, soft in runs.items():
@@ -242,9 +252,9 @@ def test_minmax_output_rescales_only_the_upsampled_prediction():
     feats = [torch.nn.functional.normalize(torch.randn(8, 4, 4), dim=0) for _ in range(3)]
     first = torch.softmax(torch.randn(2, 4, 4), 0)
     kwargs = dict(n_context=1, topk=3, topk_mode="joint", temperature=0.1)
-    carried = list(dp.propagate(iter(feats), first, minmax="carried", **kwargs))
-    output = list(dp.propagate(iter(feats), first, minmax="output", **kwargs))
-    plain = list(dp.propagate(iter(feats), first, minmax="none", **kwargs))
+    carried = list(propagate(iter(feats), first, minmax="carried", **kwargs))
+    output = list(propagate(iter(feats), first, minmax="output", **kwargs))
+    plain = list(propagate(iter(feats), first, minmax="none", **kwargs))
     assert all(torch.equal(a, b) for a, b in zip(output, plain))  # 'output' carries the raw labels
     assert torch.allclose(carried[0], dp.minmax_rescale(plain[0]))
     assert all(torch.allclose(s.amax((1, 2)), torch.ones(2)) for s in carried)
@@ -258,8 +268,8 @@ def test_fill_context_with_copies_of_frame_zero():
     f1 = torch.tensor([[[1.0, 1.0, 1.0]], [[0.0, 0.0, 0.0]]])
     first = torch.tensor([[[0.0, 1.0, 1.0]], [[1.0, 0.0, 0.0]]])  # object at x = 0 only
     kwargs = dict(n_context=2, topk=2, topk_mode="joint", temperature=0.1)
-    filled = next(dp.propagate(iter([f0, f1]), first, fill_context=True, **kwargs))
-    bare = next(dp.propagate(iter([f0, f1]), first, fill_context=False, **kwargs))
+    filled = next(propagate(iter([f0, f1]), first, fill_context=True, **kwargs))
+    bare = next(propagate(iter([f0, f1]), first, fill_context=False, **kwargs))
     assert torch.allclose(filled[1], torch.ones(grid))  # both picks are the x = 0 key (two copies of it)
     by_hand = 1 / (1 + math.exp((0.6 - 1.0) / 0.1))  # frame 0 alone: the x = 0 key and the x = 2 key
     assert torch.allclose(bare[1], torch.full(grid, by_hand))
@@ -393,7 +403,7 @@ def preset_run(protocol, feats, first_ids, resolution, stride, **typed):
     knobs.update(typed)
     grid = tuple(feats[0].shape[1:])
     first = dp.label_grid(first_ids, 2, grid, resolution, stride, dp.PROTOCOLS[protocol]["label_resample"])
-    return list(dp.propagate(iter(feats), first, chunk_size=50, **knobs))
+    return list(propagate(iter(feats), first, chunk_size=50, **knobs))
 
 
 def test_timecycle_preset_is_timecycles_loop():
@@ -495,7 +505,7 @@ def test_exact_ties_keep_the_same_keys_in_local_and_full(window, topk_mode, fill
         assert torch.equal(full[1], local[1]) and torch.allclose(full[0], local[0], atol=1e-7)
     knobs = dict(n_context=2, topk=5, topk_mode=topk_mode, temperature=0.1, radius=3, window=window,
                  radius_first_frame=False, minmax="none", fill_context=fill)
-    runs = {a: torch.stack(list(dp.propagate(iter(feats), first, chunk_size=40, affinity=a, **knobs)))
+    runs = {a: torch.stack(list(propagate(iter(feats), first, chunk_size=40, affinity=a, **knobs)))
             for a in ("local", "full")}
     naive = torch.stack(naive_propagate(feats, first, **knobs))
     for soft in runs.values():
@@ -527,10 +537,10 @@ def test_workers_and_shared_copies_leave_the_features_and_labels_unchanged(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(streams[0, 1], streams[2, 1]))  # a batch of 3 rounds otherwise
     first = torch.softmax(torch.randn(3, 5, 7), 0)
     knobs = dict(topk=10, topk_mode="joint", temperature=0.05, radius=2, window="disc")
-    shared = dp.propagate_frame(one_by_one[1], [one_by_one[0]] * 4, [first] * 4, (5, 7), **knobs)
-    copies = dp.propagate_frame(one_by_one[1], [one_by_one[0].clone() for _ in range(4)], [first] * 4, (5, 7),
-                                **knobs)
-    assert torch.equal(shared, copies)
+    context = [(one_by_one[0], first, 1), (one_by_one[0], first, 3)]  # frame 0, then 3 copies in the window
+    once = dp.propagate_frame(one_by_one[1], context, (5, 7), dp.Propagation(**knobs))
+    copies = propagate_frame(one_by_one[1], [one_by_one[0].clone() for _ in range(4)], [first] * 4, (5, 7), **knobs)
+    assert torch.equal(once, copies)  # four copies scored once: what four separate frames give
 
 
 def test_resnet_strides_match_torchvision_and_deeplabs_rule():
