@@ -41,7 +41,8 @@ Read in this order (one VOC probe, from main to the metric)
     task_loss, set_lr, sgd_step   cross-entropy or L1, the cosine lr, one SGD step
     evaluate              logits upsampled to each label's native size -> segmentation_scores (mIoU)
 Then §4.2 (FinetuneNet, finetune_network, train_finetune), the modes outside the papers (pooled classification,
-correspondence, Hummingbird retrieval, exports, feature pictures), the data sets and their input geometry (Samples), and the arguments.
+correspondence, Hummingbird retrieval, exports, feature pictures), the data sets and their input geometry
+(Samples), and the arguments.
 The NYU-depth v2 preparation is in the notes at the end of this file.
 """
 import argparse
@@ -642,7 +643,7 @@ def print_table(per_trial, mean, std):
     print("  std  " + "  ".join(cell(std[n]) for n in names))
 
 
-# ---- modes outside the papers: pooled classification, correspondence, exports, feature pictures ----
+# ---- modes outside the papers: pooled classification, correspondence, retrieval, exports, feature pictures ----
 # Each is its own function, chosen in main.
 POOLED = dict(epochs=100, batch_size=256)  # --dataset imagefolder: ours (the probe's settings otherwise)
 class PooledFeatures(nn.Module):
