@@ -553,66 +553,6 @@ class DeadLeaves:
         return Image.fromarray(pixels), labels, instances
 
 
-def object_image(leaves, index):
-    """One picture of the embedded classification set, painted by `leaves` (a common.DeadLeaves): a large object of
-    class 1 + index % num_classes in front of a background and smaller shapes of any class, so its class is what a
-    person would call the picture's class, as with ImageNet's object-centred photos.
-
-    The object is a dead leaf like any other (same shapes, texture families and hue palettes) of radius 0.3-0.42 of
-    the side, centred in the middle fifth; the clutter is half as many shapes as DeadLeaves.image draws, with radii
-    capped at 0.12 of the side. A random stream of its own: kind 2, beside image() (0) and sequence() (1).
-    Returns (PIL image, class 0..num_classes-1, class map uint8 with 0 = background, instance map int32 with the
-    object = its largest id).
-    """
-    rng = np.random.default_rng([leaves.seed, 2, index])
-    s = leaves.size
-    canvas = leaves.background(rng, s, s)
-    classes, instances = np.zeros((s, s), np.uint8), np.zeros((s, s), np.int32)
-    clutter = int(rng.integers(leaves.shapes[0], leaves.shapes[1] + 1)) // 2
-    for i in range(clutter):
-        leaf = leaves.leaf(rng, s, s)
-        leaf["r"] = min(leaf["r"], 0.12 * s)
-        leaves.paint(canvas, classes, instances, leaf, i + 1)
-    cls = index % leaves.num_classes + 1  # balanced classes
-    leaf = leaves.leaf(rng, s, s)
-    leaf.update(cls=cls, c0=leaves.colour(rng, cls), c1=leaves.colour(rng, cls), r=rng.uniform(0.3, 0.42) * s,
-                cy=rng.uniform(0.4, 0.6) * s, cx=rng.uniform(0.4, 0.6) * s)
-    leaves.paint(canvas, classes, instances, leaf, clutter + 1)
-    pixels = np.clip(canvas * 255 + rng.normal(0, 3, canvas.shape), 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels), cls - 1, classes, instances
-
-
-def leaves_video(leaves, index, num_frames=12, num_objects=(1, 3), height=160, width=160, speed=2.0):
-    """Frames (PIL) and instance masks (uint8, 0 = background, 1..N objects) of a short video painted with
-    `leaves` (a common.DeadLeaves): a dead-leaves background pans slowly and N textured objects move with their own
-    constant velocity (pixels per frame, up to `speed`) in a fixed depth order, so the masks are the exact visible
-    parts of each object. Deterministic by (leaves.seed, index); a random stream of its own (kind 1)."""
-    rng = leaves.rng(1, index)
-    h, w = height, width
-    margin = int(speed * num_frames) + 2
-    big_h, big_w = h + 2 * margin, w + 2 * margin
-    bg = leaves.background(rng, big_h, big_w)
-    bl, bi = np.zeros((big_h, big_w), np.uint8), np.zeros((big_h, big_w), np.int32)
-    for _ in range(int(rng.integers(leaves.shapes[0], leaves.shapes[1] + 1)) * 2):
-        leaves.paint(bg, bl, bi, leaves.leaf(rng, big_h, big_w), 1)
-    pan = rng.uniform(-0.5, 0.5, 2) * speed
-    objects = []
-    for _ in range(int(rng.integers(num_objects[0], num_objects[1] + 1))):
-        leaf = leaves.leaf(rng, h, w)
-        leaf.update(r=rng.uniform(0.12, 0.22) * min(h, w), cy=rng.uniform(0.3, 0.7) * h, cx=rng.uniform(0.3, 0.7) * w)
-        objects.append((leaf, rng.uniform(-1, 1, 2) * speed))
-    frames, masks = [], []
-    for t in range(num_frames):
-        oy, ox = int(round(margin + pan[0] * t)), int(round(margin + pan[1] * t))
-        canvas = bg[oy:oy + h, ox:ox + w].copy()
-        labels, inst = np.zeros((h, w), np.uint8), np.zeros((h, w), np.int32)
-        for k, (leaf, velocity) in enumerate(objects):
-            leaves.paint(canvas, labels, inst, leaf, k + 1, offset=tuple(velocity * t))
-        frames.append(Image.fromarray(np.clip(canvas * 255, 0, 255).astype(np.uint8)))
-        masks.append(inst.astype(np.uint8))
-    return frames, masks
-
-
 # ---- crop-box geometry ----
 @dataclass(frozen=True)
 class Box:

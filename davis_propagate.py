@@ -909,12 +909,43 @@ def scoring_plan(split_file, checked):
                            "scoring needs every frame annotated in every sequence, or the first masks only (test-dev)")
 
 
+def leaves_video(leaves, index, num_frames=12, num_objects=(1, 3), height=160, width=160, speed=2.0):
+    """Frames (PIL) and instance masks (uint8, 0 = background, 1..N objects) of a short video painted with
+    `leaves` (a common.DeadLeaves): a dead-leaves background pans slowly and N textured objects move with their own
+    constant velocity (pixels per frame, up to `speed`) in a fixed depth order, so the masks are the exact visible
+    parts of each object. Deterministic by (leaves.seed, index); a random stream of its own (kind 1)."""
+    rng = leaves.rng(1, index)
+    h, w = height, width
+    margin = int(speed * num_frames) + 2
+    big_h, big_w = h + 2 * margin, w + 2 * margin
+    bg = leaves.background(rng, big_h, big_w)
+    bl, bi = np.zeros((big_h, big_w), np.uint8), np.zeros((big_h, big_w), np.int32)
+    for _ in range(int(rng.integers(leaves.shapes[0], leaves.shapes[1] + 1)) * 2):
+        leaves.paint(bg, bl, bi, leaves.leaf(rng, big_h, big_w), 1)
+    pan = rng.uniform(-0.5, 0.5, 2) * speed
+    objects = []
+    for _ in range(int(rng.integers(num_objects[0], num_objects[1] + 1))):
+        leaf = leaves.leaf(rng, h, w)
+        leaf.update(r=rng.uniform(0.12, 0.22) * min(h, w), cy=rng.uniform(0.3, 0.7) * h, cx=rng.uniform(0.3, 0.7) * w)
+        objects.append((leaf, rng.uniform(-1, 1, 2) * speed))
+    frames, masks = [], []
+    for t in range(num_frames):
+        oy, ox = int(round(margin + pan[0] * t)), int(round(margin + pan[1] * t))
+        canvas = bg[oy:oy + h, ox:ox + w].copy()
+        labels, inst = np.zeros((h, w), np.uint8), np.zeros((h, w), np.int32)
+        for k, (leaf, velocity) in enumerate(objects):
+            leaves.paint(canvas, labels, inst, leaf, k + 1, offset=tuple(velocity * t))
+        frames.append(Image.fromarray(np.clip(canvas * 255, 0, 255).astype(np.uint8)))
+        masks.append(inst.astype(np.uint8))
+    return frames, masks
+
+
 def write_synthetic_davis(root, num_sequences, num_frames, height, width, seed=0):
-    """A DAVIS-layout set of moving textured shapes with exact masks (common.leaves_video) under `root`."""
+    """A DAVIS-layout set of moving textured shapes with exact masks (leaves_video) under `root`."""
     leaves = common.DeadLeaves(size=max(height, width), seed=seed)
     names = [f"synthetic{i:02d}" for i in range(num_sequences)]
     for i, name in enumerate(names):
-        frames, masks = common.leaves_video(leaves, i, num_frames=num_frames, num_objects=(1, 3), height=height,
+        frames, masks = leaves_video(leaves, i, num_frames=num_frames, num_objects=(1, 3), height=height,
                                             width=width, speed=max(height, width) / 48)
         for sub in ("JPEGImages", "Annotations"):
             os.makedirs(os.path.join(root, sub, "480p", name), exist_ok=True)

@@ -1170,8 +1170,37 @@ class SyntheticSegmentation(DenseLabelSet):
         return image, classes
 
 
+def object_image(leaves, index):
+    """One picture of the embedded classification set, painted by `leaves` (a common.DeadLeaves): a large object of
+    class 1 + index % num_classes in front of a background and smaller shapes of any class, so its class is what a
+    person would call the picture's class, as with ImageNet's object-centred photos.
+
+    The object is a dead leaf like any other (same shapes, texture families and hue palettes) of radius 0.3-0.42 of
+    the side, centred in the middle fifth; the clutter is half as many shapes as DeadLeaves.image draws, with radii
+    capped at 0.12 of the side. A random stream of its own: kind 2, beside image() (0) and sequence() (1).
+    Returns (PIL image, class 0..num_classes-1, class map uint8 with 0 = background, instance map int32 with the
+    object = its largest id).
+    """
+    rng = np.random.default_rng([leaves.seed, 2, index])
+    s = leaves.size
+    canvas = leaves.background(rng, s, s)
+    classes, instances = np.zeros((s, s), np.uint8), np.zeros((s, s), np.int32)
+    clutter = int(rng.integers(leaves.shapes[0], leaves.shapes[1] + 1)) // 2
+    for i in range(clutter):
+        leaf = leaves.leaf(rng, s, s)
+        leaf["r"] = min(leaf["r"], 0.12 * s)
+        leaves.paint(canvas, classes, instances, leaf, i + 1)
+    cls = index % leaves.num_classes + 1  # balanced classes
+    leaf = leaves.leaf(rng, s, s)
+    leaf.update(cls=cls, c0=leaves.colour(rng, cls), c1=leaves.colour(rng, cls), r=rng.uniform(0.3, 0.42) * s,
+                cy=rng.uniform(0.4, 0.6) * s, cx=rng.uniform(0.4, 0.6) * s)
+    leaves.paint(canvas, classes, instances, leaf, clutter + 1)
+    pixels = np.clip(canvas * 255 + rng.normal(0, 3, canvas.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels), cls - 1, classes, instances
+
+
 class SyntheticClassification:
-    """The embedded classification set (--dataset imagefolder, no --data): common.object_image's pictures, labelled
+    """The embedded classification set (--dataset imagefolder, no --data): object_image's pictures, labelled
     with the class of their large object (its texture family: flat, stripes, checks, dots, rings, noise, each with
     its hue palette)."""
 
@@ -1186,7 +1215,7 @@ class SyntheticClassification:
         return self.length
 
     def read(self, index):
-        image, label, _, _ = common.object_image(self.leaves, self.first + index)
+        image, label, _, _ = object_image(self.leaves, self.first + index)
         return image, label
 
 

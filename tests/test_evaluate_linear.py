@@ -788,7 +788,7 @@ def test_embedded_classification_label_is_the_class_of_the_largest_object():
     data = E.SyntheticClassification(12, 64, seed=0)
     for i in range(12):
         image, label = data.read(i)
-        _, cls, classes, instances = common.object_image(data.leaves, i)
+        _, cls, classes, instances = E.object_image(data.leaves, i)
         assert label == cls == i % 6 and image.size == (64, 64)
         ids, areas = np.unique(instances[instances > 0], return_counts=True)
         largest = ids[np.argmax(areas)]
