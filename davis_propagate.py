@@ -946,7 +946,7 @@ def write_synthetic_davis(root, num_sequences, num_frames, height, width, seed=0
     names = [f"synthetic{i:02d}" for i in range(num_sequences)]
     for i, name in enumerate(names):
         frames, masks = leaves_video(leaves, i, num_frames=num_frames, num_objects=(1, 3), height=height,
-                                            width=width, speed=max(height, width) / 48)
+                                     width=width, speed=max(height, width) / 48)
         for sub in ("JPEGImages", "Annotations"):
             os.makedirs(os.path.join(root, sub, "480p", name), exist_ok=True)
         for t, (frame, mask) in enumerate(zip(frames, masks)):

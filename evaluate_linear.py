@@ -1177,11 +1177,12 @@ def object_image(leaves, index):
 
     The object is a dead leaf like any other (same shapes, texture families and hue palettes) of radius 0.3-0.42 of
     the side, centred in the middle fifth; the clutter is half as many shapes as DeadLeaves.image draws, with radii
-    capped at 0.12 of the side. A random stream of its own: kind 2, beside image() (0) and sequence() (1).
+    capped at 0.12 of the side. A random stream of its own: kind 2, beside DeadLeaves.image (0) and
+    davis_propagate.leaves_video (1).
     Returns (PIL image, class 0..num_classes-1, class map uint8 with 0 = background, instance map int32 with the
     object = its largest id).
     """
-    rng = np.random.default_rng([leaves.seed, 2, index])
+    rng = leaves.rng(2, index)
     s = leaves.size
     canvas = leaves.background(rng, s, s)
     classes, instances = np.zeros((s, s), np.uint8), np.zeros((s, s), np.int32)
